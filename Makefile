@@ -1,0 +1,35 @@
+# The two commands: `make demo` (train -> export -> serve -> predict -> metrics, offline)
+# and `make test`. Both create .venv and install what they need on a fresh machine.
+PYTHON ?= python3
+VENV   := .venv
+PY     := $(VENV)/bin/python
+STAMP  := $(VENV)/.installed
+SRC    := pyproject.toml
+
+.PHONY: demo test install weights proto tools clean
+
+$(STAMP): $(SRC)
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip setuptools wheel
+	$(PY) -m pip install -q -e '.[serve,train,dev]'
+	touch $(STAMP)
+
+install: $(STAMP)
+
+weights: $(STAMP)
+	PY=$(PY) bash scripts/fetch_weights.sh
+
+demo: install weights
+	PY=$(PY) bash scripts/demo.sh
+
+test: install weights
+	$(PY) -m pytest -q; rc=$$?; if [ $$rc -eq 5 ]; then echo "no tests collected"; exit 0; fi; exit $$rc
+
+proto: $(STAMP)
+	$(PY) scripts/gen_proto.py
+
+tools:
+	bash scripts/install_tools.sh
+
+clean:
+	rm -rf $(VENV) runs models data demo-out .pytest_cache

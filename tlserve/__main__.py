@@ -1,0 +1,3 @@
+from tlserve.cli import main
+
+raise SystemExit(main())

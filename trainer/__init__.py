@@ -1,0 +1,1 @@
+"""Training: fine-tune a torchvision backbone by transfer learning (needs the `train` extra)."""

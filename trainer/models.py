@@ -1,0 +1,81 @@
+"""Build any torchvision classifier by name, with pretrained weights and a new head.
+
+Weights always come through torchvision's weights API (``get_model_weights``), so the hub
+cache ($TORCH_HOME/hub/checkpoints) is the one place pretrained files live. The head is
+replaced generically: the last ``nn.Linear`` of the network is the classifier, whatever the
+family calls it (``fc``, ``classifier[1]``, ``heads.head``...).
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from torch import nn
+from torchvision import models as tvm
+
+
+def resolve_weights(arch: str, spec: str | None) -> tvm.WeightsEnum | None:
+    """``None``/"none" -> None; "DEFAULT" or an enum member name -> that torchvision enum."""
+    if spec is None or spec.lower() == "none" or Path(spec).is_file():
+        return None
+    enum = tvm.get_model_weights(arch)
+    if spec == "DEFAULT":
+        return enum.DEFAULT
+    name = spec.split(".")[-1]
+    try:
+        return enum[name]
+    except KeyError:
+        choices = ", ".join(["DEFAULT", "none", *enum.__members__])
+        raise ValueError(f"unknown weights {spec!r} for {arch}; choose one of: {choices}, or a file path") from None
+
+
+def head_name(model: nn.Module) -> str:
+    """Dotted name of the final classifier layer (the last nn.Linear outside auxiliary heads)."""
+    names = [n for n, m in model.named_modules() if isinstance(m, nn.Linear) and not n.startswith("AuxLogits")]
+    if not names:
+        raise ValueError(f"{type(model).__name__} has no nn.Linear classifier to replace")
+    return names[-1]
+
+
+def make_head(in_features: int, num_classes: int, head: str = "linear", dropout: float = 0.0) -> nn.Module:
+    """``linear`` or ``mlp:512,512`` (Linear-ReLU-Dropout blocks, then the classifier)."""
+    if head == "linear":
+        return nn.Sequential(nn.Dropout(dropout), nn.Linear(in_features, num_classes)) if dropout else \
+            nn.Linear(in_features, num_classes)
+    if head.startswith("mlp:"):
+        layers: list[nn.Module] = []
+        width = in_features
+        for size in (int(s) for s in head[4:].split(",") if s):
+            layers += [nn.Linear(width, size), nn.ReLU(inplace=True), nn.Dropout(dropout)]
+            width = size
+        return nn.Sequential(*layers, nn.Linear(width, num_classes))
+    raise ValueError(f"unknown head {head!r}: use 'linear' or 'mlp:512,512'")
+
+
+def _set_module(model: nn.Module, dotted: str, module: nn.Module) -> None:
+    parent_name, _, child = dotted.rpartition(".")
+    parent = model.get_submodule(parent_name) if parent_name else model
+    setattr(parent, child, module)
+
+
+def build_model(arch: str, num_classes: int, weights: str | None = None, head: str = "linear",
+                dropout: float = 0.0) -> nn.Module:
+    """A torchvision model with (optionally) pretrained weights and a fresh ``num_classes`` head.
+
+    Pretrained weights are loaded first, then the head is replaced (torchvision's builders
+    refuse ``num_classes`` together with ``weights``). ``weights`` may also be a file: a plain
+    state_dict of the full model, or one of our checkpoints (loaded after the head swap).
+    """
+    enum = resolve_weights(arch, weights)
+    kwargs = {"aux_logits": True, "init_weights": enum is None} if arch == "inception_v3" else {}
+    model = tvm.get_model(arch, weights=enum, **kwargs)
+    name = head_name(model)
+    in_features = model.get_submodule(name).in_features
+    _set_module(model, name, make_head(in_features, num_classes, head, dropout))
+    if arch == "inception_v3":
+        model.AuxLogits.fc = nn.Linear(model.AuxLogits.fc.in_features, num_classes)
+    model.head_name = name  # the new head's dotted name: its input is the embedding
+    if weights is not None and Path(weights).is_file():
+        state = torch.load(weights, map_location="cpu", weights_only=True)
+        model.load_state_dict(state.get("model_state", state))
+    return model
