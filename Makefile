@@ -28,7 +28,7 @@ test: install weights
 proto: $(STAMP)
 	$(PY) scripts/gen_proto.py
 
-tools:
+tools:  ## install the ops tools the validation tests use (helm, promtool, hadolint, ...)
 	bash scripts/install_tools.sh
 
 clean:
