@@ -1,0 +1,102 @@
+"""Tensors between Open Inference Protocol messages and numpy arrays.
+
+Inputs arrive either as ``raw_input_contents`` (little-endian, row-major bytes, one entry per
+input) or as the typed repeated field that matches the datatype; FP16 has no typed field and
+travels raw only. Outputs always go back raw, which every client reads and which costs no
+per-element conversion. Every problem is an :class:`InvalidArgument` naming the tensor.
+"""
+from __future__ import annotations
+
+from typing import Sequence
+
+import numpy as np
+
+from tlserve.server.errors import InvalidArgument
+from tlserve.server.pb.inference import messages_pb2 as pb
+
+DTYPES: dict[str, np.dtype] = {name: np.dtype(t).newbyteorder("<") for name, t in {
+    "BOOL": np.bool_, "UINT8": np.uint8, "UINT16": np.uint16, "UINT32": np.uint32, "UINT64": np.uint64,
+    "INT8": np.int8, "INT16": np.int16, "INT32": np.int32, "INT64": np.int64,
+    "FP16": np.float16, "FP32": np.float32, "FP64": np.float64}.items()}
+
+TYPED_FIELDS = {"BOOL": "bool_contents", "UINT8": "uint_contents", "UINT16": "uint_contents",
+                "UINT32": "uint_contents", "UINT64": "uint64_contents", "INT8": "int_contents",
+                "INT16": "int_contents", "INT32": "int_contents", "INT64": "int64_contents",
+                "FP32": "fp32_contents", "FP64": "fp64_contents"}
+
+
+def datatype_of(dtype: np.dtype | str) -> str:
+    """The protocol's name for a numpy dtype ("uint8" -> "UINT8")."""
+    wanted = np.dtype(dtype)
+    for name, candidate in DTYPES.items():
+        if candidate == wanted:
+            return name
+    raise ValueError(f"no Open Inference Protocol datatype for numpy {wanted}")
+
+
+def element_count(name: str, shape: Sequence[int]) -> int:
+    if any(d < 0 for d in shape):
+        raise InvalidArgument(f"input {name!r}: shape {list(shape)} has a negative dimension")
+    return int(np.prod(shape, dtype=np.int64))
+
+
+def decode_raw(name: str, datatype: str, shape: Sequence[int], raw: bytes) -> np.ndarray:
+    """An input tensor from its raw bytes (zero-copy, read-only view)."""
+    dtype = _dtype(name, datatype)
+    expected = element_count(name, shape) * dtype.itemsize
+    if len(raw) != expected:
+        raise InvalidArgument(f"input {name!r}: {len(raw)} raw bytes, but {datatype} shape {list(shape)} "
+                              f"needs {expected}")
+    return np.frombuffer(raw, dtype=dtype).reshape(shape)
+
+
+def decode_typed(name: str, datatype: str, shape: Sequence[int], contents: pb.InferTensorContents) -> np.ndarray:
+    """An input tensor from the typed repeated field of its datatype, range-checked for narrow types."""
+    dtype = _dtype(name, datatype)
+    field = TYPED_FIELDS.get(datatype)
+    if field is None:
+        raise InvalidArgument(f"input {name!r}: {datatype} has no typed contents; send it in raw_input_contents")
+    values = getattr(contents, field)
+    count = element_count(name, shape)
+    if len(values) != count:
+        raise InvalidArgument(f"input {name!r}: {len(values)} values in {field}, but shape {list(shape)} "
+                              f"needs {count}")
+    wide = np.asarray(values, dtype=np.float64 if dtype.kind == "f" else None)
+    if dtype.kind in "iu" and wide.size:
+        info = np.iinfo(dtype)
+        if wide.min() < info.min or wide.max() > info.max:
+            raise InvalidArgument(f"input {name!r}: values out of the {datatype} range [{info.min}, {info.max}]")
+    return wide.astype(dtype, copy=False).reshape(shape)
+
+
+def decode_inputs(request: pb.ModelInferRequest) -> dict[str, np.ndarray]:
+    """Every input of a request by name, from raw or typed contents (never both)."""
+    raws = request.raw_input_contents
+    if raws and len(raws) != len(request.inputs):
+        raise InvalidArgument(f"{len(raws)} raw_input_contents for {len(request.inputs)} inputs; "
+                              "send one per input, in order")
+    arrays: dict[str, np.ndarray] = {}
+    for i, tensor in enumerate(request.inputs):
+        if tensor.name in arrays:
+            raise InvalidArgument(f"input {tensor.name!r} is given twice")
+        if raws and tensor.HasField("contents"):
+            raise InvalidArgument(f"input {tensor.name!r}: typed contents and raw_input_contents together")
+        if raws:
+            arrays[tensor.name] = decode_raw(tensor.name, tensor.datatype, tensor.shape, raws[i])
+        else:
+            arrays[tensor.name] = decode_typed(tensor.name, tensor.datatype, tensor.shape, tensor.contents)
+    return arrays
+
+
+def encode_outputs(response: pb.ModelInferResponse, outputs: dict[str, np.ndarray]) -> None:
+    """Append each output to ``response`` as a tensor header plus raw little-endian bytes."""
+    for name, array in outputs.items():
+        array = np.ascontiguousarray(array, dtype=np.dtype(array.dtype).newbyteorder("<"))
+        response.outputs.add(name=name, datatype=datatype_of(array.dtype), shape=array.shape)
+        response.raw_output_contents.append(array.tobytes())
+
+
+def _dtype(name: str, datatype: str) -> np.dtype:
+    if datatype not in DTYPES:
+        raise InvalidArgument(f"input {name!r}: unsupported datatype {datatype!r} (supported: {', '.join(DTYPES)})")
+    return DTYPES[datatype]
