@@ -1,8 +1,77 @@
-"""`tlserve` subcommands of the server part (registered by tlserve.cli; no heavy imports at module level)."""
+"""`tlserve serve` and `tlserve predict` (registered by tlserve.cli; no heavy imports at module level)."""
 from __future__ import annotations
 
 import argparse
+import sys
+import time
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
     """Add this part's subcommands. Each sets `func` to a handler taking the parsed args."""
+    from tlserve.server.settings import add_arguments
+
+    serve = subparsers.add_parser("serve", help="serve a model repository over gRPC (ONNX Runtime)",
+                                  description="Serve every DIR/<name>/<version>/model.onnx over gRPC; "
+                                              "flags also read env TLSERVE_<FLAG>.")
+    add_arguments(serve)
+    serve.set_defaults(func=run_serve)
+
+    predict = subparsers.add_parser("predict", help="classify images through a running server")
+    predict.add_argument("files", nargs="*", help="image files (or use --images)")
+    predict.add_argument("--target", default="localhost:50051", help="server HOST:PORT")
+    predict.add_argument("--images", help="a folder of images, or an ImageFolder tree DIR/<label>/*.png")
+    predict.add_argument("--top-k", type=int, default=3)
+    predict.add_argument("--batch-size", type=int, default=32)
+    predict.add_argument("--show", type=int, default=5, help="print this many predictions")
+    predict.add_argument("--wait-ready", type=float, default=0, metavar="SECONDS",
+                         help="wait until grpc.health.v1 reports SERVING")
+    predict.add_argument("--model", default="", help="model name (default: the server's only model)")
+    predict.add_argument("--version", default="", help="model version (default: newest ready)")
+    predict.set_defaults(func=run_predict)
+
+
+def run_serve(args: argparse.Namespace) -> int:
+    from tlserve.server.app import serve
+    from tlserve.server.settings import Settings
+
+    try:
+        settings = Settings.from_args(args)
+    except ValueError as exc:
+        print(f"tlserve serve: {exc}", file=sys.stderr)
+        return 2
+    return serve(settings)
+
+
+def run_predict(args: argparse.Namespace) -> int:
+    import grpc
+
+    from tlserve.server.client import classify_files, find_images, wait_ready
+
+    files = find_images([args.images] if args.images else []) + find_images(args.files)
+    if not files:
+        print("tlserve predict: no images given (FILES... or --images DIR)", file=sys.stderr)
+        return 2
+    with grpc.insecure_channel(args.target, options=[("grpc.max_receive_message_length", 64 << 20),
+                                                     ("grpc.max_send_message_length", 64 << 20)]) as channel:
+        if args.wait_ready:
+            wait_ready(channel, args.wait_ready, args.model or None)
+        started = time.perf_counter()
+        correct = labelled = shown = 0
+        try:
+            for result in classify_files(channel, files, args.top_k, args.batch_size, args.model, args.version):
+                if shown < args.show:
+                    guesses = ", ".join(f"{label} {score:.3f}" for label, score in result.predictions)
+                    truth = f" (true: {result.file.label})" if result.file.label else ""
+                    print(f"{result.file.path}: {guesses}{truth}")
+                    shown += 1
+                if result.file.label is not None:
+                    labelled += 1
+                    correct += result.predictions[0][0] == result.file.label
+        except grpc.RpcError as exc:
+            print(f"tlserve predict: {exc.code().name}: {exc.details()}", file=sys.stderr)
+            return 1
+        elapsed = time.perf_counter() - started
+    if labelled:
+        print(f"test accuracy via gRPC: {correct / labelled:.4f} (n={labelled})")
+    print(f"predictions per second: {len(files) / elapsed:.1f} ({len(files)} images in {elapsed:.2f}s)")
+    return 0

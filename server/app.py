@@ -1,0 +1,133 @@
+"""Assemble the server: repository, servicers, health, reflection and metrics on one gRPC port.
+
+``create_server(settings, registry)`` builds everything without starting it (tests bind port 0
+and read the bound ports from the handle); ``serve(settings)`` runs it until SIGTERM/SIGINT,
+rescans the repository on SIGHUP, and shuts down gracefully.
+"""
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import signal
+from concurrent.futures import ThreadPoolExecutor
+
+import grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+from PIL import Image
+from prometheus_client import CollectorRegistry, start_http_server
+
+from tlserve.server.batcher import BatchingOptions
+from tlserve.server.health import HealthReporter
+from tlserve.server.images import ImageDecoder
+from tlserve.server.loader import LoadOptions
+from tlserve.server.metrics import Metrics
+from tlserve.server.pb.tlserve.v1 import tlserve_pb2, tlserve_pb2_grpc
+from tlserve.server.preprocess import ImageLimits
+from tlserve.server.repository import ModelRepository, ReloadReport
+from tlserve.server.runtime import GPUUnavailable, RuntimeOptions
+from tlserve.server.servicer import InferenceServicer
+from tlserve.server.settings import Settings
+
+log = logging.getLogger(__name__)
+
+
+class ServerHandle:
+    """A built server: ``await start()``, then ``port`` / ``metrics_port``; ``await stop()``."""
+
+    def __init__(self, settings: Settings, registry: CollectorRegistry) -> None:
+        self.settings = settings
+        self.registry = registry
+        self.metrics = Metrics(registry)
+        self.health = HealthReporter()
+        threads = settings.decode_threads or (os.cpu_count() or 1)
+        self._decode_pool = ThreadPoolExecutor(max_workers=threads, thread_name_prefix="decode")
+        self._infer_pool = ThreadPoolExecutor(max_workers=4, thread_name_prefix="infer")
+        self.repository = ModelRepository(
+            settings.repository,
+            LoadOptions(RuntimeOptions(settings.device, settings.require_gpu, settings.intra_op_threads,
+                                       settings.inter_op_threads),
+                        BatchingOptions(settings.max_batch_size, settings.max_queue_delay, settings.max_queue_size)),
+            settings.version_policy, self._infer_pool, self.metrics, settings.drain_seconds,
+            on_change=self.health.update)
+        self.decoder = ImageDecoder(ImageLimits(settings.max_image_bytes, settings.max_pixels), settings.max_images,
+                                    self._decode_pool)
+        limit = settings.max_message_bytes
+        self.server = grpc.aio.server(options=[("grpc.max_receive_message_length", limit),
+                                               ("grpc.max_send_message_length", limit)])
+        tlserve_pb2_grpc.add_InferenceServicer_to_server(
+            InferenceServicer(self.repository, self.decoder, self.metrics), self.server)
+        health_pb2_grpc.add_HealthServicer_to_server(self.health.servicer, self.server)
+        self.service_names = [tlserve_pb2.DESCRIPTOR.services_by_name["Inference"].full_name,
+                              health_pb2.DESCRIPTOR.services_by_name["Health"].full_name]
+        # --- further APIs register here (one import + one call each), e.g. the Open Inference Protocol:
+        #     self.service_names.append(add_oip_service(self))
+        reflection.enable_server_reflection([*self.service_names, reflection.SERVICE_NAME], self.server)
+        self.port = self.server.add_insecure_port(f"{settings.host}:{settings.port}")
+        self.metrics_port = 0
+        self._metrics_http = None
+        self._poller: asyncio.Task | None = None
+
+    async def start(self) -> ReloadReport:
+        """Load the repository, then open the gRPC and metrics ports; returns the first load's report.
+
+        Raises :class:`GPUUnavailable` when ``require_gpu`` is set and a model fell back to the CPU.
+        """
+        report = await self.repository.reload()
+        refused = [str(e) for e in report.failed.values() if isinstance(e, GPUUnavailable)]
+        if refused:
+            await self.repository.close()
+            raise GPUUnavailable(refused[0])
+        httpd, _ = start_http_server(self.settings.metrics_port, addr=self.settings.host, registry=self.registry)
+        self._metrics_http = httpd
+        self.metrics_port = httpd.server_port
+        await self.server.start()
+        if self.settings.poll_interval > 0:
+            self._poller = asyncio.get_running_loop().create_task(self.repository.poll(self.settings.poll_interval))
+        log.info("serving gRPC on %s:%d, metrics on :%d, models %s", self.settings.host, self.port,
+                 self.metrics_port, [f"{m.name}/{m.version}" for m in self.repository.list()] or "none")
+        return report
+
+    async def stop(self, grace: float | None = None) -> None:
+        """Health NOT_SERVING, stop taking calls and finish in-flight ones, drain models, close."""
+        grace = self.settings.drain_seconds if grace is None else grace
+        await self.health.shutdown()
+        if self._poller is not None:
+            self._poller.cancel()
+        await self.server.stop(grace)
+        await self.repository.close()
+        if self._metrics_http is not None:
+            self._metrics_http.shutdown()
+            self._metrics_http.server_close()
+        self._decode_pool.shutdown(wait=False)
+        self._infer_pool.shutdown(wait=False)
+
+
+def create_server(settings: Settings, registry: CollectorRegistry) -> ServerHandle:
+    """Build (not start) the server; call inside a running event loop."""
+    Image.MAX_IMAGE_PIXELS = settings.max_pixels  # Pillow's own bomb guard, behind our header check
+    return ServerHandle(settings, registry)
+
+
+async def run(settings: Settings) -> int:
+    """Run until SIGTERM/SIGINT; SIGHUP rescans the repository."""
+    handle = create_server(settings, CollectorRegistry())
+    try:
+        await handle.start()
+    except GPUUnavailable as exc:
+        log.error("refusing to start: %s", exc)
+        return 2
+    loop = asyncio.get_running_loop()
+    stopping = asyncio.Event()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stopping.set)
+    loop.add_signal_handler(signal.SIGHUP, lambda: loop.create_task(handle.repository.reload()))
+    await stopping.wait()
+    log.info("shutting down: health NOT_SERVING, draining for up to %.1fs", settings.drain_seconds)
+    await handle.stop()
+    return 0
+
+
+def serve(settings: Settings) -> int:
+    return asyncio.run(run(settings))

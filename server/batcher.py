@@ -1,0 +1,156 @@
+"""Dynamic batching for one model: a bounded queue, one future per request, batches of at most
+``max_batch_size`` rows gathered for at most ``max_queue_delay`` seconds.
+
+Requests whose deadline (``time.monotonic()`` seconds) has passed, or whose caller went away,
+are dropped before compute. A batch that fails fails only the requests inside it. ``stop()``
+refuses new work and drains what is queued before returning.
+"""
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections import deque
+from concurrent.futures import Executor
+from dataclasses import dataclass, field
+from typing import Callable
+
+import numpy as np
+
+from tlserve.server.errors import DeadlineExceeded, ResourceExhausted, ServingError, Unavailable
+from tlserve.server.metrics import Metrics
+
+log = logging.getLogger(__name__)
+
+Outputs = dict[str, np.ndarray]
+
+
+@dataclass(frozen=True)
+class BatchingOptions:
+    max_batch_size: int = 32
+    max_queue_delay: float = 0.002
+    max_queue_size: int = 256
+
+
+@dataclass
+class _Request:
+    batch: np.ndarray
+    deadline: float | None
+    future: asyncio.Future
+    enqueued: float = field(default_factory=time.monotonic)
+
+    @property
+    def rows(self) -> int:
+        return int(self.batch.shape[0])
+
+
+class Batcher:
+    """Queue and batch requests for ``run`` (a blocking callable, executed on ``executor``)."""
+
+    def __init__(self, model: str, run: Callable[[np.ndarray], Outputs], options: BatchingOptions,
+                 executor: Executor, metrics: Metrics) -> None:
+        self.model = model
+        self.options = options
+        self._run = run
+        self._executor = executor
+        self._metrics = metrics
+        self._queue: deque[_Request] = deque()
+        self._wakeup = asyncio.Event()
+        self._closed = False
+        self._worker: asyncio.Task | None = None
+
+    def start(self) -> None:
+        self._worker = asyncio.get_running_loop().create_task(self._loop(), name=f"batcher-{self.model}")
+
+    async def stop(self) -> None:
+        """Refuse new requests, finish everything already queued, then return."""
+        self._closed = True
+        self._wakeup.set()
+        if self._worker is not None:
+            await self._worker
+
+    async def submit(self, batch: np.ndarray, deadline: float | None = None) -> Outputs:
+        """Queue ``batch`` (at most ``max_batch_size`` rows) and wait for its outputs."""
+        if self._closed:
+            raise Unavailable(f"model {self.model!r} is unloading")
+        if len(self._queue) >= self.options.max_queue_size:
+            self._metrics.queue_rejections.labels(self.model).inc()
+            raise ResourceExhausted(f"model {self.model!r}: queue is full ({self.options.max_queue_size} "
+                                    "requests waiting); retry later")
+        request = _Request(batch, deadline, asyncio.get_running_loop().create_future())
+        self._queue.append(request)
+        self._metrics.queue_depth.labels(self.model).set(len(self._queue))
+        self._wakeup.set()
+        return await request.future
+
+    async def _loop(self) -> None:
+        while True:
+            if not self._queue:
+                if self._closed:
+                    return
+                self._wakeup.clear()
+                await self._wakeup.wait()
+                continue
+            await self._gather_window()
+            batch = self._take_batch()
+            self._metrics.queue_depth.labels(self.model).set(len(self._queue))
+            if batch:
+                await self._execute(batch)
+
+    async def _gather_window(self) -> None:
+        """Wait up to max_queue_delay after the oldest request for the batch to fill."""
+        close_at = self._queue[0].enqueued + self.options.max_queue_delay
+        while not self._closed and self._queued_rows() < self.options.max_batch_size:
+            remaining = close_at - time.monotonic()
+            if remaining <= 0:
+                return
+            self._wakeup.clear()
+            try:
+                await asyncio.wait_for(self._wakeup.wait(), remaining)
+            except asyncio.TimeoutError:
+                return
+
+    def _queued_rows(self) -> int:
+        return sum(r.rows for r in self._queue)
+
+    def _take_batch(self) -> list[_Request]:
+        """Pop requests up to max_batch_size rows, answering expired or abandoned ones on the way."""
+        taken: list[_Request] = []
+        rows = 0
+        now = time.monotonic()
+        while self._queue and (not taken or rows + self._queue[0].rows <= self.options.max_batch_size):
+            request = self._queue.popleft()
+            if request.future.done():  # caller cancelled
+                continue
+            self._metrics.queue_duration.labels(self.model).observe(now - request.enqueued)
+            if request.deadline is not None and now >= request.deadline:
+                request.future.set_exception(DeadlineExceeded(
+                    f"deadline passed after {now - request.enqueued:.3f}s in the queue of model {self.model!r}"))
+                continue
+            taken.append(request)
+            rows += request.rows
+        return taken
+
+    async def _execute(self, batch: list[_Request]) -> None:
+        inputs = batch[0].batch if len(batch) == 1 else np.concatenate([r.batch for r in batch])
+        self._metrics.batch_size.labels(self.model).observe(inputs.shape[0])
+        started = time.monotonic()
+        try:
+            outputs = await asyncio.get_running_loop().run_in_executor(self._executor, self._run, inputs)
+        except Exception as exc:
+            log.error("model %r: batch of %d requests (%d rows) failed", self.model, len(batch), inputs.shape[0],
+                      exc_info=exc)
+            error = exc if isinstance(exc, ServingError) else ServingError(
+                f"model {self.model!r}: inference failed for this batch")
+            for request in batch:
+                if not request.future.done():
+                    request.future.set_exception(error)
+            return
+        finally:
+            self._metrics.inference_duration.labels(self.model).observe(time.monotonic() - started)
+        offset = 0
+        for request in batch:
+            end = offset + request.rows
+            if not request.future.done():
+                request.future.set_result({name: value[offset:end] for name, value in outputs.items()})
+            offset = end

@@ -1,0 +1,66 @@
+"""One exception hierarchy for serving; each class carries the gRPC status a caller receives.
+
+Servicers never build status codes by hand: they let these exceptions propagate and
+:func:`to_status` (through :func:`tlserve.server.rpc.observe_rpc`) turns them into a status and a
+message. Anything that is not a :class:`ServingError` is logged with its traceback and answered
+``INTERNAL`` with a generic message, so a caller never sees a stack trace.
+"""
+from __future__ import annotations
+
+import logging
+
+import grpc
+
+log = logging.getLogger(__name__)
+
+INTERNAL_MESSAGE = "internal error"
+
+
+class ServingError(Exception):
+    """Base class: an error whose message is safe to show to the caller."""
+
+    code: grpc.StatusCode = grpc.StatusCode.INTERNAL
+
+
+class InvalidArgument(ServingError):
+    """The request itself is wrong: a corrupt image, a bad tensor shape, too many images."""
+
+    code = grpc.StatusCode.INVALID_ARGUMENT
+
+
+class NotFound(ServingError):
+    """No such model or version."""
+
+    code = grpc.StatusCode.NOT_FOUND
+
+
+class ResourceExhausted(ServingError):
+    """A bounded queue or size limit is full; retry later or send less."""
+
+    code = grpc.StatusCode.RESOURCE_EXHAUSTED
+
+
+class Unavailable(ServingError):
+    """The model exists but is not ready (loading, draining, shutting down)."""
+
+    code = grpc.StatusCode.UNAVAILABLE
+
+
+class DeadlineExceeded(ServingError):
+    """The caller's deadline passed before the work could be done."""
+
+    code = grpc.StatusCode.DEADLINE_EXCEEDED
+
+
+class FailedPrecondition(ServingError):
+    """The system is not in a state to do this (e.g. the model lacks the requested output)."""
+
+    code = grpc.StatusCode.FAILED_PRECONDITION
+
+
+def to_status(exc: BaseException) -> tuple[grpc.StatusCode, str]:
+    """The status and caller-safe message for ``exc``; unknown exceptions are logged with traceback."""
+    if isinstance(exc, ServingError):
+        return exc.code, str(exc) or exc.code.name.lower()
+    log.error("unhandled error while serving a request", exc_info=exc)
+    return grpc.StatusCode.INTERNAL, INTERNAL_MESSAGE

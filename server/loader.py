@@ -1,0 +1,54 @@
+"""Load one version directory into a validated, warmed-up ServedModel (blocking; run off the loop).
+
+The file is the single source of truth: the manifest comes from the ONNX metadata and must
+agree with the graph's inputs and outputs, or the version is refused. On CUDA an fp16 variant
+(``model.fp16.onnx`` beside ``model.onnx``) is preferred when present.
+"""
+from __future__ import annotations
+
+import logging
+from concurrent.futures import Executor
+from dataclasses import dataclass
+from pathlib import Path
+
+from tlserve.manifest import Manifest
+from tlserve.server.batcher import BatchingOptions
+from tlserve.server.metrics import Metrics
+from tlserve.server.model import ServedModel
+from tlserve.server.runtime import CUDA, Runtime, RuntimeOptions
+
+log = logging.getLogger(__name__)
+
+MODEL_FILE = "model.onnx"
+FP16_FILE = "model.fp16.onnx"
+
+
+@dataclass(frozen=True)
+class LoadOptions:
+    runtime: RuntimeOptions
+    batching: BatchingOptions
+
+
+def open_runtime(version_dir: Path, options: RuntimeOptions) -> Runtime:
+    """The session for this version: the fp16 variant when it runs on CUDA, else model.onnx."""
+    fp16 = version_dir / FP16_FILE
+    if options.device != "cpu" and fp16.is_file():
+        runtime = Runtime(fp16, options)
+        if runtime.provider == CUDA:
+            return runtime
+        log.info("%s: not on CUDA, using %s instead of the fp16 variant", version_dir, MODEL_FILE)
+    return Runtime(version_dir / MODEL_FILE, options)
+
+
+def load_version(name: str, version: str, version_dir: Path, options: LoadOptions, executor: Executor,
+                 metrics: Metrics) -> ServedModel:
+    """Open, validate against the manifest, and warm up; raises on any problem."""
+    runtime = open_runtime(version_dir, options.runtime)
+    manifest = Manifest.from_metadata(runtime.metadata())
+    manifest.check_graph(runtime.inputs, runtime.outputs)
+    if (manifest.name, manifest.version) != (name, version):
+        log.warning("%s: manifest says %s/%s; serving it as %s/%s (the repository path decides)",
+                    runtime.path, manifest.name, manifest.version, name, version)
+    model = ServedModel(name, version, runtime, manifest, options.batching, executor, metrics)
+    model.warm_up()
+    return model

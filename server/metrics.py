@@ -1,0 +1,41 @@
+"""Every Prometheus metric of docs/server-contract.md, built on an injected CollectorRegistry."""
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+
+LATENCY_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
+BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256)
+
+
+class Metrics:
+    """The server's metrics; one instance per server, passed down to whoever records."""
+
+    def __init__(self, registry: CollectorRegistry) -> None:
+        self.registry = registry
+        self.requests = Counter("tlserve_requests", "Requests by RPC, model and gRPC status code",
+                                ("rpc", "model", "code"), registry=registry)
+        self.request_duration = Histogram("tlserve_request_duration_seconds", "Request duration",
+                                          ("rpc", "model"), buckets=LATENCY_BUCKETS, registry=registry)
+        self.queue_duration = Histogram("tlserve_queue_duration_seconds", "Time a request waited in the batch queue",
+                                        ("model",), buckets=LATENCY_BUCKETS, registry=registry)
+        self.inference_duration = Histogram("tlserve_inference_duration_seconds", "ONNX Runtime time per batch",
+                                            ("model",), buckets=LATENCY_BUCKETS, registry=registry)
+        self.batch_size = Histogram("tlserve_batch_size", "Images per executed batch", ("model",),
+                                    buckets=BATCH_BUCKETS, registry=registry)
+        self.queue_depth = Gauge("tlserve_queue_depth", "Requests waiting in the batch queue", ("model",),
+                                 registry=registry)
+        self.inflight = Gauge("tlserve_inflight_requests", "Requests being handled", ("model",), registry=registry)
+        self.queue_rejections = Counter("tlserve_queue_rejections", "Requests refused because the queue was full",
+                                        ("model",), registry=registry)
+        self.model_ready = Gauge("tlserve_model_ready", "1 while the model version is ready", ("model", "version"),
+                                 registry=registry)
+        self.model_load_failures = Counter("tlserve_model_load_failures", "Model versions that failed to load",
+                                           ("model",), registry=registry)
+        self.model_info = Gauge("tlserve_model_info", "Loaded model versions (always 1)",
+                                ("model", "version", "provider", "precision"), registry=registry)
+        self.cuda_fallback = Gauge("tlserve_cuda_fallback", "1 when CUDA was asked for and the CPU is in use",
+                                   ("model",), registry=registry)
+        self.gpu_memory_used = Gauge("tlserve_gpu_memory_used_bytes", "GPU memory in use (NVML)", ("gpu",),
+                                     registry=registry)
+        self.gpu_utilization = Gauge("tlserve_gpu_utilization_ratio", "GPU utilisation 0..1 (NVML)", ("gpu",),
+                                     registry=registry)

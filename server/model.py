@@ -1,0 +1,143 @@
+"""A served model version: manifest + ONNX Runtime session + dynamic batcher, no transport.
+
+``infer`` is the data plane's one entry point. Requests hold a *lease* while they work
+(decoding included), so unloading a version first stops new leases, then waits for the
+in-flight ones to finish, then drains the batcher.
+"""
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from concurrent.futures import Executor
+from typing import Iterator
+
+import numpy as np
+
+from tlserve.manifest import Manifest
+from tlserve.server.batcher import Batcher, BatchingOptions, Outputs
+from tlserve.server.errors import DeadlineExceeded, InvalidArgument, Unavailable
+from tlserve.server.metrics import Metrics
+from tlserve.server.runtime import Runtime
+
+log = logging.getLogger(__name__)
+
+
+class ServedModel:
+    """One loaded, validated version of a model."""
+
+    def __init__(self, name: str, version: str, runtime: Runtime, manifest: Manifest, batching: BatchingOptions,
+                 executor: Executor, metrics: Metrics) -> None:
+        self.name = name
+        self.version = version
+        self.manifest = manifest
+        self.runtime = runtime
+        self.batching = batching
+        self._metrics = metrics
+        self._batcher = Batcher(name, self._run, batching, executor, metrics)
+        self._leases = 0
+        self._idle = asyncio.Event()
+        self._idle.set()
+        self.ready = False
+
+    # --- what callers read -------------------------------------------------------------
+    @property
+    def provider(self) -> str:
+        return self.runtime.provider
+
+    @property
+    def requested_device(self) -> str:
+        return self.runtime.options.device
+
+    @property
+    def input_name(self) -> str:
+        return self.manifest.input_name
+
+    @property
+    def input_dtype(self) -> str:
+        return self.manifest.preprocessing.input_dtype
+
+    @property
+    def output_names(self) -> list[str]:
+        return list(self.runtime.output_names)
+
+    @property
+    def path(self) -> str:
+        return str(self.runtime.path)
+
+    @property
+    def embedding_size(self) -> int:
+        name = self.manifest.outputs.embedding
+        shape = dict(self.runtime.outputs).get(name) if name else None
+        return shape[1] if shape and len(shape) == 2 and isinstance(shape[1], int) else 0
+
+    # --- lifecycle -----------------------------------------------------------------------
+    def warm_up(self) -> None:
+        """Run the graph once (blocking) so the first request does not pay for lazy init."""
+        size = self.manifest.preprocessing.input_size
+        self._run(np.zeros((1, 3, size, size), dtype=self.input_dtype))
+
+    def start(self) -> None:
+        self._batcher.start()
+        self.ready = True
+
+    async def unload(self, grace: float) -> None:
+        """Stop taking requests, wait (up to ``grace`` s) for in-flight ones, drain the queue."""
+        self.ready = False
+        try:
+            await asyncio.wait_for(self._idle.wait(), grace)
+        except asyncio.TimeoutError:
+            log.warning("model %s/%s: %d requests still in flight after %.1fs; stopping anyway",
+                        self.name, self.version, self._leases, grace)
+        await self._batcher.stop()
+
+    @contextlib.contextmanager
+    def lease(self) -> Iterator["ServedModel"]:
+        """Hold the model for one request; refused once unloading has begun."""
+        if not self.ready:
+            raise Unavailable(f"model {self.name!r} version {self.version} is not ready")
+        self._leases += 1
+        self._idle.clear()
+        try:
+            yield self
+        finally:
+            self._leases -= 1
+            if self._leases == 0:
+                self._idle.set()
+
+    # --- inference -----------------------------------------------------------------------
+    async def infer(self, batch: np.ndarray, deadline: float | None = None) -> Outputs:
+        """All graph outputs for ``batch`` ([N, 3, S, S] of the graph's input dtype), via the batcher.
+
+        ``deadline`` is an absolute ``time.monotonic()`` value; requests larger than the
+        largest batch are split and reassembled in order.
+        """
+        self._check_input(batch)
+        if deadline is not None and time.monotonic() >= deadline:
+            raise DeadlineExceeded("deadline passed before the request reached the model")
+        gauge = self._metrics.inflight.labels(self.name)
+        gauge.inc()
+        try:
+            with self.lease():
+                return await self._infer(batch, deadline)
+        finally:
+            gauge.dec()
+
+    async def _infer(self, batch: np.ndarray, deadline: float | None) -> Outputs:
+        step = self.batching.max_batch_size
+        if batch.shape[0] <= step:
+            return await self._batcher.submit(batch, deadline)
+        parts = await asyncio.gather(*(self._batcher.submit(batch[i:i + step], deadline)
+                                       for i in range(0, batch.shape[0], step)))
+        return {name: np.concatenate([p[name] for p in parts]) for name in parts[0]}
+
+    def _check_input(self, batch: np.ndarray) -> None:
+        size = self.manifest.preprocessing.input_size
+        if batch.ndim != 4 or tuple(batch.shape[1:]) != (3, size, size) or batch.shape[0] < 1:
+            raise InvalidArgument(f"model {self.name!r} takes [N, 3, {size}, {size}], got {list(batch.shape)}")
+        if batch.dtype != np.dtype(self.input_dtype):
+            raise InvalidArgument(f"model {self.name!r} takes {self.input_dtype}, got {batch.dtype}")
+
+    def _run(self, batch: np.ndarray) -> Outputs:
+        return self.runtime.run(self.input_name, batch)

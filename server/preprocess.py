@@ -1,0 +1,110 @@
+"""Images to model input, exactly as the trainer's eval transform does it (Pillow, no torch).
+
+Encoded bytes: size limits checked first (bytes, then width x height from the header, before
+any pixel is decoded), decode, convert to RGB, resize the shorter side to ``resize_size`` with
+the manifest's interpolation, centre-crop ``input_size``, lay out as uint8 CHW. The arithmetic
+mirrors torchvision's ``Resize(int)`` + ``CenterCrop`` on PIL images, so the pixels are equal.
+"""
+from __future__ import annotations
+
+import io
+import warnings
+from dataclasses import dataclass
+
+import numpy as np
+from PIL import Image, UnidentifiedImageError
+
+from tlserve.manifest import Preprocessing
+from tlserve.server.errors import InvalidArgument
+
+RESAMPLE = {"nearest": Image.Resampling.NEAREST, "bilinear": Image.Resampling.BILINEAR,
+            "bicubic": Image.Resampling.BICUBIC}
+
+
+@dataclass(frozen=True)
+class ImageLimits:
+    """Refuse before decoding: encoded size and decoded pixel count."""
+
+    max_image_bytes: int = 8 * 1024 * 1024
+    max_pixels: int = 40_000_000
+
+
+def resized_size(width: int, height: int, size: int) -> tuple[int, int]:
+    """(w, h) after resizing the shorter side to ``size`` (torchvision's rounding)."""
+    short, long = (width, height) if width <= height else (height, width)
+    new_short, new_long = size, int(size * long / short)
+    return (new_short, new_long) if width <= height else (new_long, new_short)
+
+
+def center_crop_box(width: int, height: int, crop: int) -> tuple[int, int, int, int]:
+    """PIL crop box (left, top, right, bottom) of the centred ``crop`` square (torchvision's rounding)."""
+    top = int(round((height - crop) / 2.0))
+    left = int(round((width - crop) / 2.0))
+    return left, top, left + crop, top + crop
+
+
+def transform(img: Image.Image, pre: Preprocessing) -> np.ndarray:
+    """A decoded PIL image to uint8 CHW at ``pre.input_size``."""
+    img = img.convert("RGB")
+    img = img.resize(resized_size(img.width, img.height, pre.resize_size), RESAMPLE[pre.interpolation])
+    img = img.crop(center_crop_box(img.width, img.height, pre.input_size))
+    return np.asarray(img, dtype=np.uint8).transpose(2, 0, 1)
+
+
+def open_checked(data: bytes, limits: ImageLimits, index: int) -> Image.Image:
+    """Open ``data`` lazily and check its limits; raises InvalidArgument naming image ``index``."""
+    if not data:
+        raise InvalidArgument(f"image {index}: empty")
+    if len(data) > limits.max_image_bytes:
+        raise InvalidArgument(f"image {index}: {len(data)} bytes exceeds the limit of {limits.max_image_bytes}")
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            img = Image.open(io.BytesIO(data))
+    except (UnidentifiedImageError, Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
+        raise InvalidArgument(f"image {index}: not a decodable PNG/JPEG image ({exc})") from None
+    except Exception as exc:  # Pillow raises many types on malformed headers
+        raise InvalidArgument(f"image {index}: unreadable header ({type(exc).__name__}: {exc})") from None
+    width, height = img.size
+    if width * height > limits.max_pixels:
+        raise InvalidArgument(f"image {index}: {width}x{height} = {width * height} pixels exceeds the limit "
+                              f"of {limits.max_pixels}")
+    if width < 1 or height < 1:
+        raise InvalidArgument(f"image {index}: empty dimensions {width}x{height}")
+    return img
+
+
+def decode(data: bytes, pre: Preprocessing, limits: ImageLimits, index: int = 0) -> np.ndarray:
+    """Encoded PNG/JPEG bytes to uint8 CHW; every failure is InvalidArgument naming the image."""
+    img = open_checked(data, limits, index)
+    try:
+        img.load()
+        return transform(img, pre)
+    except InvalidArgument:
+        raise
+    except Exception as exc:  # truncated or corrupt pixel data surfaces only on load
+        raise InvalidArgument(f"image {index}: corrupt image data ({type(exc).__name__}: {exc})") from None
+
+
+def from_tensor(shape: list[int], data: bytes, pre: Preprocessing, index: int = 0) -> np.ndarray:
+    """A raw uint8 CHW tensor, checked against the model's input size."""
+    want = [3, pre.input_size, pre.input_size]
+    if list(shape) != want:
+        raise InvalidArgument(f"image {index}: tensor shape {list(shape)} must be {want} (uint8 CHW)")
+    if len(data) != 3 * pre.input_size * pre.input_size:
+        raise InvalidArgument(f"image {index}: tensor has {len(data)} bytes, shape {want} needs "
+                              f"{3 * pre.input_size * pre.input_size}")
+    return np.frombuffer(data, dtype=np.uint8).reshape(want)
+
+
+def to_model_input(batch: np.ndarray, pre: Preprocessing) -> np.ndarray:
+    """uint8 NCHW to what the graph takes: unchanged for uint8 graphs, else cast (and normalised
+    here when the graph does not normalise itself)."""
+    if pre.input_dtype == "uint8":
+        return batch
+    x = batch.astype(np.float32)
+    if not pre.normalize_in_graph:
+        mean = np.asarray(pre.mean, dtype=np.float32).reshape(1, 3, 1, 1)
+        std = np.asarray(pre.std, dtype=np.float32).reshape(1, 3, 1, 1)
+        x = (x / 255.0 - mean) / std
+    return x.astype(pre.input_dtype)

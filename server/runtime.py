@@ -1,0 +1,110 @@
+"""ONNX Runtime sessions: provider choice, fallback detection, graph signature, and one run call.
+
+CUDA never falls back silently: after creating the session we compare ``get_providers()``
+with what was asked for, warn loudly, and (with ``require_gpu``) refuse. On CUDA the input is
+bound with I/O binding, so the host-to-device copy is the uint8 tensor (4x smaller than float).
+"""
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import onnxruntime as ort
+
+from tlserve.server.errors import FailedPrecondition
+
+log = logging.getLogger(__name__)
+
+CPU = "CPUExecutionProvider"
+CUDA = "CUDAExecutionProvider"
+ORT_DTYPES = {"tensor(uint8)": "uint8", "tensor(float)": "float32", "tensor(float16)": "float16",
+              "tensor(double)": "float64", "tensor(int64)": "int64", "tensor(int32)": "int32"}
+
+
+class GPUUnavailable(FailedPrecondition):
+    """CUDA was required but ONNX Runtime runs on the CPU."""
+
+
+@dataclass(frozen=True)
+class RuntimeOptions:
+    device: str = "auto"
+    require_gpu: bool = False
+    intra_op_threads: int = 0
+    inter_op_threads: int = 0
+
+    @property
+    def wants_cuda(self) -> bool:
+        """CUDA was asked for explicitly (``cuda`` or ``cuda:N``)."""
+        return self.device.startswith("cuda")
+
+    @property
+    def device_id(self) -> int:
+        return int(self.device.split(":", 1)[1]) if ":" in self.device else 0
+
+
+def requested_providers(options: RuntimeOptions) -> list[Any]:
+    """The provider list to ask ORT for; also preloads the CUDA libraries when CUDA is wanted."""
+    cuda_built = CUDA in ort.get_available_providers()
+    if options.device == "cpu" or (options.device == "auto" and not cuda_built):
+        return [CPU]
+    if hasattr(ort, "preload_dlls"):
+        try:
+            ort.preload_dlls()
+        except Exception:  # missing nvidia-* packages: the provider check below reports the outcome
+            log.debug("onnxruntime.preload_dlls failed", exc_info=True)
+    return [(CUDA, {"device_id": options.device_id}), CPU]
+
+
+def session_options(options: RuntimeOptions) -> ort.SessionOptions:
+    so = ort.SessionOptions()
+    so.intra_op_num_threads = options.intra_op_threads
+    so.inter_op_num_threads = options.inter_op_threads
+    so.log_severity_level = 3
+    return so
+
+
+class Runtime:
+    """One ORT session and what the server needs to know about it."""
+
+    def __init__(self, path: str | Path, options: RuntimeOptions) -> None:
+        self.path = Path(path)
+        self.options = options
+        self.session = ort.InferenceSession(str(path), sess_options=session_options(options),
+                                            providers=requested_providers(options))
+        self.providers = list(self.session.get_providers())
+        self.provider = self.providers[0]
+        self.fallback = options.wants_cuda and self.provider != CUDA
+        if options.device != "cpu" and self.provider != CUDA and (options.wants_cuda or CUDA in
+                                                                 ort.get_available_providers()):
+            self._report_fallback()
+        self.use_io_binding = self.provider == CUDA
+        self.inputs = [(i.name, list(i.shape), ORT_DTYPES.get(i.type, i.type)) for i in self.session.get_inputs()]
+        self.outputs = [(o.name, list(o.shape)) for o in self.session.get_outputs()]
+        self.output_names = [name for name, _ in self.outputs]
+
+    def _report_fallback(self) -> None:
+        message = (f"CUDA requested (--device {self.options.device}) but ONNX Runtime is using {self.providers} "
+                   f"for {self.path}: running on the CPU")
+        if self.options.wants_cuda:
+            log.warning("!!! %s !!!", message)
+        else:
+            log.info("%s (device auto)", message)
+        if self.options.wants_cuda and self.options.require_gpu:
+            raise GPUUnavailable(f"{message}; refusing because --require-gpu is set")
+
+    def metadata(self) -> dict[str, str]:
+        return dict(self.session.get_modelmeta().custom_metadata_map)
+
+    def run(self, input_name: str, batch: np.ndarray) -> dict[str, np.ndarray]:
+        """Run the graph on one batch; every output by name."""
+        if not self.use_io_binding:
+            return dict(zip(self.output_names, self.session.run(self.output_names, {input_name: batch})))
+        binding = self.session.io_binding()
+        binding.bind_cpu_input(input_name, np.ascontiguousarray(batch))
+        for name in self.output_names:
+            binding.bind_output(name)
+        self.session.run_with_iobinding(binding)
+        return dict(zip(self.output_names, binding.copy_outputs_to_cpu()))
