@@ -23,6 +23,7 @@ from tlserve.server.health import HealthReporter
 from tlserve.server.images import ImageDecoder
 from tlserve.server.loader import LoadOptions
 from tlserve.server.metrics import Metrics
+from tlserve.server.oip.servicer import add_oip_service
 from tlserve.server.pb.tlserve.v1 import tlserve_pb2, tlserve_pb2_grpc
 from tlserve.server.preprocess import ImageLimits
 from tlserve.server.repository import ModelRepository, ReloadReport
@@ -63,6 +64,7 @@ class ServerHandle:
                               health_pb2.DESCRIPTOR.services_by_name["Health"].full_name]
         # --- further APIs register here (one import + one call each), e.g. the Open Inference Protocol:
         #     self.service_names.append(add_oip_service(self))
+        self.service_names.append(add_oip_service(self))
         reflection.enable_server_reflection([*self.service_names, reflection.SERVICE_NAME], self.server)
         self.port = self.server.add_insecure_port(f"{settings.host}:{settings.port}")
         self.metrics_port = 0

@@ -100,3 +100,12 @@ def _dtype(name: str, datatype: str) -> np.dtype:
     if datatype not in DTYPES:
         raise InvalidArgument(f"input {name!r}: unsupported datatype {datatype!r} (supported: {', '.join(DTYPES)})")
     return DTYPES[datatype]
+
+
+def encode_bytes(response: pb.ModelInferResponse, name: str, array: np.ndarray) -> None:
+    """Append a BYTES output: each element as a 4-byte little-endian length and its bytes."""
+    parts = []
+    for item in array.ravel():
+        parts += [len(item).to_bytes(4, "little"), item]
+    response.outputs.add(name=name, datatype="BYTES", shape=array.shape)
+    response.raw_output_contents.append(b"".join(parts))
