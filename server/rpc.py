@@ -31,18 +31,22 @@ async def observe_rpc(metrics: Metrics, context: grpc.aio.ServicerContext, rpc: 
     error ``context.abort`` with the mapped status (unknown errors: logged, INTERNAL)."""
     call = RpcCall()
     started = time.monotonic()
-    code = grpc.StatusCode.OK
+
+    def record(code: grpc.StatusCode) -> None:  # before the status reaches the caller
+        metrics.requests.labels(rpc, call.model, code.name).inc()
+        metrics.request_duration.labels(rpc, call.model).observe(time.monotonic() - started)
+
     try:
         yield call
     except asyncio.CancelledError:
-        code = grpc.StatusCode.CANCELLED
+        record(grpc.StatusCode.CANCELLED)
         raise
     except grpc.aio.AbortError:
-        code = context.code() or grpc.StatusCode.UNKNOWN
+        record(context.code() or grpc.StatusCode.UNKNOWN)
         raise
     except Exception as exc:
         code, message = to_status(exc)
+        record(code)
         await context.abort(code, message)
-    finally:
-        metrics.requests.labels(rpc, call.model, code.name).inc()
-        metrics.request_duration.labels(rpc, call.model).observe(time.monotonic() - started)
+    else:
+        record(grpc.StatusCode.OK)
