@@ -1,0 +1,266 @@
+"""Serving benchmark: raw ONNX Runtime, the task API with JPEG bytes, and the Open Inference
+Protocol with raw uint8 tensors, measured in one run at several concurrencies.
+
+    python benchmarks/bench_serving.py                       # export stock MobileNetV2 at 224 px, bench it
+    python benchmarks/bench_serving.py --repository models   # bench the first model of a repository
+
+Every request carries one image. ``raw`` is one in-process ONNX Runtime session fed batches of
+``c`` images back to back: what perfect dynamic batching of ``c`` outstanding requests would
+reach, with no transport at all. The served rows run ``tlserve serve`` as a separate process
+(default settings, CPU) and drive it from ``c`` concurrent grpc.aio calls that resend
+pre-serialised requests, so the client spends as little CPU as it can. Each cell runs for
+``--seconds`` after a warm-up, ``--rounds`` times; the three modes alternate per concurrency
+so that load from elsewhere on the machine hits them alike, and a cell pools its rounds. Prints the table (markdown) and, with ``--json``,
+writes the numbers.
+"""
+from __future__ import annotations
+
+import argparse
+import asyncio
+import io
+import json
+import logging
+import os
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import grpc
+import numpy as np
+import onnxruntime as ort
+from PIL import Image
+
+from tlserve.manifest import Manifest
+from tlserve.server.pb.inference import messages_pb2 as oip
+from tlserve.server.pb.tlserve.v1 import tlserve_pb2 as task
+from tlserve.server.preprocess import ImageLimits, decode
+
+log = logging.getLogger("bench_serving")
+
+OIP_INFER = "/inference.GRPCInferenceService/ModelInfer"
+OIP_READY = "/inference.GRPCInferenceService/ServerReady"
+TASK_CLASSIFY = "/tlserve.v1.Inference/Classify"
+MODES = ("raw ORT", "OIP uint8", "task JPEG")
+
+
+@dataclass(frozen=True)
+class Cell:
+    mode: str
+    concurrency: int
+    images_per_s: float
+    p50_ms: float
+    p99_ms: float
+    requests: int
+
+
+@dataclass
+class Sample:
+    """What one mode measured at one concurrency, summed over rounds."""
+
+    images: int = 0
+    elapsed: float = 0.0
+    latencies: list[float] = field(default_factory=list)
+
+    def add(self, images: int, elapsed: float, latencies: list[float]) -> None:
+        self.images += images
+        self.elapsed += elapsed
+        self.latencies += latencies
+
+    def cell(self, mode: str, concurrency: int) -> Cell:
+        ms = np.asarray(self.latencies) * 1e3
+        return Cell(mode, concurrency, self.images / self.elapsed, float(np.percentile(ms, 50)),
+                    float(np.percentile(ms, 99)), len(self.latencies))
+
+
+# --- inputs -----------------------------------------------------------------------------------
+def photo_jpeg(quality: int = 90) -> bytes:
+    """scikit-image's chelsea.png (a cat, 451x300) as JPEG bytes: what a caller of the task API sends."""
+    import skimage.data
+
+    buf = io.BytesIO()
+    Image.open(Path(skimage.data.data_dir) / "chelsea.png").convert("RGB").save(buf, format="JPEG", quality=quality)
+    return buf.getvalue()
+
+
+def model_of(repository: Path) -> tuple[str, Path]:
+    """(name, model.onnx) of the repository's first model, newest integer version."""
+    files = sorted(repository.glob("*/*/model.onnx"), key=lambda p: (p.parent.parent.name, int(p.parent.name)
+                                                                     if p.parent.name.isdigit() else -1))
+    if not files:
+        raise SystemExit(f"no */<version>/model.onnx under {repository}")
+    return files[-1].parent.parent.name, files[-1]
+
+
+def export_stock(arch: str, size: int, root: Path) -> Path:
+    """A repository holding torchvision's stock ``arch`` (ImageNet weights when available offline),
+    exported by the export part's API."""
+    from tlserve.export.stock import export_stock_model  # torch is needed here only
+
+    export_stock_model(arch, size, root / "stock" / "1" / "model.onnx")
+    return root
+
+
+# --- raw ONNX Runtime ---------------------------------------------------------------------------
+def measure_raw(session: ort.InferenceSession, input_name: str, image: np.ndarray, concurrency: int,
+                seconds: float, warmup: float) -> tuple[int, float, list[float]]:
+    batch = np.repeat(image[None], concurrency, axis=0)
+    end_warmup = time.perf_counter() + warmup
+    while time.perf_counter() < end_warmup:
+        session.run(None, {input_name: batch})
+    latencies: list[float] = []
+    started = time.perf_counter()
+    while time.perf_counter() - started < seconds:
+        t0 = time.perf_counter()
+        session.run(None, {input_name: batch})
+        latencies.append(time.perf_counter() - t0)
+    return concurrency * len(latencies), time.perf_counter() - started, latencies
+
+
+# --- served -------------------------------------------------------------------------------------
+async def drive(address: str, method: str, payload: bytes, concurrency: int, seconds: float,
+                warmup: float) -> tuple[int, float, list[float]]:
+    """``concurrency`` callers resending ``payload`` for ``seconds`` after ``warmup``."""
+    async with grpc.aio.insecure_channel(address, options=[("grpc.max_receive_message_length", 64 << 20)]) as ch:
+        call = ch.unary_unary(method)  # bytes in, bytes out: no client-side (de)serialisation
+        latencies: list[float] = []
+        window: dict[str, float] = {}
+
+        async def caller() -> None:
+            while True:
+                t0 = time.perf_counter()
+                if t0 >= window["end"]:
+                    return
+                await call(payload)
+                if t0 >= window["start"]:
+                    latencies.append(time.perf_counter() - t0)
+
+        now = time.perf_counter()
+        window.update(start=now + warmup, end=now + warmup + seconds)
+        await asyncio.gather(*(caller() for _ in range(concurrency)))
+        elapsed = time.perf_counter() - window["start"]
+        return len(latencies), elapsed, latencies
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def start_server(repository: Path, extra: list[str]) -> tuple[subprocess.Popen, str]:
+    port = free_port()
+    command = [sys.executable, "-m", "tlserve", "--log-level", "WARNING", "serve", "--repository", str(repository),
+               "--host", "127.0.0.1", "--port", str(port), "--metrics-port", str(free_port()), "--device", "cpu",
+               *extra]
+    log.info("starting: %s", " ".join(command))
+    process = subprocess.Popen(command)
+    address = f"127.0.0.1:{port}"
+    deadline = time.monotonic() + 180
+    with grpc.insecure_channel(address) as channel:
+        ready = channel.unary_unary(OIP_READY)
+        while time.monotonic() < deadline:
+            if process.poll() is not None:
+                raise SystemExit(f"server exited with {process.returncode}")
+            try:
+                if oip.ServerReadyResponse.FromString(ready(b"", timeout=2)).ready:
+                    return process, address
+            except grpc.RpcError:
+                pass
+            time.sleep(0.5)
+    process.terminate()
+    raise SystemExit("server did not become ready in 180 s")
+
+
+def check_agreement(address: str, oip_payload: bytes, task_payload: bytes, raw_top: int) -> str:
+    """The top class of one photo through each path (they must agree)."""
+    with grpc.insecure_channel(address) as channel:
+        response = oip.ModelInferResponse.FromString(channel.unary_unary(OIP_INFER)(oip_payload))
+        classified = task.ClassifyResponse.FromString(channel.unary_unary(TASK_CLASSIFY)(task_payload))
+    scores = np.frombuffer(response.raw_output_contents[0], dtype=np.float32)
+    tops = {"raw": raw_top, "oip": int(np.argmax(scores)), "task": classified.results[0].predictions[0].index}
+    if len(set(tops.values())) != 1:
+        raise SystemExit(f"the three paths disagree on the top class: {tops}")
+    return f"{classified.results[0].predictions[0].label} ({classified.results[0].predictions[0].score:.2f})"
+
+
+# --- report -------------------------------------------------------------------------------------
+def table(cells: list[Cell]) -> str:
+    raw = {c.concurrency: c for c in cells if c.mode == MODES[0]}
+    lines = ["| path | concurrency | img/s | p50 ms | p99 ms | ÷ raw img/s | p50 added ms |",
+             "|---|---:|---:|---:|---:|---:|---:|"]
+    for c in cells:
+        base = raw[c.concurrency]
+        added = "" if c.mode == MODES[0] else f"{c.p50_ms - base.p50_ms:+.2f}"
+        lines.append(f"| {c.mode} | {c.concurrency} | {c.images_per_s:.1f} | {c.p50_ms:.2f} | {c.p99_ms:.2f} | "
+                     f"{c.images_per_s / base.images_per_s:.2f} | {added} |")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--repository", type=Path, help="bench this repository's first model (default: export "
+                                                        "stock --arch at --size)")
+    parser.add_argument("--arch", default="mobilenet_v2")
+    parser.add_argument("--size", type=int, default=224)
+    parser.add_argument("--concurrency", type=int, nargs="+", default=[1, 8, 32])
+    parser.add_argument("--seconds", type=float, default=8.0, help="measured time per cell")
+    parser.add_argument("--warmup", type=float, default=1.5, help="unmeasured time before each cell")
+    parser.add_argument("--rounds", type=int, default=2, help="passes over every cell; a cell pools its rounds")
+    parser.add_argument("--server-arg", action="append", default=[], help="extra `tlserve serve` flag (repeatable)")
+    parser.add_argument("--json", type=Path, help="also write the cells here")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stderr)
+
+    with tempfile.TemporaryDirectory() as tmp:
+        repository = args.repository or export_stock(args.arch, args.size, Path(tmp))
+        name, model_file = model_of(repository)
+        session = ort.InferenceSession(str(model_file), providers=["CPUExecutionProvider"])
+        manifest = Manifest.from_metadata(session.get_modelmeta().custom_metadata_map)
+        jpeg = photo_jpeg()
+        image = decode(jpeg, manifest.preprocessing, ImageLimits())
+        request = oip.ModelInferRequest(model_name=name, raw_input_contents=[image[None].tobytes()],
+                                        outputs=[oip.ModelInferRequest.InferRequestedOutputTensor(name="probabilities")])
+        request.inputs.add(name=manifest.input_name, datatype="UINT8", shape=[1, *image.shape])
+        oip_payload = request.SerializeToString()
+        task_payload = task.ClassifyRequest(model=task.ModelRef(name=name), images=[task.Image(encoded=jpeg)],
+                                            top_k=5).SerializeToString()
+        raw_top = int(np.argmax(session.run([manifest.outputs.probabilities], {manifest.input_name: image[None]})[0]))
+
+        load_before = os.getloadavg()
+        process, address = start_server(repository, args.server_arg)
+        try:
+            agreed = check_agreement(address, oip_payload, task_payload, raw_top)
+            samples = {(mode, c): Sample() for c in args.concurrency for mode in MODES}
+            for round_ in range(args.rounds):
+                for c in args.concurrency:
+                    samples[MODES[0], c].add(*measure_raw(session, manifest.input_name, image, c, args.seconds,
+                                                          args.warmup))
+                    for mode, method, payload in ((MODES[1], OIP_INFER, oip_payload),
+                                                  (MODES[2], TASK_CLASSIFY, task_payload)):
+                        samples[mode, c].add(*asyncio.run(drive(address, method, payload, c, args.seconds,
+                                                                args.warmup)))
+                    log.info("round %d, concurrency %d: %s", round_ + 1, c, ", ".join(
+                        f"{m} {samples[m, c].images / samples[m, c].elapsed:.1f} img/s" for m in MODES))
+            cells = [samples[mode, c].cell(mode, c) for c in args.concurrency for mode in MODES]
+        finally:
+            process.terminate()
+            process.wait(30)
+        load_after = os.getloadavg()
+
+    print(f"model: {name} ({manifest.architecture}, {manifest.preprocessing.input_size} px, {manifest.precision}), "
+          f"ONNX Runtime {ort.__version__} CPU, {os.cpu_count()} CPUs; top class on all three paths: {agreed}")
+    print(f"load average before/after: {load_before[0]:.2f} / {load_after[0]:.2f}; "
+          f"{args.rounds} x {args.seconds:g} s per cell, each after {args.warmup:g} s warm-up; server flags: {args.server_arg or 'defaults'}")
+    print()
+    print(table(cells))
+    if args.json:
+        args.json.write_text(json.dumps([asdict(c) for c in cells], indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,74 @@
+"""The chart's Prometheus alerts: promtool check rules, promtool test rules (a unit test per alert), names."""
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import pytest
+import yaml
+from deploy_helpers import REPO, contract_metrics, helm_template, metrics_in, run
+
+pytestmark = pytest.mark.tools
+
+RULE_TESTS = REPO / "deploy" / "prometheus" / "alerts_test.yaml"
+# what the alerts must cover: error ratio, p99 latency, queue saturation, model not ready, CUDA fallback
+REQUIRED = {"TlserveHighErrorRatio", "TlserveHighP99Latency", "TlserveQueueSaturated", "TlserveModelNotReady",
+            "TlserveCudaFallback"}
+
+
+def render_rules(helm: str, *args: str) -> dict:
+    rendered = helm_template(helm, "--set", "prometheusRule.enabled=true", *args,
+                             "--show-only", "templates/prometheusrule.yaml")
+    return yaml.safe_load(rendered)["spec"]
+
+
+@pytest.fixture(scope="module")
+def rules_dir(helm, tmp_path_factory) -> Path:
+    """alerts.rules.yaml (rendered with the default values, namespace "serving") beside the unit tests."""
+    folder = tmp_path_factory.mktemp("rules")
+    (folder / "alerts.rules.yaml").write_text(yaml.safe_dump(render_rules(helm), sort_keys=False))
+    shutil.copy(RULE_TESTS, folder / RULE_TESTS.name)
+    return folder
+
+
+def alerts(rules: dict) -> list[dict]:
+    return [rule for group in rules["groups"] for rule in group["rules"] if "alert" in rule]
+
+
+def test_promtool_check_rules(promtool, rules_dir):
+    out = run([promtool, "check", "rules", str(rules_dir / "alerts.rules.yaml")]).stdout
+    assert "SUCCESS" in out
+
+
+def test_promtool_test_rules(promtool, rules_dir):
+    out = run([promtool, "test", "rules", RULE_TESTS.name], cwd=rules_dir).stdout
+    assert "SUCCESS" in out
+
+
+def test_thresholds_come_from_values(promtool, helm, tmp_path):
+    """A stricter error-ratio threshold than the unit tests assume makes them fail: the tests do bite."""
+    (tmp_path / "alerts.rules.yaml").write_text(yaml.safe_dump(render_rules(helm, "--set", "prometheusRule.errorRatio=0.2")))
+    shutil.copy(RULE_TESTS, tmp_path / RULE_TESTS.name)
+    proc = run([promtool, "test", "rules", RULE_TESTS.name], cwd=tmp_path, check=False)
+    assert proc.returncode != 0
+    assert "alertname: TlserveHighErrorRatio" in proc.stdout + proc.stderr
+
+
+def test_every_alert_is_required_or_known_and_unit_tested(helm):
+    names = {rule["alert"] for rule in alerts(render_rules(helm))}
+    assert REQUIRED <= names
+    tested = {case["alertname"] for test in yaml.safe_load(RULE_TESTS.read_text())["tests"]
+              for case in test.get("alert_rule_test", [])}
+    assert names == tested
+    firing = {case["alertname"] for test in yaml.safe_load(RULE_TESTS.read_text())["tests"]
+              for case in test.get("alert_rule_test", []) if case["exp_alerts"]}
+    assert firing == names, "each alert has a case where it fires"
+
+
+def test_alerts_use_contract_metrics_and_carry_severity_and_summary(helm):
+    known = set(contract_metrics())
+    for rule in alerts(render_rules(helm)):
+        used = metrics_in(rule["expr"])
+        assert used and used <= known, (rule["alert"], used - known)
+        assert rule["labels"]["severity"] in {"critical", "warning"}
+        assert rule["annotations"]["summary"] and rule["annotations"]["description"]

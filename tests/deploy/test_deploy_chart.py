@@ -1,0 +1,191 @@
+"""helm/tlserve: lint, render, validate against the Kubernetes schemas, and check what the chart promises."""
+from __future__ import annotations
+
+import pytest
+import yaml
+from deploy_helpers import CHART, GPU_VALUES, helm_template, manifests, run
+
+pytestmark = pytest.mark.tools
+
+FEATURES = ["--set", "service.headless.enabled=true", "--set", "serviceMonitor.enabled=true",
+            "--set", "prometheusRule.enabled=true", "--set", "autoscaling.customMetric.enabled=true"]
+VARIANTS = {
+    "defaults": [],
+    "gpu": ["-f", str(GPU_VALUES)],
+    "gpu-all-features": ["-f", str(GPU_VALUES), *FEATURES],
+    "pvc-created": ["--set", "model.pvc.existingClaim=", "--set", "model.pvc.create=true"],
+    "baked-image": ["--set", "model.source=image", "--set", "autoscaling.enabled=false"],
+    "init-container": ["--set", "model.source=initContainer",
+                       "--set", "model.initContainer.url=https://models.example.com/fashion.onnx"],
+}
+CRD_KINDS = {"ServiceMonitor", "PrometheusRule"}
+
+
+def deployment(rendered: str) -> dict:
+    return manifests(rendered)["Deployment/tlserve"]
+
+
+def container(rendered: str) -> dict:
+    (server,) = deployment(rendered)["spec"]["template"]["spec"]["containers"]
+    return server
+
+
+@pytest.mark.parametrize("values", [[], ["-f", str(GPU_VALUES)]], ids=["defaults", "gpu"])
+def test_helm_lint_strict(helm, values):
+    out = run([helm, "lint", "--strict", str(CHART), *values]).stdout
+    assert "0 chart(s) failed" in out
+
+
+@pytest.mark.parametrize("kube", ["1.27.0", "1.37.0"])
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_rendered_manifests_pass_kubernetes_validate_strict(helm, kubernetes_validate, tmp_path, variant, kube):
+    rendered = helm_template(helm, *VARIANTS[variant], "--kube-version", kube)
+    path = tmp_path / "rendered.yaml"
+    path.write_text(rendered)
+    proc = run([kubernetes_validate, "--strict", "-k", kube, str(path)])
+    kinds = {doc.split("/")[0] for doc in manifests(rendered)}
+    passed = proc.stdout.count(" passed for resource ")
+    assert passed == len(manifests(rendered)) - len(kinds & CRD_KINDS), proc.stdout + proc.stderr
+    assert "ERROR" not in proc.stdout + proc.stderr
+
+
+def test_probes_are_native_grpc_on_the_contract_health_services(helm):
+    server = container(helm_template(helm))
+    grpc_port = next(p["containerPort"] for p in server["ports"] if p["name"] == "grpc")
+    assert server["livenessProbe"]["grpc"] == {"port": grpc_port, "service": ""}
+    assert server["readinessProbe"]["grpc"] == {"port": grpc_port, "service": "tlserve.model.fashion"}
+    startup = server["startupProbe"]
+    assert startup["grpc"]["port"] == grpc_port
+    assert startup["periodSeconds"] * startup["failureThreshold"] >= 120, "room for slow model loads"
+    anymodel = container(helm_template(helm, "--set", "model.name="))
+    assert anymodel["readinessProbe"]["grpc"]["service"] == "tlserve.v1.Inference"
+
+
+@pytest.mark.parametrize("drain,pre_stop", [(10, 5), (60, 0), (3, 20)])
+def test_termination_grace_exceeds_prestop_plus_drain(helm, drain, pre_stop):
+    rendered = helm_template(helm, "--set", f"server.drainSeconds={drain}", "--set", f"preStopSleepSeconds={pre_stop}")
+    pod = deployment(rendered)["spec"]["template"]["spec"]
+    server = pod["containers"][0]
+    assert f"--drain-seconds={drain}" in server["args"]
+    assert pod["terminationGracePeriodSeconds"] > drain + pre_stop
+    if pre_stop:
+        assert server["lifecycle"]["preStop"]["exec"]["command"] == ["sleep", str(pre_stop)]
+    else:
+        assert "lifecycle" not in server
+
+
+def test_too_short_termination_grace_is_refused(helm):
+    proc = run([helm, "template", "t", str(CHART), "--set", "terminationGracePeriodSeconds=12"], check=False)
+    assert proc.returncode != 0
+    assert "must exceed preStopSleepSeconds + server.drainSeconds" in proc.stderr
+
+
+def test_args_are_accepted_by_the_real_serve_parser(helm):
+    """Every flag the chart passes exists in `tlserve serve`, with the value the chart meant."""
+    cli = pytest.importorskip("tlserve.cli")
+    settings_mod = pytest.importorskip("tlserve.server.settings")
+    server = container(helm_template(helm, "-f", str(GPU_VALUES), "--set", "server.maxQueueDelayMs=0.5"))
+    assert server["command"] == ["tlserve"]
+    args = cli.build_parser().parse_args(server["args"])
+    assert args.command == "serve"
+    settings = settings_mod.Settings.from_args(args)
+    assert (str(settings.repository), settings.port, settings.metrics_port) == ("/models", 50051, 8080)
+    assert settings.device == "cuda" and settings.require_gpu is True
+    assert settings.max_batch_size == 64 and settings.max_queue_size == 256
+    assert settings.max_message_bytes == 16777216 and settings.drain_seconds == 10
+
+
+def test_gpu_values_schedule_on_gpu_nodes(helm):
+    rendered = helm_template(helm, "-f", str(GPU_VALUES))
+    pod = deployment(rendered)["spec"]["template"]["spec"]
+    server = pod["containers"][0]
+    assert server["resources"]["limits"]["nvidia.com/gpu"] == 1
+    assert server["image"].endswith(":0.1.0-gpu")
+    assert pod["nodeSelector"] == {"nvidia.com/gpu.present": "true"}
+    assert {"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"} in pod["tolerations"]
+    assert pod["runtimeClassName"] == "nvidia"
+    cpu = container(helm_template(helm))
+    assert "nvidia.com/gpu" not in cpu["resources"].get("limits", {})
+    assert cpu["image"].endswith(":0.1.0-cpu")
+
+
+def test_pod_runs_non_root_with_read_only_root_and_writable_tmp(helm):
+    pod = deployment(helm_template(helm))["spec"]["template"]["spec"]
+    server = pod["containers"][0]
+    assert pod["securityContext"]["runAsNonRoot"] is True
+    assert server["securityContext"]["readOnlyRootFilesystem"] is True
+    assert server["securityContext"]["allowPrivilegeEscalation"] is False
+    assert server["securityContext"]["capabilities"]["drop"] == ["ALL"]
+    mounts = {m["mountPath"]: m for m in server["volumeMounts"]}
+    assert "/tmp" in mounts and mounts["/models"]["readOnly"] is True
+    env = {e["name"]: e["value"] for e in server["env"]}
+    assert env["HOME"] == "/tmp" and env["TMPDIR"] == "/tmp"
+    assert pod["automountServiceAccountToken"] is False
+
+
+def test_model_sources(helm):
+    pvc = deployment(helm_template(helm))["spec"]["template"]["spec"]
+    assert {"name": "models", "persistentVolumeClaim": {"claimName": "tlserve-models", "readOnly": True}} in pvc["volumes"]
+
+    created = manifests(helm_template(helm, *VARIANTS["pvc-created"]))
+    assert "PersistentVolumeClaim/tlserve-models" in created
+
+    baked = deployment(helm_template(helm, *VARIANTS["baked-image"]))["spec"]
+    assert baked["replicas"] == 2
+    assert [v["name"] for v in baked["template"]["spec"]["volumes"]] == ["tmp"]
+
+    init = deployment(helm_template(helm, *VARIANTS["init-container"]))["spec"]["template"]["spec"]
+    (fetch,) = init["initContainers"]
+    env = {e["name"]: e["value"] for e in fetch["env"]}
+    assert env["TARGET"] == "/models/fashion/1" and env["MODEL_URL"].endswith("fashion.onnx")
+    assert {"name": "models", "mountPath": "/models"} in fetch["volumeMounts"]
+    assert any(v["name"] == "models" and "emptyDir" in v for v in init["volumes"])
+
+    proc = run([helm, "template", "t", str(CHART), "--set", "model.source=initContainer"], check=False)
+    assert proc.returncode != 0 and "model.initContainer.url" in proc.stderr
+
+
+def test_services_hpa_pdb_and_monitoring(helm):
+    docs = manifests(helm_template(helm, "-f", str(GPU_VALUES), *FEATURES))
+    service, headless = docs["Service/tlserve"], docs["Service/tlserve-headless"]
+    ports = {p["name"]: p for p in service["spec"]["ports"]}
+    assert ports["grpc"]["appProtocol"] == "grpc" and ports["grpc"]["port"] == 50051
+    assert ports["metrics"]["port"] == 8080
+    assert headless["spec"]["clusterIP"] == "None"
+    # the ServiceMonitor picks the main Service only, so each pod is scraped once
+    selector = docs["ServiceMonitor/tlserve"]["spec"]["selector"]["matchLabels"]
+    assert selector.items() <= service["metadata"]["labels"].items()
+    assert not selector.items() <= headless["metadata"]["labels"].items()
+    assert docs["ServiceMonitor/tlserve"]["spec"]["endpoints"][0]["port"] == "metrics"
+
+    metrics = docs["HorizontalPodAutoscaler/tlserve"]["spec"]["metrics"]
+    assert metrics[0]["resource"]["name"] == "cpu"
+    assert metrics[1]["pods"]["metric"]["name"] == "tlserve_queue_depth"
+    assert docs["PodDisruptionBudget/tlserve"]["spec"]["maxUnavailable"] == 1
+    assert "replicas" not in docs["Deployment/tlserve"]["spec"], "the HPA owns the replica count"
+    assert "PrometheusRule/tlserve" in docs and "ConfigMap/tlserve-dashboard" in docs
+
+
+@pytest.mark.parametrize("bad,message", [
+    ("typo=1", "Additional property typo is not allowed"),
+    ("server.maxBatchSize=0", "server.maxBatchSize"),
+    ("model.source=s3", "model.source"),
+    ("server.device=tpu", "server.device"),
+    ("prometheusRule.errorRatio=1.5", "prometheusRule.errorRatio"),
+])
+def test_values_schema_rejects_bad_values(helm, bad, message):
+    proc = run([helm, "template", "t", str(CHART), "--set", bad], check=False)
+    assert proc.returncode != 0
+    assert message in proc.stderr
+
+
+def test_default_values_document_every_server_flag():
+    """The chart's `server` block covers the contract's flags it does not set itself."""
+    import re
+
+    from deploy_helpers import CONTRACT
+    flags = set(re.findall(r"`--([a-z-]+)", CONTRACT.read_text()))
+    chart_sets = {"repository", "host", "port", "metrics-port"}
+    values = yaml.safe_load((CHART / "values.yaml").read_text())["server"]
+    kebab = {re.sub(r"([A-Z])", lambda m: "-" + m.group(1).lower(), k) for k in values} - {"log-level"}
+    assert kebab == flags - chart_sets
