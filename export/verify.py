@@ -1,0 +1,114 @@
+"""Verification before publishing: the ONNX checker, then ONNX Runtime against PyTorch on real images."""
+from __future__ import annotations
+
+import logging
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import torch
+
+from tlserve.export.graph import ServingGraph
+
+log = logging.getLogger(__name__)
+
+BATCH_SIZES = (1, 5, 16)
+
+
+class VerificationError(RuntimeError):
+    """The exported graph is invalid or disagrees with PyTorch; nothing may be published."""
+
+
+@dataclass(frozen=True)
+class Tolerance:
+    max_abs_prob: float = 1e-4
+    min_top1_agreement: float = 1.0
+
+
+FP32 = Tolerance()
+
+
+@dataclass(frozen=True)
+class Parity:
+    """How an ONNX file's outputs compare with the reference, over every batch size tried."""
+
+    images: int
+    batch_sizes: tuple[int, ...]
+    max_abs_prob: float
+    max_abs_embedding: float
+    top1_agreement: float
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def check_model(path: Path) -> None:
+    try:
+        onnx.checker.check_model(str(path), full_check=True)
+    except (onnx.checker.ValidationError, onnx.shape_inference.InferenceError) as exc:
+        raise VerificationError(f"{path.name} fails onnx.checker (full_check): {exc}") from exc
+
+
+def cpu_session(path: Path, threads: int = 0) -> ort.InferenceSession:
+    options = ort.SessionOptions()
+    if threads:
+        options.intra_op_num_threads = threads
+    return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+
+
+def torch_outputs(graph: ServingGraph, inputs: np.ndarray, batch: int = 32) -> tuple[np.ndarray, np.ndarray]:
+    """(probabilities, embedding) from PyTorch, the reference; ``inputs`` as the graph takes them."""
+    probs, embs = [], []
+    with torch.no_grad():
+        for start in range(0, len(inputs), batch):
+            out = graph.eval()(torch.from_numpy(inputs[start:start + batch]))
+            probs.append(out[0].numpy())
+            embs.append(out[1].numpy())
+    return np.concatenate(probs), np.concatenate(embs)
+
+
+def session_outputs(session: ort.InferenceSession, images: np.ndarray, batch: int) -> tuple[np.ndarray, np.ndarray]:
+    name = session.get_inputs()[0].name
+    probs, embs = [], []
+    for start in range(0, len(images), batch):
+        out = session.run(["probabilities", "embedding"], {name: images[start:start + batch]})
+        probs.append(out[0].astype(np.float32))
+        embs.append(out[1].astype(np.float32))
+    return np.concatenate(probs), np.concatenate(embs)
+
+
+def compare(session: ort.InferenceSession, inputs: np.ndarray, reference: tuple[np.ndarray, np.ndarray],
+            batch_sizes: Sequence[int] = BATCH_SIZES) -> Parity:
+    """Run ``session`` over ``inputs`` at every batch size and compare with ``reference`` outputs."""
+    ref_prob, ref_emb = reference
+    d_prob = d_emb = 0.0
+    agree = total = 0
+    for batch in batch_sizes:
+        count = min(len(inputs), max(batch * 4, 8))  # batch 1 over a few images, larger ones over more
+        prob, emb = session_outputs(session, inputs[:count], batch)
+        d_prob = max(d_prob, float(np.abs(prob - ref_prob[:count]).max()))
+        d_emb = max(d_emb, float(np.abs(emb - ref_emb[:count]).max()))
+        agree += int((prob.argmax(1) == ref_prob[:count].argmax(1)).sum())
+        total += count
+    return Parity(len(inputs), tuple(batch_sizes), d_prob, d_emb, agree / total)
+
+
+def verify_parity(path: Path, graph: ServingGraph, images: np.ndarray, tolerance: Tolerance = FP32,
+                  batch_sizes: Sequence[int] = BATCH_SIZES) -> Parity:
+    """ONNX checker, then ONNX Runtime (CPU) vs PyTorch on uint8 ``images``; raises VerificationError
+    outside ``tolerance``."""
+    check_model(path)
+    inputs = graph.prepare(images)
+    parity = compare(cpu_session(path), inputs, torch_outputs(graph, inputs), batch_sizes)
+    log.info("parity of %s on %d images at batch sizes %s: max|dprob| %.2e, max|demb| %.2e, top-1 agreement %.4f",
+             path.name, parity.images, parity.batch_sizes, parity.max_abs_prob, parity.max_abs_embedding,
+             parity.top1_agreement)
+    if parity.max_abs_prob > tolerance.max_abs_prob or parity.top1_agreement < tolerance.min_top1_agreement:
+        raise VerificationError(
+            f"{path.name}: ONNX Runtime disagrees with PyTorch: max|dprob| {parity.max_abs_prob:.3g} "
+            f"(limit {tolerance.max_abs_prob:.3g}), top-1 agreement {parity.top1_agreement:.4f} "
+            f"(limit {tolerance.min_top1_agreement:.4f})")
+    return parity
