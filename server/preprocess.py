@@ -61,7 +61,9 @@ def open_checked(data: bytes, limits: ImageLimits, index: int) -> Image.Image:
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
             img = Image.open(io.BytesIO(data))
-    except (UnidentifiedImageError, Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
+        raise InvalidArgument(f"image {index}: refused before decoding, too many pixels ({exc})") from None
+    except UnidentifiedImageError as exc:
         raise InvalidArgument(f"image {index}: not a decodable PNG/JPEG image ({exc})") from None
     except Exception as exc:  # Pillow raises many types on malformed headers
         raise InvalidArgument(f"image {index}: unreadable header ({type(exc).__name__}: {exc})") from None

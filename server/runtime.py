@@ -6,6 +6,7 @@ bound with I/O binding, so the host-to-device copy is the uint8 tensor (4x small
 """
 from __future__ import annotations
 
+import ctypes
 import logging
 from dataclasses import dataclass
 from pathlib import Path
@@ -45,10 +46,19 @@ class RuntimeOptions:
         return int(self.device.split(":", 1)[1]) if ":" in self.device else 0
 
 
+def cuda_driver_present() -> bool:
+    """Whether the NVIDIA driver library loads (no GPU driver: ``auto`` quietly means CPU)."""
+    try:
+        ctypes.CDLL("libcuda.so.1")
+        return True
+    except OSError:
+        return False
+
+
 def requested_providers(options: RuntimeOptions) -> list[Any]:
     """The provider list to ask ORT for; also preloads the CUDA libraries when CUDA is wanted."""
-    cuda_built = CUDA in ort.get_available_providers()
-    if options.device == "cpu" or (options.device == "auto" and not cuda_built):
+    if options.device == "cpu" or (options.device == "auto" and not (
+            CUDA in ort.get_available_providers() and cuda_driver_present())):
         return [CPU]
     if hasattr(ort, "preload_dlls"):
         try:
@@ -72,13 +82,12 @@ class Runtime:
     def __init__(self, path: str | Path, options: RuntimeOptions) -> None:
         self.path = Path(path)
         self.options = options
-        self.session = ort.InferenceSession(str(path), sess_options=session_options(options),
-                                            providers=requested_providers(options))
+        requested = requested_providers(options)
+        self.session = ort.InferenceSession(str(path), sess_options=session_options(options), providers=requested)
         self.providers = list(self.session.get_providers())
         self.provider = self.providers[0]
         self.fallback = options.wants_cuda and self.provider != CUDA
-        if options.device != "cpu" and self.provider != CUDA and (options.wants_cuda or CUDA in
-                                                                 ort.get_available_providers()):
+        if CUDA in [p if isinstance(p, str) else p[0] for p in requested] and self.provider != CUDA:
             self._report_fallback()
         self.use_io_binding = self.provider == CUDA
         self.inputs = [(i.name, list(i.shape), ORT_DTYPES.get(i.type, i.type)) for i in self.session.get_inputs()]

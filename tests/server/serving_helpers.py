@@ -1,0 +1,142 @@
+"""Helpers for the server tests: a live in-process server, and real photos as file bytes
+(scikit-image's bundled images, matplotlib's grace_hopper.jpg)."""
+from __future__ import annotations
+
+import asyncio
+import io
+import threading
+from pathlib import Path
+
+import grpc
+import pytest
+from prometheus_client import CollectorRegistry
+
+from tlserve.server.app import ServerHandle, create_server
+from tlserve.server.pb.tlserve.v1 import tlserve_pb2_grpc
+from tlserve.server.settings import Settings
+
+MODEL = "fashion"
+
+PHOTOS = ("chelsea.png", "coffee.png", "astronaut.png", "rocket.jpg", "camera.png", "logo.png")
+
+
+def photo_path(name: str) -> Path:
+    if name == "grace_hopper.jpg":
+        matplotlib = pytest.importorskip("matplotlib")
+        return Path(matplotlib.get_data_path()) / "sample_data" / name
+    skimage_data = pytest.importorskip("skimage.data")
+    return Path(skimage_data.data_dir) / name
+
+
+def photo_bytes(name: str) -> bytes:
+    return photo_path(name).read_bytes()
+
+
+def png_bytes(image) -> bytes:
+    buf = io.BytesIO()
+    image.save(buf, format="PNG")
+    return buf.getvalue()
+
+
+class LiveServer:
+    """A started server on its own event-loop thread; ``call`` runs a coroutine there."""
+
+    def __init__(self, settings: Settings) -> None:
+        self.registry = CollectorRegistry()
+        self.loop = asyncio.new_event_loop()
+        self._thread = threading.Thread(target=self.loop.run_forever, daemon=True)
+        self._thread.start()
+        self.handle: ServerHandle = self.call(self._create(settings))
+        self.report = None
+        self.channel: grpc.Channel | None = None
+
+    async def _create(self, settings: Settings) -> ServerHandle:
+        return create_server(settings, self.registry)
+
+    def call(self, coro, timeout: float = 120):
+        return asyncio.run_coroutine_threadsafe(coro, self.loop).result(timeout)
+
+    def start(self) -> "LiveServer":
+        self.report = self.call(self.handle.start())
+        self.channel = grpc.insecure_channel(f"localhost:{self.handle.port}")
+        return self
+
+    @property
+    def stub(self) -> tlserve_pb2_grpc.InferenceStub:
+        return tlserve_pb2_grpc.InferenceStub(self.channel)
+
+    def metric(self, name: str, **labels) -> float | None:
+        return self.registry.get_sample_value(name, labels)
+
+    def reload(self):
+        return self.call(self.handle.repository.reload())
+
+    def close(self) -> None:
+        if self.channel is not None:
+            self.channel.close()
+        try:
+            self.call(self.handle.stop(grace=1))
+        finally:
+            self.loop.call_soon_threadsafe(self.loop.stop)
+            self._thread.join(10)
+            self.loop.close()
+
+
+def server_settings(repository: Path, **overrides) -> Settings:
+    base = dict(repository=str(repository), host="127.0.0.1", port=0, metrics_port=0, device="cpu",
+                max_queue_delay_ms=2.0, drain_seconds=2.0, decode_threads=2, intra_op_threads=1)
+    base.update(overrides)
+    return Settings(**base)
+
+
+
+
+def copy_version(src: Path, dst: Path) -> Path:
+    """Publish a copy of a version folder the way export does: write aside, then rename into place."""
+    import shutil
+    tmp = dst.parent / f".{dst.name}.tmp"
+    shutil.copytree(src, tmp)
+    tmp.rename(dst)
+    return dst
+
+
+def write_with_manifest(src_model: Path, dst_model: Path, **changes) -> Path:
+    """A copy of ``src_model`` whose embedded manifest has ``changes`` applied (needs onnx)."""
+    onnx = pytest.importorskip("onnx")
+    from tlserve.manifest import METADATA_KEY, Manifest
+    model = onnx.load(str(src_model))
+    for prop in model.metadata_props:
+        if prop.key == METADATA_KEY:
+            prop.value = Manifest.from_json(prop.value).replace(**changes).to_json()
+    dst_model.parent.mkdir(parents=True, exist_ok=True)
+    onnx.save(model, str(dst_model))
+    return dst_model
+
+
+class Hammer:
+    """Keeps classifying from a background thread; collects every status code seen."""
+
+    def __init__(self, server: "LiveServer", images) -> None:
+        from tlserve.server.pb.tlserve.v1 import tlserve_pb2 as pb
+        self._request = pb.ClassifyRequest(images=images, top_k=1)
+        self._stub = server.stub
+        self._stop = threading.Event()
+        self.codes: list[str] = []
+        self.versions: set[str] = set()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            try:
+                self.versions.add(self._stub.Classify(self._request, timeout=30).version)
+                self.codes.append("OK")
+            except grpc.RpcError as exc:
+                self.codes.append(exc.code().name)
+
+    def __enter__(self) -> "Hammer":
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        self._thread.join(30)

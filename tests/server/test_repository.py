@@ -1,0 +1,107 @@
+"""The model repository through a live server: hot reload, broken versions, manifest mismatch,
+version policy, polling, and CUDA fallback detection on this CPU-only machine."""
+from __future__ import annotations
+
+import shutil
+import time
+
+import grpc
+import pytest
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from serving_helpers import MODEL, Hammer, copy_version, photo_bytes, write_with_manifest
+
+from tlserve.server.pb.tlserve.v1 import tlserve_pb2 as pb
+from tlserve.server.runtime import GPUUnavailable
+
+SERVING, NOT_SERVING = health_pb2.HealthCheckResponse.SERVING, health_pb2.HealthCheckResponse.NOT_SERVING
+
+
+def status(server, service: str) -> int:
+    return health_pb2_grpc.HealthStub(server.channel).Check(
+        health_pb2.HealthCheckRequest(service=service), timeout=5).status
+
+
+def served_version(server, **ref) -> str:
+    return server.stub.GetModelInfo(pb.GetModelInfoRequest(model=pb.ModelRef(**ref)), timeout=10).version
+
+
+@pytest.fixture
+def fresh_repo(exported_version, tmp_path):
+    copy_version(exported_version, (tmp_path / MODEL).mkdir() or tmp_path / MODEL / "1")
+    return tmp_path
+
+
+def test_hot_reload_adds_good_version_and_survives_broken_one(fresh_repo, exported_version, make_server):
+    server = make_server(fresh_repo)
+    images = [pb.Image(encoded=photo_bytes("coffee.png"))]
+    with Hammer(server, images) as hammer:
+        copy_version(exported_version, fresh_repo / MODEL / "2")
+        report = server.reload()
+        assert report.loaded == [f"{MODEL}/2"] and report.unloaded == [f"{MODEL}/1"]
+        broken = fresh_repo / MODEL / "3"
+        broken.mkdir()
+        (broken / "model.onnx").write_bytes(b"\x08\x07 this is no onnx model")
+        report = server.reload()
+        assert list(report.failed) == [f"{MODEL}/3"] and not report.loaded and not report.unloaded
+        while len(hammer.codes) < 5:
+            time.sleep(0.05)
+    assert set(hammer.codes) == {"OK"}, hammer.codes
+    assert served_version(server) == "2"
+    assert server.metric("tlserve_model_load_failures_total", model=MODEL) == 1
+    assert server.metric("tlserve_model_ready", model=MODEL, version="1") == 0
+    assert server.metric("tlserve_model_ready", model=MODEL, version="2") == 1
+    assert status(server, f"tlserve.model.{MODEL}") == SERVING
+    assert server.reload().failed == {}  # an unchanged broken file is not retried
+    assert server.metric("tlserve_model_load_failures_total", model=MODEL) == 1
+
+
+def test_manifest_mismatch_never_reports_serving(exported_version, tmp_path, make_server):
+    labels = [f"class{i}" for i in range(11)]  # the graph has 10 outputs
+    write_with_manifest(exported_version / "model.onnx", tmp_path / MODEL / "1" / "model.onnx", labels=labels)
+    server = make_server(tmp_path)
+    assert "ManifestError" in str(next(iter(server.report.failed.values())).__class__.__name__)
+    assert status(server, "tlserve.v1.Inference") == NOT_SERVING
+    assert status(server, f"tlserve.model.{MODEL}") == NOT_SERVING
+    with pytest.raises(grpc.RpcError) as err:
+        server.stub.Classify(pb.ClassifyRequest(images=[pb.Image(encoded=photo_bytes("coffee.png"))]), timeout=10)
+    assert err.value.code() == grpc.StatusCode.UNAVAILABLE and "11 labels" in err.value.details()
+    assert server.metric("tlserve_model_load_failures_total", model=MODEL) == 1
+
+
+def test_version_policies(fresh_repo, exported_version, make_server):
+    copy_version(exported_version, fresh_repo / MODEL / "2")
+    every = make_server(fresh_repo, version_policy="all")
+    listed = every.stub.ListModels(pb.ListModelsRequest(), timeout=10).models
+    assert [(m.name, m.version) for m in listed] == [(MODEL, "2"), (MODEL, "1")]
+    assert served_version(every) == "2" and served_version(every, name=MODEL, version="1") == "1"
+    pinned = make_server(fresh_repo, version_policy="specific:1")
+    assert served_version(pinned) == "1"
+    with pytest.raises(grpc.RpcError) as err:
+        served_version(pinned, name=MODEL, version="2")
+    assert err.value.code() == grpc.StatusCode.NOT_FOUND
+
+
+def test_polling_picks_up_a_new_version_and_a_removed_one(fresh_repo, exported_version, make_server):
+    server = make_server(fresh_repo, poll_interval=0.1)
+    copy_version(exported_version, fresh_repo / MODEL / "5")
+    give_up = time.monotonic() + 60
+    while served_version(server) != "5" and time.monotonic() < give_up:
+        time.sleep(0.1)
+    assert served_version(server) == "5"
+    shutil.rmtree(fresh_repo / MODEL / "5")
+    while served_version(server) != "1" and time.monotonic() < give_up:
+        time.sleep(0.1)
+    assert served_version(server) == "1"
+
+
+def test_cuda_request_on_cpu_machine_is_detected(fresh_repo, make_server):
+    server = make_server(fresh_repo, device="cuda")
+    info = server.stub.GetModelInfo(pb.GetModelInfoRequest(), timeout=10)
+    assert (info.provider, info.requested_device) == ("CPUExecutionProvider", "cuda")
+    assert server.metric("tlserve_cuda_fallback", model=MODEL) == 1
+
+
+def test_require_gpu_refuses_to_start_on_fallback(fresh_repo, make_server):
+    server = make_server(fresh_repo, start=False, device="cuda", require_gpu=True)
+    with pytest.raises(GPUUnavailable, match="require-gpu"):
+        server.call(server.handle.start())
