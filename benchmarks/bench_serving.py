@@ -21,6 +21,7 @@ import io
 import json
 import logging
 import os
+import signal
 import socket
 import subprocess
 import sys
@@ -101,9 +102,9 @@ def unique_labels(categories: list[str]) -> list[str]:
     return [f"{c} ({i})" if seen[c] > 1 else c for i, c in enumerate(categories)]
 
 
-def export_stock(arch: str, size: int, root: Path) -> Path:
-    """A repository holding torchvision's stock ``arch`` with its ImageNet head (pretrained weights
-    when they are available offline, else random ones), exported by the export part's API."""
+def export_stock(arch: str, size: int, weights_name: str, root: Path) -> Path:
+    """A repository holding torchvision's stock ``arch`` with its ImageNet head (``weights_name``
+    when torchvision can load it, else random weights), exported by the export part's API."""
     import torch  # noqa: F401  (the export path needs torch; the rest of the benchmark does not)
     from torchvision import models as tvm
 
@@ -111,7 +112,7 @@ def export_stock(arch: str, size: int, root: Path) -> Path:
     from tlserve.manifest import Preprocessing
     from tlserve.trainer.models import head_name
 
-    weights = tvm.get_model_weights(arch).DEFAULT
+    weights = tvm.get_model_weights(arch)[weights_name]
     try:
         model = tvm.get_model(arch, weights=weights)
     except Exception as exc:  # no network and no cached file: throughput does not depend on the weights
@@ -226,6 +227,8 @@ def main(argv: list[str] | None = None) -> int:
                                                         "stock --arch at --size)")
     parser.add_argument("--arch", default="mobilenet_v2")
     parser.add_argument("--size", type=int, default=224)
+    parser.add_argument("--weights", default="IMAGENET1K_V1", help="torchvision weights of --arch (the file "
+                                                                    "scripts/fetch_weights.sh caches offline)")
     parser.add_argument("--concurrency", type=int, nargs="+", default=[1, 8, 32])
     parser.add_argument("--seconds", type=float, default=8.0, help="measured time per cell")
     parser.add_argument("--warmup", type=float, default=1.5, help="unmeasured time before each cell")
@@ -233,11 +236,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--server-arg", action="append", default=[], help="extra `tlserve serve` flag (repeatable)")
     parser.add_argument("--json", type=Path, help="also write the cells here")
     args = parser.parse_args(argv)
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # so that `finally` stops the server process
     logging.basicConfig(level=logging.WARNING, format="%(message)s", stream=sys.stderr)
     log.setLevel(logging.INFO)
 
     with tempfile.TemporaryDirectory() as tmp:
-        repository = args.repository or export_stock(args.arch, args.size, Path(tmp))
+        repository = args.repository or export_stock(args.arch, args.size, args.weights, Path(tmp))
         name, model_file = model_of(repository)
         session = ort.InferenceSession(str(model_file), providers=["CPUExecutionProvider"])
         manifest = Manifest.from_metadata(session.get_modelmeta().custom_metadata_map)
