@@ -19,6 +19,7 @@ from PIL import Image
 from prometheus_client import CollectorRegistry, start_http_server
 
 from tlserve.server.batcher import BatchingOptions
+from tlserve.server.gpu import register_gpu_metrics
 from tlserve.server.health import HealthReporter
 from tlserve.server.images import ImageDecoder
 from tlserve.server.loader import LoadOptions
@@ -81,6 +82,8 @@ class ServerHandle:
         if refused:
             await self.repository.close()
             raise GPUUnavailable(refused[0])
+        if self.settings.device != "cpu":
+            register_gpu_metrics(self.registry)
         httpd, _ = start_http_server(self.settings.metrics_port, addr=self.settings.host, registry=self.registry)
         self._metrics_http = httpd
         self.metrics_port = httpd.server_port

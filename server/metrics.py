@@ -1,4 +1,5 @@
-"""Every Prometheus metric of docs/server-contract.md, built on an injected CollectorRegistry."""
+"""Every Prometheus metric of docs/server-contract.md, built on an injected CollectorRegistry
+(the NVML GPU gauges are a scrape-time collector in gpu.py)."""
 from __future__ import annotations
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
@@ -35,7 +36,3 @@ class Metrics:
                                 ("model", "version", "provider", "precision"), registry=registry)
         self.cuda_fallback = Gauge("tlserve_cuda_fallback", "1 when CUDA was asked for and the CPU is in use",
                                    ("model",), registry=registry)
-        self.gpu_memory_used = Gauge("tlserve_gpu_memory_used_bytes", "GPU memory in use (NVML)", ("gpu",),
-                                     registry=registry)
-        self.gpu_utilization = Gauge("tlserve_gpu_utilization_ratio", "GPU utilisation 0..1 (NVML)", ("gpu",),
-                                     registry=registry)
