@@ -67,3 +67,11 @@ class InferenceServicer(tlserve_pb2_grpc.InferenceServicer):
                          context: grpc.aio.ServicerContext) -> pb.ListModelsResponse:
         async with observe_rpc(self._metrics, context, "ListModels"):
             return pb.ListModelsResponse(models=[model_info(m) for m in self._repository.list()])
+
+    async def ReloadRepository(self, request: pb.ReloadRepositoryRequest,
+                               context: grpc.aio.ServicerContext) -> pb.ReloadRepositoryResponse:
+        async with observe_rpc(self._metrics, context, "ReloadRepository"):
+            report = await self._repository.reload()
+            return pb.ReloadRepositoryResponse(
+                loaded=report.loaded, unloaded=report.unloaded,
+                failed={key: f"{type(exc).__name__}: {exc}" for key, exc in report.failed.items()})

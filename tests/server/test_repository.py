@@ -105,3 +105,20 @@ def test_require_gpu_refuses_to_start_on_fallback(fresh_repo, make_server):
     server = make_server(fresh_repo, start=False, device="cuda", require_gpu=True)
     with pytest.raises(GPUUnavailable, match="require-gpu"):
         server.call(server.handle.start())
+
+
+def test_reload_rpc_reports_what_changed(fresh_repo, exported_version, make_server):
+    server = make_server(fresh_repo)
+    copy_version(exported_version, fresh_repo / MODEL / "2")
+    (fresh_repo / "other" / "1").mkdir(parents=True)
+    (fresh_repo / "other" / "1" / "model.onnx").write_bytes(b"garbage")
+    response = server.stub.ReloadRepository(pb.ReloadRepositoryRequest(), timeout=60)
+    assert list(response.loaded) == [f"{MODEL}/2"] and list(response.unloaded) == [f"{MODEL}/1"]
+    assert list(response.failed) == ["other/1"]
+    assert status(server, "tlserve.model.other") == NOT_SERVING
+    assert status(server, "tlserve.v1.Inference") == SERVING
+    # with two names the model must be named
+    with pytest.raises(grpc.RpcError) as err:
+        served_version(server)
+    assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "name one" in err.value.details()
+    assert served_version(server, name=MODEL) == "2"

@@ -59,6 +59,11 @@ class InferenceStub:
                 request_serializer=tlserve_dot_server_dot_pb_dot_tlserve_dot_v1_dot_tlserve__pb2.ListModelsRequest.SerializeToString,
                 response_deserializer=tlserve_dot_server_dot_pb_dot_tlserve_dot_v1_dot_tlserve__pb2.ListModelsResponse.FromString,
                 _registered_method=True)
+        self.ReloadRepository = channel.unary_unary(
+                '/tlserve.v1.Inference/ReloadRepository',
+                request_serializer=tlserve_dot_server_dot_pb_dot_tlserve_dot_v1_dot_tlserve__pb2.ReloadRepositoryRequest.SerializeToString,
+                response_deserializer=tlserve_dot_server_dot_pb_dot_tlserve_dot_v1_dot_tlserve__pb2.ReloadRepositoryResponse.FromString,
+                _registered_method=True)
 
 
 class InferenceServicer:
@@ -99,6 +104,14 @@ class InferenceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def ReloadRepository(self, request, context):
+        """Rescan the model repository now (the same as SIGHUP or a poll): load new versions per the
+        version policy, unload versions no longer wanted; answers what changed.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_InferenceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -126,6 +139,11 @@ def add_InferenceServicer_to_server(servicer, server):
                     servicer.ListModels,
                     request_deserializer=tlserve_dot_server_dot_pb_dot_tlserve_dot_v1_dot_tlserve__pb2.ListModelsRequest.FromString,
                     response_serializer=tlserve_dot_server_dot_pb_dot_tlserve_dot_v1_dot_tlserve__pb2.ListModelsResponse.SerializeToString,
+            ),
+            'ReloadRepository': grpc.unary_unary_rpc_method_handler(
+                    servicer.ReloadRepository,
+                    request_deserializer=tlserve_dot_server_dot_pb_dot_tlserve_dot_v1_dot_tlserve__pb2.ReloadRepositoryRequest.FromString,
+                    response_serializer=tlserve_dot_server_dot_pb_dot_tlserve_dot_v1_dot_tlserve__pb2.ReloadRepositoryResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -263,6 +281,33 @@ class Inference:
             '/tlserve.v1.Inference/ListModels',
             tlserve_dot_server_dot_pb_dot_tlserve_dot_v1_dot_tlserve__pb2.ListModelsRequest.SerializeToString,
             tlserve_dot_server_dot_pb_dot_tlserve_dot_v1_dot_tlserve__pb2.ListModelsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ReloadRepository(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/tlserve.v1.Inference/ReloadRepository',
+            tlserve_dot_server_dot_pb_dot_tlserve_dot_v1_dot_tlserve__pb2.ReloadRepositoryRequest.SerializeToString,
+            tlserve_dot_server_dot_pb_dot_tlserve_dot_v1_dot_tlserve__pb2.ReloadRepositoryResponse.FromString,
             options,
             channel_credentials,
             insecure,
