@@ -1,6 +1,8 @@
 """helm/tlserve: lint, render, validate against the Kubernetes schemas, and check what the chart promises."""
 from __future__ import annotations
 
+import json
+
 import pytest
 import yaml
 from deploy_helpers import CHART, GPU_VALUES, helm_template, manifests, run
@@ -15,6 +17,7 @@ VARIANTS = {
     "gpu-all-features": ["-f", str(GPU_VALUES), *FEATURES],
     "pvc-created": ["--set", "model.pvc.existingClaim=", "--set", "model.pvc.create=true"],
     "baked-image": ["--set", "model.source=image", "--set", "autoscaling.enabled=false"],
+    "network-policy": ["--set", "networkPolicy.enabled=true", "--set", "networkPolicy.metricsFrom[0].podSelector.matchLabels.app=prometheus"],
     "init-container": ["--set", "model.source=initContainer",
                        "--set", "model.initContainer.url=https://models.example.com/fashion.onnx"],
 }
@@ -189,3 +192,25 @@ def test_default_values_document_every_server_flag():
     values = yaml.safe_load((CHART / "values.yaml").read_text())["server"]
     kebab = {re.sub(r"([A-Z])", lambda m: "-" + m.group(1).lower(), k) for k in values} - {"log-level"}
     assert kebab == flags - chart_sets
+
+
+# Accepted checkov findings, each with its reason.
+CHECKOV_ACCEPTED = {
+    "CKV_K8S_11": "no CPU limit: CFS throttling raises inference tail latency; the HPA scales on the request",
+}
+
+
+def test_checkov_kubernetes_on_hardened_values(helm, checkov, tmp_path):
+    """With a digest-pinned image and the NetworkPolicy on, checkov finds nothing but the accepted CPU limit."""
+    rendered = helm_template(helm, "-f", str(GPU_VALUES), *FEATURES, "--set", "networkPolicy.enabled=true",
+                             "--set", "image.digest=sha256:" + "0" * 64)
+    path = tmp_path / "rendered.yaml"
+    path.write_text(rendered)
+    proc = run([checkov, "--framework", "kubernetes", "--skip-download", "--quiet", "--output", "json",
+                "--skip-check", ",".join(CHECKOV_ACCEPTED), "--file", str(path)], check=False)
+    report = json.loads(proc.stdout)
+    failed = [f'{c["check_id"]} {c["resource"]}' for c in report["results"]["failed_checks"]]
+    assert report["summary"]["passed"] > 50 and not failed, failed
+    policy = manifests(rendered)["NetworkPolicy/tlserve"]
+    assert [rule["ports"][0]["port"] for rule in policy["spec"]["ingress"]] == ["grpc", "metrics"]
+    assert all(doc["metadata"]["namespace"] == "serving" for doc in manifests(rendered).values())
