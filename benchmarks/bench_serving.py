@@ -10,7 +10,8 @@ reach, with no transport at all. The served rows run ``tlserve serve`` as a sepa
 (default settings, CPU) and drive it from ``c`` concurrent grpc.aio calls that resend
 pre-serialised requests, so the client spends as little CPU as it can. Each cell runs for
 ``--seconds`` after a warm-up, ``--rounds`` times; the three modes alternate per concurrency
-so that load from elsewhere on the machine hits them alike, and a cell pools its rounds. Prints the table (markdown) and, with ``--json``,
+so that load from elsewhere on the machine hits them alike, and a cell pools its rounds. ``mean batch`` is the
+images per batcher execution, read from the server's ``tlserve_batch_size`` histogram (raw: ``c``). Prints the table (markdown) and, with ``--json``,
 writes the numbers.
 """
 from __future__ import annotations
@@ -27,6 +28,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import urllib.request
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -34,6 +36,7 @@ import grpc
 import numpy as np
 import onnxruntime as ort
 from PIL import Image
+from prometheus_client.parser import text_string_to_metric_families
 
 from tlserve.manifest import Manifest
 from tlserve.server.pb.inference import messages_pb2 as oip
@@ -56,6 +59,7 @@ class Cell:
     p50_ms: float
     p99_ms: float
     requests: int
+    mean_batch: float
 
 
 @dataclass
@@ -65,16 +69,20 @@ class Sample:
     images: int = 0
     elapsed: float = 0.0
     latencies: list[float] = field(default_factory=list)
+    batches: tuple[float, float] = (0.0, 0.0)  # (executions, images) the server's batcher ran
 
-    def add(self, images: int, elapsed: float, latencies: list[float]) -> None:
+    def add(self, images: int, elapsed: float, latencies: list[float],
+            batches: tuple[float, float] = (0.0, 0.0)) -> None:
         self.images += images
         self.elapsed += elapsed
         self.latencies += latencies
+        self.batches = (self.batches[0] + batches[0], self.batches[1] + batches[1])
 
     def cell(self, mode: str, concurrency: int) -> Cell:
         ms = np.asarray(self.latencies) * 1e3
+        mean_batch = self.batches[1] / self.batches[0] if self.batches[0] else float(concurrency)
         return Cell(mode, concurrency, self.images / self.elapsed, float(np.percentile(ms, 50)),
-                    float(np.percentile(ms, 99)), len(self.latencies))
+                    float(np.percentile(ms, 99)), len(self.latencies), mean_batch)
 
 
 # --- inputs -----------------------------------------------------------------------------------
@@ -166,16 +174,38 @@ async def drive(address: str, method: str, payload: bytes, concurrency: int, sec
         return len(latencies), elapsed, latencies
 
 
+def batcher_totals(metrics_url: str, model: str) -> tuple[float, float]:
+    """(executions, images) so far from the server's ``tlserve_batch_size`` histogram."""
+    with urllib.request.urlopen(metrics_url, timeout=10) as response:
+        text = response.read().decode()
+    totals = {"tlserve_batch_size_count": 0.0, "tlserve_batch_size_sum": 0.0}
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            if sample.name in totals and sample.labels.get("model") == model:
+                totals[sample.name] = sample.value
+    return totals["tlserve_batch_size_count"], totals["tlserve_batch_size_sum"]
+
+
+def measure_served(address: str, metrics_url: str, model: str, method: str, payload: bytes, concurrency: int,
+                   seconds: float, warmup: float) -> tuple[int, float, list[float], tuple[float, float]]:
+    """``drive`` plus how the server batched meanwhile (warm-up included)."""
+    before = batcher_totals(metrics_url, model)
+    count, elapsed, latencies = asyncio.run(drive(address, method, payload, concurrency, seconds, warmup))
+    after = batcher_totals(metrics_url, model)
+    return count, elapsed, latencies, (after[0] - before[0], after[1] - before[1])
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
 
 
-def start_server(repository: Path, extra: list[str]) -> tuple[subprocess.Popen, str]:
-    port = free_port()
+def start_server(repository: Path, extra: list[str]) -> tuple[subprocess.Popen, str, str]:
+    """``tlserve serve`` in its own process; returns it, its gRPC address and its metrics URL."""
+    port, metrics_port = free_port(), free_port()
     command = [sys.executable, "-m", "tlserve", "--log-level", "WARNING", "serve", "--repository", str(repository),
-               "--host", "127.0.0.1", "--port", str(port), "--metrics-port", str(free_port()), "--device", "cpu",
+               "--host", "127.0.0.1", "--port", str(port), "--metrics-port", str(metrics_port), "--device", "cpu",
                *extra]
     log.info("starting: %s", " ".join(command))
     process = subprocess.Popen(command)
@@ -188,7 +218,7 @@ def start_server(repository: Path, extra: list[str]) -> tuple[subprocess.Popen, 
                 raise SystemExit(f"server exited with {process.returncode}")
             try:
                 if oip.ServerReadyResponse.FromString(ready(b"", timeout=2)).ready:
-                    return process, address
+                    return process, address, f"http://127.0.0.1:{metrics_port}/metrics"
             except grpc.RpcError:
                 pass
             time.sleep(0.5)
@@ -211,13 +241,13 @@ def check_agreement(address: str, oip_payload: bytes, task_payload: bytes, raw_t
 # --- report -------------------------------------------------------------------------------------
 def table(cells: list[Cell]) -> str:
     raw = {c.concurrency: c for c in cells if c.mode == MODES[0]}
-    lines = ["| path | concurrency | img/s | p50 ms | p99 ms | ÷ raw img/s | p50 added ms |",
-             "|---|---:|---:|---:|---:|---:|---:|"]
+    lines = ["| path | concurrency | img/s | p50 ms | p99 ms | ÷ raw img/s | p50 added ms | mean batch |",
+             "|---|---:|---:|---:|---:|---:|---:|---:|"]
     for c in cells:
         base = raw[c.concurrency]
         added = "" if c.mode == MODES[0] else f"{c.p50_ms - base.p50_ms:+.2f}"
         lines.append(f"| {c.mode} | {c.concurrency} | {c.images_per_s:.1f} | {c.p50_ms:.2f} | {c.p99_ms:.2f} | "
-                     f"{c.images_per_s / base.images_per_s:.2f} | {added} |")
+                     f"{c.images_per_s / base.images_per_s:.2f} | {added} | {c.mean_batch:.1f} |")
     return "\n".join(lines)
 
 
@@ -256,7 +286,7 @@ def main(argv: list[str] | None = None) -> int:
         raw_top = int(np.argmax(session.run([manifest.outputs.probabilities], {manifest.input_name: image[None]})[0]))
 
         load_before = os.getloadavg()
-        process, address = start_server(repository, args.server_arg)
+        process, address, metrics_url = start_server(repository, args.server_arg)
         try:
             agreed = check_agreement(address, oip_payload, task_payload, raw_top)
             samples = {(mode, c): Sample() for c in args.concurrency for mode in MODES}
@@ -266,8 +296,8 @@ def main(argv: list[str] | None = None) -> int:
                                                           args.warmup))
                     for mode, method, payload in ((MODES[1], OIP_INFER, oip_payload),
                                                   (MODES[2], TASK_CLASSIFY, task_payload)):
-                        samples[mode, c].add(*asyncio.run(drive(address, method, payload, c, args.seconds,
-                                                                args.warmup)))
+                        samples[mode, c].add(*measure_served(address, metrics_url, name, method, payload, c,
+                                                             args.seconds, args.warmup))
                     log.info("round %d, concurrency %d: %s", round_ + 1, c, ", ".join(
                         f"{m} {samples[m, c].images / samples[m, c].elapsed:.1f} img/s" for m in MODES))
             cells = [samples[mode, c].cell(mode, c) for c in args.concurrency for mode in MODES]
