@@ -94,8 +94,10 @@ class ServedModel:
 
     @contextlib.contextmanager
     def lease(self) -> Iterator["ServedModel"]:
-        """Hold the model for one request; refused once unloading has begun."""
-        if not self.ready:
+        """Hold the model for one request. Once unloading has begun, new leases are refused as soon
+        as the model is idle; while earlier requests still run (a request's own nested lease among
+        them), new ones join the drain instead of failing."""
+        if not self.ready and self._leases == 0:
             raise Unavailable(f"model {self.name!r} version {self.version} is not ready")
         self._leases += 1
         self._idle.clear()

@@ -46,23 +46,3 @@ def make_server():
     yield make
     for server in servers:
         server.close()
-
-
-# Interim, until tests/conftest.py provides the shared session fixture: a MobileNetV2 (random
-# weights, 32 px) with the demo labels, exported by our own export API.
-@pytest.fixture(scope="session")
-def model_repository(tmp_path_factory) -> Path:
-    pytest.importorskip("torch")
-    import numpy as np
-
-    from tlserve.export.api import ExportOptions, export_model
-    from tlserve.manifest import Manifest, Preprocessing
-    from tlserve.trainer.models import build_model
-    labels = [str(v) for v in np.load(Path(__file__).resolve().parents[2] / "trainer" / "demo_data" /
-                                      "fashion_mnist_subset.npz")["labels"]]
-    model = build_model("mobilenet_v2", len(labels), weights=None)
-    manifest = Manifest(name=MODEL, version="1", architecture="mobilenet_v2", labels=labels,
-                        preprocessing=Preprocessing(input_size=32, resize_size=36))
-    root = tmp_path_factory.mktemp("models")
-    export_model(model, model.head_name, manifest, root, MODEL, "1", ExportOptions(verify_images=8))
-    return root

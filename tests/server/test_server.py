@@ -156,3 +156,24 @@ def test_reflection_lists_services(live):
     response = next(iter(stub.ServerReflectionInfo(iter([request]), timeout=10)))
     names = {s.name for s in response.list_services_response.service}
     assert {"tlserve.v1.Inference", "grpc.health.v1.Health"} <= names
+
+
+@pytest.mark.torch
+def test_served_scores_equal_trainer_transform_plus_onnxruntime(live, exported_version):
+    """The whole server path (decode, resize, crop, batch, ORT) against the reference pipeline."""
+    pytest.importorskip("torch")
+    import onnxruntime as ort
+    from PIL import Image
+
+    from tlserve.manifest import Manifest
+    from tlserve.trainer.transforms import EvalTransform
+    session = ort.InferenceSession(str(exported_version / "model.onnx"), providers=["CPUExecutionProvider"])
+    manifest = Manifest.from_metadata(session.get_modelmeta().custom_metadata_map)
+    names = PHOTOS + ("grace_hopper.jpg",)
+    batch = np.stack([EvalTransform(manifest.preprocessing)(Image.open(photo_path(n))).numpy() for n in names])
+    expected = session.run([manifest.outputs.probabilities], {manifest.input_name: batch})[0]
+    response = classify(live, encoded(*names), top_k=len(manifest.labels))
+    for row, result in zip(expected, response.results):
+        got = np.zeros_like(row)
+        got[[p.index for p in result.predictions]] = [p.score for p in result.predictions]
+        np.testing.assert_allclose(got, row, rtol=1e-5, atol=1e-6)
