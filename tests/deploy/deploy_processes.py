@@ -61,10 +61,10 @@ def stop(proc: subprocess.Popen, timeout: float = 60) -> int:
 class ServeProcess:
     """`tlserve serve` in a subprocess, configured like the image: TLSERVE_* environment plus flags."""
 
-    def __init__(self, repository: Path, workdir: Path, drain_seconds: int = 2) -> None:
+    def __init__(self, repository: Path, workdir: Path, drain_seconds: int = 2, device: str = "cpu") -> None:
         self.port, self.metrics_port = free_port(), free_port()
         self.log = workdir / "serve.log"
-        env = {**os.environ, "TLSERVE_REPOSITORY": str(repository), "TLSERVE_DEVICE": "cpu",
+        env = {**os.environ, "TLSERVE_REPOSITORY": str(repository), "TLSERVE_DEVICE": device,
                "HOME": str(workdir), "TMPDIR": str(workdir)}
         tlserve = Path(sys.executable).with_name("tlserve")
         with self.log.open("wb") as out:

@@ -38,15 +38,25 @@ def photos() -> list[bytes]:
     return [(Path(data.data_dir) / name).read_bytes() for name in PHOTOS]
 
 
-@pytest.fixture(scope="module")
-def served(repository, tmp_path_factory):
+def serving(repository: Path, workdir: Path, device: str = "cpu"):
     from deploy_processes import ServeProcess
-    server = ServeProcess(repository, tmp_path_factory.mktemp("serve"))
+    server = ServeProcess(repository, workdir, device=device)
     try:
         server.wait_serving(f"tlserve.model.{MODEL}")
         yield server
     finally:
         server.stop()
+
+
+@pytest.fixture(scope="module")
+def served(repository, tmp_path_factory):
+    yield from serving(repository, tmp_path_factory.mktemp("serve"))
+
+
+@pytest.fixture(scope="module")
+def cuda_asked(repository, tmp_path_factory):
+    """A second server told --device cuda: on a machine without a usable GPU it serves on the CPU."""
+    yield from serving(repository, tmp_path_factory.mktemp("serve-cuda"), device="cuda")
 
 
 def classify(server, photos: list[bytes], bad: bool = False) -> None:
@@ -80,13 +90,14 @@ def alert_rules(tmp: Path) -> list[str]:
 
 
 @pytest.fixture(scope="module")
-def scraped(served, photos, prometheus, tmp_path_factory):
-    """Prometheus scraping the server while calls arrive, until the p99 over the latency histogram is a number."""
+def scraped(served, cuda_asked, photos, prometheus, tmp_path_factory):
+    """Prometheus scraping both servers while calls arrive, until the p99 over the latency histogram is a number."""
     from deploy_processes import PrometheusProcess
     work = tmp_path_factory.mktemp("prometheus")
-    prom = PrometheusProcess(prometheus, work, [f"127.0.0.1:{served.metrics_port}"], NAMESPACE, alert_rules(work))
+    targets = [f"127.0.0.1:{served.metrics_port}", f"127.0.0.1:{cuda_asked.metrics_port}"]
+    prom = PrometheusProcess(prometheus, work, targets, NAMESPACE, alert_rules(work))
     try:
-        prom.wait_for(lambda: prom.query(f'up{{job="{JOB}"}} == 1'), "target up")
+        prom.wait_for(lambda: len(prom.query(f'up{{job="{JOB}"}} == 1')) == 2, "targets up")
         classify(served, photos, bad=True)
         p99 = f'histogram_quantile(0.99, sum by (le) (rate(tlserve_request_duration_seconds_bucket{{job="{JOB}"}}[1m])))'
 
@@ -130,14 +141,26 @@ def test_dashboard_queries_run_on_the_scraped_series(scraped):
     assert all(any(a in e for a in allowed) for e in empty), empty
 
 
-def test_chart_alert_rules_evaluate_on_the_scraped_series(scraped, helm):
-    groups = scraped.wait_for(lambda: [g for g in scraped.api("rules")["groups"]
-                                       if all(r.get("lastEvaluation", "0001").startswith("20") for r in g["rules"])],
-                              "rules evaluated")
-    rules = {r["name"]: r for g in groups for r in g["rules"]}
+def test_chart_alert_rules_evaluate_on_the_scraped_series(scraped, cuda_asked, helm):
+    instance = f"127.0.0.1:{cuda_asked.metrics_port}"
+    fell_back = sample(scraped, f'max(tlserve_cuda_fallback{{instance="{instance}"}})') == 1
+    # no usable GPU here: the CUDA-asked server runs on the CPU and TlserveCudaFallback must go pending
+    expected = "pending" if fell_back else "inactive"
+
+    def evaluated():
+        rules = {r["name"]: r for g in scraped.api("rules")["groups"] for r in g["rules"]}
+        done = rules and all(r.get("lastEvaluation", "0001").startswith("20") for r in rules.values())
+        return rules if done and rules["TlserveCudaFallback"]["state"] in (expected, "firing") else None
+
+    rules = scraped.wait_for(evaluated, f"rules evaluated, TlserveCudaFallback {expected}")
     assert {"TlserveHighErrorRatio", "TlserveModelNotReady", "TlserveCudaFallback"} <= rules.keys()
     assert all(r["health"] == "ok" for r in rules.values()), rules
-    assert all(r["state"] == "inactive" for r in rules.values()), "a healthy CPU server raises no alert"
+    quiet = {name: r["state"] for name, r in rules.items() if name != "TlserveCudaFallback"}
+    assert set(quiet.values()) == {"inactive"}, quiet
+    if fell_back:
+        (alert,) = rules["TlserveCudaFallback"]["alerts"]
+        assert {k: alert["labels"][k] for k in ("namespace", "job", "model", "severity")} == {
+            "namespace": NAMESPACE, "job": JOB, "model": MODEL, "severity": "warning"}
     # the rules' selectors match the real series: their left-hand sides come back non-empty
     for name in ("TlserveHighP99Latency", "TlserveModelNotReady"):
         lhs = re.split(r"\)\s*[<>]", rules[name]["query"])[0] + ")"
