@@ -35,6 +35,7 @@ class RuntimeOptions:
     require_gpu: bool = False
     intra_op_threads: int = 0
     inter_op_threads: int = 0
+    io_binding: bool | None = None  # None: on CUDA only
 
     @property
     def wants_cuda(self) -> bool:
@@ -89,7 +90,7 @@ class Runtime:
         self.fallback = options.wants_cuda and self.provider != CUDA
         if CUDA in [p if isinstance(p, str) else p[0] for p in requested] and self.provider != CUDA:
             self._report_fallback()
-        self.use_io_binding = self.provider == CUDA
+        self.use_io_binding = self.provider == CUDA if options.io_binding is None else options.io_binding
         self.inputs = [(i.name, list(i.shape), ORT_DTYPES.get(i.type, i.type)) for i in self.session.get_inputs()]
         self.outputs = [(o.name, list(o.shape)) for o in self.session.get_outputs()]
         self.output_names = [name for name, _ in self.outputs]

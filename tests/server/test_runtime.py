@@ -1,0 +1,31 @@
+"""ONNX Runtime sessions on the exported model: I/O binding path, thread settings, provider choice."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from tlserve.server.runtime import CPU, Runtime, RuntimeOptions, requested_providers
+
+
+@pytest.fixture(scope="module")
+def model_file(exported_version):
+    return exported_version / "model.onnx"
+
+
+def test_io_binding_gives_the_same_outputs_as_plain_run(model_file):
+    plain = Runtime(model_file, RuntimeOptions(device="cpu", intra_op_threads=1))
+    bound = Runtime(model_file, RuntimeOptions(device="cpu", intra_op_threads=1, io_binding=True))
+    assert not plain.use_io_binding and bound.use_io_binding
+    size = [shape for name, shape, _ in plain.inputs][0][-1]
+    batch = np.random.default_rng(1).integers(0, 256, (5, 3, size, size), dtype=np.uint8)
+    a, b = plain.run("images", batch), bound.run("images", batch)
+    assert set(a) == set(b) == set(plain.output_names)
+    for name in a:
+        np.testing.assert_array_equal(a[name], b[name])
+
+
+def test_cpu_device_asks_for_cpu_only_and_reports_no_fallback(model_file):
+    assert requested_providers(RuntimeOptions(device="cpu")) == [CPU]
+    runtime = Runtime(model_file, RuntimeOptions(device="cpu", intra_op_threads=1, inter_op_threads=1))
+    assert runtime.provider == CPU and not runtime.fallback
+    assert runtime.inputs[0][2] == "uint8"
