@@ -2,7 +2,90 @@
 from __future__ import annotations
 
 import argparse
+import os
+
+from tlserve.trainer.config import AUGMENT, BALANCE, OPTIMIZERS, STRATEGIES, TrainConfig
+
+D = TrainConfig()  # only to show the defaults in --help
+
+
+def _train_arguments(p: argparse.ArgumentParser) -> None:
+    """Every option defaults to None: unset options fall back to --config, then to TrainConfig."""
+    opt = p.add_argument
+    opt("--data", help="ImageFolder root: train/ and val/ (optional test/), or one folder of class folders to split")
+    opt("--out", help="run directory (checkpoint.pt, last.pt, metrics, curves, reports)")
+    opt("--config", dest="config_file", metavar="RUN.yaml", help="YAML with any of these options; flags override it")
+    opt("--name", help="model name in the manifest (default: the data folder's name)")
+    opt("--arch", help=f"any torchvision classification model (default {D.arch})")
+    opt("--weights", help="DEFAULT, a torchvision enum name (IMAGENET1K_V1), none, or a file "
+                          "(state_dict or tlserve checkpoint)")
+    opt("--strategy", choices=STRATEGIES, help=f"transfer-learning strategy (default {D.strategy})")
+    opt("--unfreeze", type=int, help=f"partial: number of top backbone blocks to train (default {D.unfreeze})")
+    opt("--head", help="linear or mlp:512,512 (default linear)")
+    opt("--dropout", type=float, help="dropout in the head")
+    opt("--image-size", type=int, help=f"input size in px (default {D.image_size}; 0 = the weights' own)")
+    opt("--resize-size", type=int, help="resize the shorter side to this before the centre crop "
+                                        "(default: the weights' resize/crop ratio)")
+    opt("--val-fraction", type=float, help="held out for validation when there is no val/ folder")
+    opt("--test-fraction", type=float, help="held out for test when DATA is one folder")
+    opt("--balance", choices=BALANCE, help="class imbalance: sampler, loss weights, or none")
+    opt("--augment", choices=AUGMENT, help=f"augmentation preset (default {D.augment})")
+    opt("--max-per-class", type=int, help="use at most this many training images per class")
+    opt("--workers", type=int, help="DataLoader workers (default: 0 on <= 2 CPUs, else up to 8)")
+    opt("--epochs", type=int, help=f"total epochs (default {D.epochs})")
+    opt("--head-epochs", type=int, help=f"two-phase: head-only epochs first (default {D.head_epochs})")
+    opt("--batch-size", type=int)
+    opt("--optimizer", choices=OPTIMIZERS)
+    opt("--lr", type=float, help=f"learning rate of the head / first phase (default {D.lr})")
+    opt("--finetune-lr", type=float, help=f"two-phase: LR once the backbone is unfrozen (default {D.finetune_lr})")
+    opt("--backbone-lr-mult", type=float, help=f"backbone LR = head LR x this (default {D.backbone_lr_mult})")
+    opt("--weight-decay", type=float)
+    opt("--warmup-epochs", type=float)
+    opt("--label-smoothing", type=float)
+    opt("--grad-clip", type=float, help="max gradient norm (0 = off)")
+    opt("--ema", type=float, help="EMA decay of the weights, e.g. 0.999 (default off)")
+    opt("--amp", choices=("auto", "bf16", "fp16", "off"), help="mixed precision on CUDA")
+    opt("--channels-last", action=argparse.BooleanOptionalAction, default=None, help="channels_last on CUDA")
+    opt("--patience", type=int, help="early stopping: epochs without val improvement")
+    opt("--seed", type=int)
+    opt("--threads", type=int, help="torch CPU threads (default: CPUs / processes)")
+    opt("--device", choices=("auto", "cpu", "cuda"))
+    opt("--resume", action="store_true", default=None, help="continue from OUT/last.pt")
+    opt("--progress", choices=("auto", "on", "off"), help="tqdm bars (auto: on a terminal)")
+
+
+def _train(args: argparse.Namespace) -> int:
+    # Idle OpenMP threads sleep instead of spinning: on a shared or busy CPU, spinning threads
+    # slowed training several-fold here. Must be set before torch loads; an explicit setting wins.
+    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+    from tlserve.trainer.config import resolve
+    from tlserve.trainer.train import run
+
+    cfg = resolve(vars(args), args.config_file)
+    if not cfg.data or not cfg.out:
+        raise SystemExit("tlserve train: --data and --out are required (on the command line or in --config)")
+    summary = run(cfg)
+    for key, value in summary.items():
+        print(f"{key:>15}: {value}")
+    if summary:
+        print(f"run directory: {cfg.out} (report.md, checkpoint.pt)")
+    return 0
+
+
+def _demo_data(args: argparse.Namespace) -> int:
+    from tlserve.trainer.demo_data import write_image_folder
+
+    counts = write_image_folder(args.out_dir)
+    print(f"demo data in {args.out_dir}: " + ", ".join(f"{k} {v}" for k, v in counts.items()))
+    return 0
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
     """Add this part's subcommands. Each sets `func` to a handler taking the parsed args."""
+    train = subparsers.add_parser("train", help="fine-tune a torchvision backbone on an image folder",
+                                  formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    _train_arguments(train)
+    train.set_defaults(func=_train)
+    demo = subparsers.add_parser("demo-data", help="write the embedded Fashion-MNIST subset as an ImageFolder tree")
+    demo.add_argument("out_dir", help="OUT_DIR/{train,val,test}/<label>/<n>.png")
+    demo.set_defaults(func=_demo_data)

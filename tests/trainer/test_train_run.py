@@ -1,0 +1,89 @@
+"""A tiny real training run through `tlserve train`: loadable checkpoint, manifest, report files."""
+from __future__ import annotations
+
+import json
+
+import pytest
+
+pytestmark = pytest.mark.torch
+
+
+@pytest.fixture(scope="module")
+def tiny_run(tiny_data, tmp_path_factory, torch_modules):
+    from tlserve.cli import main
+
+    out = tmp_path_factory.mktemp("run")
+    rc = main(["train", "--data", str(tiny_data), "--out", str(out), "--weights", "none", "--image-size", "32",
+               "--epochs", "2", "--head-epochs", "1", "--batch-size", "8", "--progress", "off", "--name", "tiny"])
+    assert rc == 0
+    return out
+
+
+def test_run_directory_holds_every_file(tiny_run):
+    for name in ("checkpoint.pt", "last.pt", "metrics.jsonl", "loss.png", "accuracy.png", "config.yaml",
+                 "confusion_matrix.png", "per_class.json", "per_class.md", "report.md"):
+        assert (tiny_run / name).stat().st_size > 0, name
+
+
+def test_metrics_has_one_line_per_epoch(tiny_run):
+    rows = [json.loads(line) for line in (tiny_run / "metrics.jsonl").read_text().splitlines()]
+    assert [r["epoch"] for r in rows] == [1, 2]
+    assert [r["phase"] for r in rows] == ["head", "full"]
+    assert all(0.0 <= r["val_accuracy"] <= 1.0 and r["train_loss"] > 0 for r in rows)
+
+
+def test_checkpoint_loads_with_its_manifest(tiny_run, tiny_data):
+    import torch
+
+    from tlserve.trainer.checkpoint import load_model
+
+    model, manifest, ckpt = load_model(tiny_run / "checkpoint.pt")
+    assert manifest.name == "tiny" and manifest.version == "0" and manifest.architecture == "mobilenet_v2"
+    assert manifest.labels == tuple(sorted(p.name for p in (tiny_data / "train").iterdir()))
+    pre = manifest.preprocessing
+    assert (pre.input_size, pre.interpolation, pre.input_dtype, pre.normalize_in_graph) == (32, "bilinear", "uint8", True)
+    from torchvision.models import MobileNet_V2_Weights
+
+    own = MobileNet_V2_Weights.DEFAULT.transforms()  # weights none: the arch's DEFAULT transforms
+    assert pre.resize_size == round(32 * own.resize_size[0] / own.crop_size[0])
+    prov = manifest.provenance
+    assert prov["dataset"]["train"] == 24 and prov["dataset"]["val"] == 12 and prov["dataset"]["test"] == 12
+    assert prov["strategy"] == "two-phase" and prov["epochs"] == 2 and "created" in prov
+    assert 0.0 <= prov["val"]["accuracy"] <= 1.0 and 0.0 <= prov["test"]["accuracy"] <= 1.0
+    out = model(torch.zeros(2, 3, 32, 32))
+    assert out.shape == (2, manifest.num_classes)
+    assert model.head_name == "classifier.1"
+
+
+def test_checkpoint_manifest_matches_the_eval_transform(tiny_run, tiny_data):
+    """The eval pipeline is built from the manifest's own values."""
+    from PIL import Image
+
+    from tlserve.trainer.checkpoint import load_model
+    from tlserve.trainer.transforms import EvalTransform
+
+    _, manifest, _ = load_model(tiny_run / "checkpoint.pt")
+    image = next((tiny_data / "test").rglob("*.png"))
+    with Image.open(image) as img:
+        tensor = EvalTransform(manifest.preprocessing)(img)
+    assert tuple(tensor.shape) == (3, 32, 32) and str(tensor.dtype) == "torch.uint8"
+
+
+def test_resolved_config_is_saved(tiny_run):
+    import yaml
+
+    config = yaml.safe_load((tiny_run / "config.yaml").read_text())
+    assert config["image_size"] == 32 and config["weights"] == "none" and config["epochs"] == 2
+
+
+def test_demo_data_writes_an_image_folder(tmp_path):
+    from PIL import Image
+
+    from tlserve.cli import main
+
+    assert main(["demo-data", str(tmp_path)]) == 0
+    counts = {split: len(list((tmp_path / split).rglob("*.png"))) for split in ("train", "val", "test")}
+    assert counts == {"train": 2000, "val": 500, "test": 1000}
+    assert len(list((tmp_path / "train").iterdir())) == 10
+    with Image.open(next((tmp_path / "test" / "Trouser").iterdir())) as img:
+        assert img.size == (28, 28) and img.mode == "L"
