@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 import onnx
+import onnxruntime as ort
 import torch
 from torch import nn
 
@@ -21,10 +22,11 @@ from tlserve import __version__
 from tlserve.export.graph import ServingGraph
 from tlserve.export.metadata import embed_manifest, sidecar
 from tlserve.export.publish import MANIFEST_FILE, MODEL_FILE, publish, resolve_version
-from tlserve.export.samples import Samples, run_data
+from tlserve.export.samples import run_data
 from tlserve.export.to_onnx import DEFAULT_OPSET, export_graph
-from tlserve.export.verify import check_model, cpu_session, verify_parity
-from tlserve.manifest import Manifest, Outputs
+from tlserve.export.variants import Variant, build_variants
+from tlserve.export.verify import check_model, cpu_session
+from tlserve.manifest import PRECISIONS, Manifest, Outputs, Preprocessing
 from tlserve.trainer.checkpoint import file_sha256, load_model
 
 log = logging.getLogger(__name__)
@@ -62,12 +64,12 @@ def serving_manifest(manifest: Manifest, options: ExportOptions) -> Manifest:
     return manifest.replace(preprocessing=pre, outputs=outputs)
 
 
-def export_provenance(options: ExportOptions, source: dict[str, Any], samples: Samples,
-                      verification: dict[str, Any]) -> dict[str, Any]:
+def export_provenance(options: ExportOptions, source: dict[str, Any], verification: dict[str, Any]
+                      ) -> dict[str, Any]:
     return {"created": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
             "exporter": f"torch.onnx ({options.exporter})", "opset": options.opset, "tlserve": __version__,
-            "torch": torch.__version__, "onnx": onnx.__version__, **source,
-            "verification": {"images": samples.source, **verification}}
+            "torch": torch.__version__, "onnx": onnx.__version__, "onnxruntime": ort.__version__, **source,
+            "verification": verification}
 
 
 def check_signature(path: Path, manifest: Manifest) -> None:
@@ -83,27 +85,40 @@ def export_model(model: nn.Module, head_name: str, manifest: Manifest, repositor
                  name: str | None, version: str | int, options: ExportOptions,
                  config: dict[str, Any] | None = None, source: dict[str, Any] | None = None) -> Path:
     """Trace, verify, embed and publish ``model``; returns the published model.onnx."""
+    if options.precision not in PRECISIONS:
+        raise ValueError(f"precision must be one of {PRECISIONS}, got {options.precision!r}")
     repository = Path(repository)
     name = name or manifest.name
+    resolve_version(repository, name, version)  # fail fast on an existing version, before any work
     manifest = serving_manifest(manifest, options)
     graph = ServingGraph(model.eval(), head_name, manifest.preprocessing, uint8_input=not options.float_input,
                          with_logits=options.logits).eval()
-    _, val = run_data(manifest, config or {}, options.data, options.verify_images)
+    gate = options.gate_images if options.precision == "int8" else options.verify_images
+    calibration, val = run_data(manifest, config or {}, options.data, max(gate, options.verify_images),
+                                options.calibration_images)
     with tempfile.TemporaryDirectory(prefix="tlserve-export-") as work:
-        work = Path(work)
-        traced = export_graph(graph, manifest.preprocessing.input_size, work / "traced.onnx",
-                              input_name=manifest.input_name, opset=options.opset, exporter=options.exporter)
-        parity = verify_parity(work / "traced.onnx", graph, val.images)
+        traced = Path(work) / "traced.onnx"
+        export_graph(graph, manifest.preprocessing.input_size, traced, input_name=manifest.input_name,
+                     opset=options.opset, exporter=options.exporter)
+        variants = build_variants(traced, graph, val.subset(options.verify_images), val, calibration,
+                                  options.precision, options.optimized, options.force, manifest.input_name)
         version = resolve_version(repository, name, version)
-        provenance = {**manifest.provenance,
-                      "export": export_provenance(options, source or {}, val, {"fp32": parity.to_dict()})}
-        final = manifest.replace(name=name, version=version, precision="fp32", provenance=provenance)
-        data = embed_manifest(traced, final).SerializeToString()
-        (work / MODEL_FILE).write_bytes(data)
-        check_model(work / MODEL_FILE)
-        check_signature(work / MODEL_FILE, final)
-        target = publish(repository, name, version, {MODEL_FILE: data, MANIFEST_FILE: sidecar(final)})
+        verification = {"images": val.source, **{v.file_name: v.verification for v in variants}}
+        provenance = {**manifest.provenance, "export": export_provenance(options, source or {}, verification)}
+        base = manifest.replace(name=name, version=version, provenance=provenance)
+        files = {v.file_name: sealed(v, base.replace(precision=v.precision)) for v in variants}
+        files[MANIFEST_FILE] = sidecar(base.replace(precision=variants[0].precision))
+        target = publish(repository, name, version, files)
     return target / MODEL_FILE
+
+
+def sealed(variant: Variant, manifest: Manifest) -> bytes:
+    """The variant's bytes with its manifest embedded, checked again exactly as they will be published."""
+    data = embed_manifest(onnx.load(str(variant.path)), manifest).SerializeToString()
+    variant.path.write_bytes(data)
+    check_model(variant.path)
+    check_signature(variant.path, manifest)
+    return data
 
 
 def export_checkpoint(checkpoint: str | os.PathLike, repository: str | os.PathLike, name: str | None = None,
@@ -115,3 +130,41 @@ def export_checkpoint(checkpoint: str | os.PathLike, repository: str | os.PathLi
     source = {"source_checkpoint": str(path.resolve()), "source_sha256": file_sha256(path)}
     return export_model(model, model.head_name, manifest, repository, name, version,
                         ExportOptions(precision=precision, **options), ckpt.get("config", {}), source)
+
+
+def unique_labels(categories: list[str]) -> list[str]:
+    """ImageNet's category names repeat twice ("crane", "maillot"); later repeats get their class index."""
+    seen: set[str] = set()
+    labels = []
+    for index, label in enumerate(categories):
+        labels.append(label if label not in seen else f"{label} ({index})")
+        seen.add(label)
+    return labels
+
+
+def export_pretrained(arch: str, repository: str | os.PathLike, name: str | None = None,
+                      version: str | int = "auto", weights: str = "DEFAULT", precision: str = "fp32",
+                      **options: Any) -> Path:
+    """Export a stock torchvision classifier with its own labels (``weights.meta["categories"]``) and its
+    own eval preprocessing (``weights.transforms()``); returns the published model.onnx."""
+    from torchvision import models as tvm
+
+    from tlserve.trainer.models import head_name, resolve_weights
+    from tlserve.trainer.preprocessing import weights_transform_values
+
+    enum = resolve_weights(arch, weights)
+    if enum is None:
+        raise ValueError(f"--pretrained needs published weights for {arch}, got {weights!r}")
+    model = tvm.get_model(arch, weights=enum).eval()
+    weights_file = Path(torch.hub.get_dir()) / "checkpoints" / os.path.basename(enum.url)
+    source = {"source_weights": f"{type(enum).__name__}.{enum.name}", "source_url": enum.url,
+              "source_sha256": file_sha256(weights_file) if weights_file.is_file() else None}
+    top1 = enum.meta.get("_metrics", {}).get("ImageNet-1K", {}).get("acc@1")
+    manifest = Manifest(name=name or arch, version="0", architecture=arch,
+                        labels=unique_labels(list(enum.meta["categories"])),
+                        preprocessing=Preprocessing(**weights_transform_values(arch, enum.name)),
+                        provenance={"strategy": "pretrained", "weights": enum.name,
+                                    "dataset": {"name": "ImageNet-1k"},
+                                    "val": {"accuracy": None if top1 is None else top1 / 100}})
+    return export_model(model, head_name(model), manifest, repository, name, version,
+                        ExportOptions(precision=precision, **options), {}, source)

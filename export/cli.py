@@ -5,21 +5,40 @@ import argparse
 
 
 def _export(args: argparse.Namespace) -> int:
-    from tlserve.export.api import export_checkpoint
+    from tlserve.export.api import export_checkpoint, export_pretrained
+    from tlserve.export.inspect_model import describe
     from tlserve.export.publish import PublishError
     from tlserve.export.verify import VerificationError
 
-    if not args.source:
-        raise SystemExit("tlserve export: give a run directory or checkpoint")
+    if bool(args.source) == bool(args.pretrained):
+        raise SystemExit("tlserve export: give a run directory or checkpoint, or --pretrained ARCH (not both)")
     options = {"float_input": args.float_input, "logits": args.logits, "data": args.data, "force": args.force,
                "optimized": args.optimized, "exporter": args.exporter, "opset": args.opset}
+    common = {"name": args.name, "version": args.version, "precision": args.precision, **options}
     try:
-        path = export_checkpoint(args.source, args.repository, name=args.name, version=args.version,
-                                 precision=args.precision, **options)
+        if args.pretrained:
+            path = export_pretrained(args.pretrained, args.repository, weights=args.weights, **common)
+        else:
+            path = export_checkpoint(args.source, args.repository, **common)
     except (VerificationError, PublishError) as exc:
         print(f"tlserve export: {exc}; nothing was published")
         return 1
+    verification = describe(path)["manifest"].provenance["export"]["verification"]
+    for file_name, report in verification.items():
+        print(f"{file_name}: {report}")
     print(f"published {path}")
+    return 0
+
+
+def _inspect(args: argparse.Namespace) -> int:
+    from tlserve.export.inspect_model import describe, render
+    from tlserve.manifest import ManifestError
+
+    try:
+        print(render(describe(args.model)))
+    except ManifestError as exc:
+        print(f"tlserve inspect: {args.model}: {exc}")
+        return 1
     return 0
 
 
@@ -28,6 +47,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p = subparsers.add_parser("export", help="export a run's checkpoint to a verified, self-describing ONNX version",
                               description="Trace, verify against PyTorch and publish models/<name>/<version>/model.onnx")
     p.add_argument("source", nargs="?", help="run directory (its checkpoint.pt) or checkpoint file")
+    p.add_argument("--pretrained", metavar="ARCH",
+                   help="export a stock torchvision ImageNet classifier instead (e.g. mobilenet_v2)")
+    p.add_argument("--weights", default="DEFAULT", help="with --pretrained: the weights enum member (default: DEFAULT)")
     p.add_argument("--repository", default="models", help="model repository root (default: models)")
     p.add_argument("--name", help="model name (default: the manifest's)")
     p.add_argument("--version", default="auto", help="version folder, or 'auto' for the next integer (default)")
@@ -42,3 +64,6 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                    help="torch.onnx exporter (default: dynamo, torch's supported one)")
     p.add_argument("--opset", type=int, default=18, help="ONNX opset, >= 17 (default: 18)")
     p.set_defaults(func=_export)
+    i = subparsers.add_parser("inspect", help="print an exported model's manifest, inputs/outputs, opset and size")
+    i.add_argument("model", help="an ONNX file made by tlserve export")
+    i.set_defaults(func=_inspect)

@@ -40,6 +40,11 @@ class Samples:
     def labelled(self) -> bool:
         return self.targets is not None
 
+    def subset(self, limit: int) -> "Samples":
+        """At most ``limit`` images evenly spread over this set."""
+        index = spread(len(self), limit)
+        return Samples(self.images[index], None if self.targets is None else self.targets[index], self.source)
+
 
 def preprocess(images: Iterable[Image.Image], pre: Preprocessing) -> np.ndarray:
     transform = EvalTransform(pre)
@@ -64,16 +69,16 @@ def from_samples(samples: Sequence[tuple[str, int]], pre: Preprocessing, limit: 
     return Samples(preprocess(images(), pre), np.array([t for _, t in chosen], dtype=np.int64), source)
 
 
-def folder_splits(data: str | os.PathLike, manifest: Manifest, config: dict, limit: int | None
-                  ) -> tuple[Samples, Samples]:
+def folder_splits(data: str | os.PathLike, manifest: Manifest, config: dict, val_limit: int | None,
+                  train_limit: int | None) -> tuple[Samples, Samples]:
     """(train, val) of an ImageFolder root, split exactly as the run split it."""
     splits = load_splits(data, config.get("val_fraction", 0.2), config.get("test_fraction", 0.0),
                          config.get("seed", 0), config.get("max_per_class"))
     if tuple(splits.classes) != manifest.labels:
         raise ValueError(f"{data} has classes {list(splits.classes)}, the model has {list(manifest.labels)}")
     pre = manifest.preprocessing
-    return (from_samples(splits.train, pre, limit, f"{data} (train)"),
-            from_samples(splits.val, pre, limit, f"{data} (val)"))
+    return (from_samples(splits.train, pre, train_limit, f"{data} (train)"),
+            from_samples(splits.val, pre, val_limit, f"{data} (val)"))
 
 
 def demo_split(split: str, manifest: Manifest, limit: int | None) -> Samples:
@@ -124,16 +129,16 @@ def concat(parts: Sequence[Samples | None]) -> Samples:
     return Samples(np.concatenate([p.images for p in parts]), targets, " + ".join(p.source for p in parts))
 
 
-def run_data(manifest: Manifest, config: dict, data: str | os.PathLike | None, limit: int | None
-             ) -> tuple[Samples, Samples]:
+def run_data(manifest: Manifest, config: dict, data: str | os.PathLike | None, val_limit: int | None,
+             train_limit: int | None) -> tuple[Samples, Samples]:
     """(calibration, validation) images for a model: the run's data folder when it can be found,
     else the embedded demo data (labelled only when the labels match) plus bundled photos."""
     folder = data or config.get("data")
     if folder and Path(folder).is_dir():
-        return folder_splits(folder, manifest, config, limit)
+        return folder_splits(folder, manifest, config, val_limit, train_limit)
     if folder:
         log.warning("data folder %s not found: verifying on the embedded demo data and bundled photos", folder)
-    val = demo_split("val", manifest, limit)
+    val = demo_split("val", manifest, val_limit)
     if not val.labelled:
         val = concat([val, photos(manifest.preprocessing)])
-    return demo_split("train", manifest, limit), val
+    return demo_split("train", manifest, train_limit), val
