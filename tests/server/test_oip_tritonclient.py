@@ -3,6 +3,7 @@ file made by our export: metadata, config, inference equal to the task API's, cl
 statistics, the stream, and every refusal answered with the right status while the server
 stays ready."""
 import queue
+import shutil
 
 import grpc
 import numpy as np
@@ -226,3 +227,23 @@ def test_stream_answers_errors_in_band(served, tensors):
     errors = [str(e) for r, e in answers if e is not None]
     assert sorted(good) == ["good", "good again"]
     assert len(errors) == 1 and "must be UINT8, got FP32" in errors[0]
+
+
+def test_versions_map_to_the_repository(make_server, exported_version, tmp_path, tensors):
+    """Two versions side by side: each answers under its own version string, with its own statistics."""
+    for version in ("1", "2"):
+        shutil.copytree(exported_version, tmp_path / "fashion" / version)
+    server = make_server(tmp_path, version_policy="all")
+    with tc.InferenceServerClient(address(server)) as c:
+        assert list(c.get_model_metadata("fashion").versions) == ["2", "1"]
+        assert c.is_model_ready("fashion", "1") and c.is_model_ready("fashion", "2")
+        assert c.infer("fashion", [images_input(tensors[:1])]).get_response().model_version == "2"
+        pinned = c.infer("fashion", [images_input(tensors[:2])], model_version="1")
+        assert pinned.get_response().model_version == "1"
+        stats = {s.version: s for s in c.get_inference_statistics("fashion").model_stats}
+        assert sorted(stats) == ["1", "2"]
+        assert stats["1"].inference_stats.success.count == stats["2"].inference_stats.success.count == 1
+        assert [s.name for s in c.get_inference_statistics().model_stats] == ["fashion", "fashion"]
+        with pytest.raises(InferenceServerException) as excinfo:
+            c.get_model_config("no-such-model")
+        assert status_of(excinfo) == "StatusCode.NOT_FOUND"
