@@ -71,6 +71,7 @@ class ServerHandle:
         self.metrics_port = 0
         self._metrics_http = None
         self._poller: asyncio.Task | None = None
+        self._stopped = False
 
     async def start(self) -> ReloadReport:
         """Load the repository, then open the gRPC and metrics ports; returns the first load's report.
@@ -96,6 +97,9 @@ class ServerHandle:
 
     async def stop(self, grace: float | None = None) -> None:
         """Health NOT_SERVING, stop taking calls and finish in-flight ones, drain models, close."""
+        if self._stopped:
+            return
+        self._stopped = True
         grace = self.settings.drain_seconds if grace is None else grace
         await self.health.shutdown()
         if self._poller is not None:

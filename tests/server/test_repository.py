@@ -122,3 +122,12 @@ def test_reload_rpc_reports_what_changed(fresh_repo, exported_version, make_serv
         served_version(server)
     assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "name one" in err.value.details()
     assert served_version(server, name=MODEL) == "2"
+
+
+def test_stop_turns_health_not_serving_before_closing(fresh_repo, make_server):
+    server = make_server(fresh_repo)
+    watch = health_pb2_grpc.HealthStub(server.channel).Watch(
+        health_pb2.HealthCheckRequest(service="tlserve.v1.Inference"), timeout=30)
+    assert next(watch).status == SERVING
+    server.loop.call_soon_threadsafe(lambda: server.loop.create_task(server.handle.stop(grace=1)))
+    assert next(watch).status == NOT_SERVING

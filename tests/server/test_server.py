@@ -177,3 +177,15 @@ def test_served_scores_equal_trainer_transform_plus_onnxruntime(live, exported_v
         got = np.zeros_like(row)
         got[[p.index for p in result.predictions]] = [p.score for p in result.predictions]
         np.testing.assert_allclose(got, row, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.tools
+def test_metrics_pass_promtool_lint(live):
+    import shutil
+    import subprocess
+    import urllib.request
+    promtool = shutil.which("promtool") or pytest.skip("promtool not installed (make tools)")
+    classify(live, encoded("coffee.png"))
+    text = urllib.request.urlopen(f"http://127.0.0.1:{live.handle.metrics_port}/metrics", timeout=5).read()
+    result = subprocess.run([promtool, "check", "metrics"], input=text, capture_output=True, timeout=60)
+    assert result.returncode == 0, result.stdout.decode() + result.stderr.decode()
