@@ -50,7 +50,8 @@ def evidence_table(rows: list[tuple[str, str]]) -> str:
 
 def _quick(strategy: str, cfg: TrainConfig, splits: Splits, train, held, pre: Preprocessing, rt: Runtime,
            dist: DistContext) -> float:
-    model = build_model(cfg.arch, len(splits.classes), cfg.weights, cfg.head, cfg.dropout).to(rt.device)
+    model = build_model(cfg.arch, len(splits.classes), cfg.weights, cfg.head, cfg.dropout,
+                        pre.input_size).to(rt.device)
     phases = plan(strategy, cfg.auto_epochs, 0, cfg.lr, cfg.lr, cfg.backbone_lr_mult)
     quick_cfg = cfg.replace(patience=None, ema=None, progress="off")
     state = fit(model, phases, ImageList(train, TrainTransform(pre, cfg.augment)), ImageList(held, EvalTransform(pre)),

@@ -1,9 +1,10 @@
 """Checkpoint files: written atomically, read back into a model plus its manifest.
 
-A checkpoint is a ``torch.save`` dict with at least:
-``format`` (= CHECKPOINT_FORMAT), ``arch``, ``head``, ``dropout``, ``model_state`` (the full
-model's state_dict, new head included) and ``manifest`` (``Manifest.to_dict()``). Training
-adds ``epoch``, ``optimizer``, ``scheduler``, ``rng`` and whatever resuming needs.
+A checkpoint (``checkpoint.pt``, the best epoch) is a ``torch.save`` dict with at least:
+``format`` (= CHECKPOINT_FORMAT), ``arch``, ``head``, ``dropout``, ``image_size`` (optional; ViT
+builders need it), ``model_state`` (the full model's state_dict, new head included) and
+``manifest`` (``Manifest.to_dict()``); training adds ``epoch`` and ``config``. The run's
+``last.pt`` carries what ``--resume`` needs (model, optimiser, schedule, EMA, loop state).
 """
 from __future__ import annotations
 
@@ -57,6 +58,6 @@ def load_model(path: str | os.PathLike) -> tuple[nn.Module, Manifest, dict[str, 
     ckpt = read_checkpoint(path)
     manifest = Manifest.from_dict(ckpt["manifest"])
     model = build_model(ckpt["arch"], manifest.num_classes, weights=None, head=ckpt.get("head", "linear"),
-                        dropout=ckpt.get("dropout", 0.0))
+                        dropout=ckpt.get("dropout", 0.0), image_size=ckpt.get("image_size"))
     model.load_state_dict(ckpt["model_state"])
     return model.eval(), manifest, ckpt

@@ -58,24 +58,48 @@ def _set_module(model: nn.Module, dotted: str, module: nn.Module) -> None:
     setattr(parent, child, module)
 
 
+def _weights_file(path: str) -> tuple[dict, bool]:
+    """(state_dict, is_ours): a plain state_dict, or the ``model_state`` of one of our checkpoints."""
+    state = torch.load(path, map_location="cpu", weights_only=False)
+    if isinstance(state, dict) and "model_state" in state:
+        return state["model_state"], True
+    if not isinstance(state, dict):
+        raise ValueError(f"{path}: expected a state_dict or a tlserve checkpoint")
+    return state, False
+
+
+def _builder_kwargs(arch: str, pretrained: bool, image_size: int | None) -> dict:
+    if arch == "inception_v3":
+        return {"aux_logits": True, "init_weights": not pretrained}
+    if arch.startswith("vit_") and image_size and not pretrained:
+        return {"image_size": image_size}  # position embeddings sized for the input (pretrained ViT: 224 only)
+    return {}
+
+
 def build_model(arch: str, num_classes: int, weights: str | None = None, head: str = "linear",
-                dropout: float = 0.0) -> nn.Module:
+                dropout: float = 0.0, image_size: int | None = None) -> nn.Module:
     """A torchvision model with (optionally) pretrained weights and a fresh ``num_classes`` head.
 
     Pretrained weights are loaded first, then the head is replaced (torchvision's builders
     refuse ``num_classes`` together with ``weights``). ``weights`` may also be a file: a plain
-    state_dict of the full model, or one of our checkpoints (loaded after the head swap).
+    state_dict of the architecture (its original head: loaded before the head swap; or the new
+    head: loaded after it), or one of our checkpoints (loaded after the head swap).
     """
     enum = resolve_weights(arch, weights)
-    kwargs = {"aux_logits": True, "init_weights": enum is None} if arch == "inception_v3" else {}
-    model = tvm.get_model(arch, weights=enum, **kwargs)
+    model = tvm.get_model(arch, weights=enum, **_builder_kwargs(arch, enum is not None, image_size))
+    state, ours = _weights_file(weights) if weights is not None and Path(weights).is_file() else (None, False)
+    if state is not None and not ours:
+        try:
+            model.load_state_dict(state)
+            state = None
+        except RuntimeError:
+            pass  # a state_dict with a new head: load it after the swap
     name = head_name(model)
     in_features = model.get_submodule(name).in_features
     _set_module(model, name, make_head(in_features, num_classes, head, dropout))
     if arch == "inception_v3":
         model.AuxLogits.fc = nn.Linear(model.AuxLogits.fc.in_features, num_classes)
     model.head_name = name  # the new head's dotted name: its input is the embedding
-    if weights is not None and Path(weights).is_file():
-        state = torch.load(weights, map_location="cpu", weights_only=True)
-        model.load_state_dict(state.get("model_state", state))
+    if state is not None:
+        model.load_state_dict(state)
     return model

@@ -80,7 +80,7 @@ class RunWriter:
 
     def checkpoint(self, model: nn.Module, manifest: Manifest, epoch: int) -> dict[str, Any]:
         return {"format": CHECKPOINT_FORMAT, "arch": self.cfg.arch, "head": self.cfg.head,
-                "dropout": self.cfg.dropout, "model_state": model.state_dict(), "manifest": manifest.to_dict(),
+                "dropout": self.cfg.dropout, "image_size": self.pre.input_size, "model_state": model.state_dict(), "manifest": manifest.to_dict(),
                 "epoch": epoch, "config": self.cfg.to_dict()}
 
     def on_epoch(self, end: EpochEnd) -> None:
@@ -111,7 +111,7 @@ def finish(writer: RunWriter, state: FitState, splits: Splits, cfg: TrainConfig,
            rt: Runtime) -> dict[str, Any]:
     """Evaluate the best checkpoint on test (or val), write the reports, seal the manifest."""
     ckpt = read_checkpoint(writer.dir / "checkpoint.pt")
-    model = build_model(cfg.arch, len(splits.classes), None, cfg.head, cfg.dropout)
+    model = build_model(cfg.arch, len(splits.classes), None, cfg.head, cfg.dropout, pre.input_size)
     model.load_state_dict(ckpt["model_state"])
     split, samples = ("test", splits.test) if splits.test else ("val", splits.val)
     loader = torch.utils.data.DataLoader(ImageList(samples, EvalTransform(pre)), batch_size=cfg.batch_size * 2)
@@ -152,7 +152,7 @@ def _run(cfg: TrainConfig, dist: DistContext) -> dict[str, Any]:
         evidence = choose_strategy(cfg, splits, pre, rt, dist)
     strategy = evidence["choice"] if cfg.strategy == "auto" else cfg.strategy
     weights = cfg.weights if strategy != "scratch" and cfg.weights.lower() != "none" else None
-    model = build_model(cfg.arch, len(splits.classes), weights, cfg.head, cfg.dropout)
+    model = build_model(cfg.arch, len(splits.classes), weights, cfg.head, cfg.dropout, pre.input_size)
     if resume:
         model.load_state_dict(resume["model_state"])
     model = model.to(rt.device, memory_format=torch.channels_last if rt.channels_last else torch.preserve_format)

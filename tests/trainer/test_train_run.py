@@ -87,3 +87,24 @@ def test_demo_data_writes_an_image_folder(tmp_path):
     assert len(list((tmp_path / "train").iterdir())) == 10
     with Image.open(next((tmp_path / "test" / "Trouser").iterdir())) as img:
         assert img.size == (28, 28) and img.mode == "L"
+
+
+def test_report_files_are_valid_images_and_tables(tiny_run, tiny_data):
+    from PIL import Image
+
+    for name in ("loss.png", "accuracy.png", "confusion_matrix.png"):
+        with Image.open(tiny_run / name) as img:
+            img.verify()
+            assert img.format == "PNG" and img.size[0] >= 300
+    labels = sorted(p.name for p in (tiny_data / "train").iterdir())
+    metrics = json.loads((tiny_run / "per_class.json").read_text())
+    assert metrics["split"] == "test" and list(metrics["classes"]) == labels
+    assert sum(c["support"] for c in metrics["classes"].values()) == 12
+    assert sum(map(sum, metrics["confusion_matrix"])) == 12
+    assert all(0.0 <= c[k] <= 1.0 for c in metrics["classes"].values() for k in ("precision", "recall", "f1"))
+    table = (tiny_run / "per_class.md").read_text().splitlines()
+    assert table[0].startswith("| class | precision") and len(table) == 2 + len(labels) + 1
+    assert all(line.count("|") == 6 for line in table)
+    report = (tiny_run / "report.md").read_text()
+    for link in ("(loss.png)", "(accuracy.png)", "(confusion_matrix.png)", "| test_accuracy |"):
+        assert link in report
