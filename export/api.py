@@ -142,6 +142,20 @@ def unique_labels(categories: list[str]) -> list[str]:
     return labels
 
 
+def cached_weights(arch: str):
+    """The arch's DEFAULT weights, unless only another member's file is in the torch hub cache (an
+    air-gapped machine with a pre-filled cache): then that one, so no download is attempted."""
+    from torchvision import models as tvm
+
+    enum = tvm.get_model_weights(arch)
+    cache = Path(torch.hub.get_dir()) / "checkpoints"
+    cached = [member for member in enum if (cache / os.path.basename(member.url)).is_file()]
+    if enum.DEFAULT in cached or not cached:
+        return enum.DEFAULT
+    log.info("%s: DEFAULT weights are not cached, using the cached %s", arch, cached[0].name)
+    return cached[0]
+
+
 def export_pretrained(arch: str, repository: str | os.PathLike, name: str | None = None,
                       version: str | int = "auto", weights: str = "DEFAULT", precision: str = "fp32",
                       **options: Any) -> Path:
@@ -152,7 +166,7 @@ def export_pretrained(arch: str, repository: str | os.PathLike, name: str | None
     from tlserve.trainer.models import head_name, resolve_weights
     from tlserve.trainer.preprocessing import weights_transform_values
 
-    enum = resolve_weights(arch, weights)
+    enum = cached_weights(arch) if weights == "DEFAULT" else resolve_weights(arch, weights)
     if enum is None:
         raise ValueError(f"--pretrained needs published weights for {arch}, got {weights!r}")
     model = tvm.get_model(arch, weights=enum).eval()

@@ -49,7 +49,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("source", nargs="?", help="run directory (its checkpoint.pt) or checkpoint file")
     p.add_argument("--pretrained", metavar="ARCH",
                    help="export a stock torchvision ImageNet classifier instead (e.g. mobilenet_v2)")
-    p.add_argument("--weights", default="DEFAULT", help="with --pretrained: the weights enum member (default: DEFAULT)")
+    p.add_argument("--weights", default="DEFAULT", help="with --pretrained: the weights enum member (default: DEFAULT, or the one in the hub cache)")
     p.add_argument("--repository", default="models", help="model repository root (default: models)")
     p.add_argument("--name", help="model name (default: the manifest's)")
     p.add_argument("--version", default="auto", help="version folder, or 'auto' for the next integer (default)")

@@ -1,0 +1,112 @@
+"""Precision variants and options: int8 (gate passing, refusing, forced), fp16 + float input, logits, ORT copy."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from PIL import Image
+
+pytestmark = pytest.mark.torch
+ort = pytest.importorskip("onnxruntime")
+pytest.importorskip("torch")
+
+from tlserve.cli import main  # noqa: E402
+from tlserve.manifest import Manifest  # noqa: E402
+
+
+def load(path):
+    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    return session, Manifest.from_metadata(session.get_modelmeta().custom_metadata_map)
+
+
+def demo_accuracy(session, manifest, count=300):
+    from tlserve.export.samples import demo_split
+
+    test = demo_split("test", manifest, count)
+    inputs = test.images
+    if manifest.preprocessing.input_dtype == "float32":
+        mean = np.array(manifest.preprocessing.mean, np.float32).reshape(1, 3, 1, 1)
+        std = np.array(manifest.preprocessing.std, np.float32).reshape(1, 3, 1, 1)
+        inputs = ((inputs / np.float32(255) - mean) / std).astype(np.float32)
+    prob = session.run(["probabilities"], {"images": inputs})[0]
+    return float((prob.argmax(1) == test.targets).mean())
+
+
+@pytest.fixture(scope="module")
+def int8_version(export_version, tmp_path_factory):
+    repo = tmp_path_factory.mktemp("int8")
+    return export_version(repo, precision="int8", optimized=True, logits=True).parent
+
+
+def test_int8_passes_the_gate_and_is_published(int8_version, model_repository):
+    session, manifest = load(int8_version / "model.onnx")
+    assert manifest.precision == "int8" and manifest.outputs.logits == "logits"
+    report = manifest.provenance["export"]["verification"]["model.onnx"]
+    gate = report["gate"]
+    assert gate["drop_points"] <= 1.0 and not gate["forced"] and gate["images"] >= 300
+    assert gate["speed_ratio"] > 0 and 0 < gate["fp32_top1"] <= 1
+    ops = {node.op_type for node in __import__("onnx").load(str(int8_version / "model.onnx")).graph.node}
+    assert {"QuantizeLinear", "DequantizeLinear"} <= ops
+    fp32_session, fp32_manifest = load(model_repository / "fashion" / "1" / "model.onnx")
+    assert demo_accuracy(session, manifest) >= demo_accuracy(fp32_session, fp32_manifest) - 0.03
+    print(f"int8 gate: {gate}")
+
+
+def test_logits_output_and_ort_optimised_copy(int8_version):
+    session, manifest = load(int8_version / "model.onnx")
+    x = np.zeros((2, 3, 64, 64), np.uint8)
+    prob, logits = session.run(["probabilities", "logits"], {"images": x})
+    e = np.exp(logits - logits.max(1, keepdims=True))
+    np.testing.assert_allclose(prob, e / e.sum(1, keepdims=True), atol=1e-5)
+    optimised, opt_manifest = load(int8_version / "model.ort.onnx")
+    assert opt_manifest.precision == "int8"
+    assert np.array_equal(optimised.run(["probabilities"], {"images": x})[0].argmax(1), prob.argmax(1))
+
+
+@pytest.fixture(scope="module")
+def bad_calibration_data(tmp_path_factory):
+    """An ImageFolder run folder whose train split (the calibration set) is flat grey, val the real demo images."""
+    from tlserve.trainer.demo_data import folder_name, load_arrays
+
+    root = tmp_path_factory.mktemp("bad-calibration")
+    arrays = load_arrays()
+    labels = [folder_name(str(label)) for label in arrays["labels"]]
+    for index, label in enumerate(labels):
+        (root / "train" / label).mkdir(parents=True)
+        (root / "val" / label).mkdir(parents=True)
+        Image.new("L", (28, 28), 128).save(root / "train" / label / "grey.png")
+        for n in np.flatnonzero(arrays["val_y"] == index)[:20]:
+            Image.fromarray(arrays["val_x"][n]).save(root / "val" / label / f"{n}.png")
+    return root
+
+
+def test_int8_gate_refuses_then_force_publishes(fashion_checkpoint, bad_calibration_data, tmp_path, capsys):
+    args = ["export", str(fashion_checkpoint), "--repository", str(tmp_path), "--precision", "int8",
+            "--data", str(bad_calibration_data), "--exporter", "torchscript"]
+    assert main(args) == 1
+    assert "refusing" in capsys.readouterr().out
+    assert not (tmp_path / "fashion").exists() or not any((tmp_path / "fashion").iterdir())
+    assert main([*args, "--force"]) == 0
+    _, manifest = load(tmp_path / "fashion" / "1" / "model.onnx")
+    gate = manifest.provenance["export"]["verification"]["model.onnx"]["gate"]
+    assert gate["forced"] and gate["drop_points"] > 1.0
+    assert manifest.provenance["export"]["verification"]["images"].endswith("(val)")
+
+
+def test_fp16_variant_with_float_input(export_version, tmp_path):
+    version = export_version(tmp_path, precision="fp16", float_input=True).parent
+    fp32, manifest = load(version / "model.onnx")
+    fp16, manifest16 = load(version / "model.fp16.onnx")
+    assert (manifest.precision, manifest16.precision) == ("fp32", "fp16")
+    assert manifest16.preprocessing.input_dtype == "float32" and not manifest16.preprocessing.normalize_in_graph
+    assert [i.type for i in fp16.get_inputs()] == ["tensor(float)"]
+    assert {o.type for o in fp16.get_outputs()} == {"tensor(float)"}
+    model = __import__("onnx").load(str(version / "model.fp16.onnx"))
+    assert any(t.data_type == 10 for t in model.graph.initializer)  # float16 weights
+    softmax = next(n for n in model.graph.node if n.op_type == "Softmax")
+    producers = {o: n for n in model.graph.node for o in n.output}
+    assert producers[softmax.input[0]].op_type == "Cast"  # softmax blocked: it runs in float32
+    acc32, acc16 = demo_accuracy(fp32, manifest), demo_accuracy(fp16, manifest16)
+    assert abs(acc32 - acc16) <= 0.01
+    report = manifest.provenance["export"]["verification"]["model.fp16.onnx"]
+    assert report["top1_agreement"] >= 0.99
+    print(f"fp16 on CPU: accuracy fp32 {acc32:.4f} fp16 {acc16:.4f}; parity {report}")
