@@ -17,7 +17,7 @@ from tlserve.server.pb.inference import grpc_service_pb2_grpc  # noqa: E402
 from tlserve.server.pb.inference import messages_pb2 as oip_pb  # noqa: E402
 from tlserve.server.pb.tlserve.v1 import tlserve_pb2 as task_pb  # noqa: E402
 from tlserve.server.pb.tlserve.v1 import tlserve_pb2_grpc  # noqa: E402
-from tlserve.server.preprocess import ImageLimits, decode  # noqa: E402
+from tlserve.server.preprocess import ImageLimits, decode, to_model_input  # noqa: E402
 
 MAX_IMAGES = 6
 PHOTOS = ("chelsea.png", "coffee.png", "astronaut.png", "rocket.jpg")
@@ -247,3 +247,29 @@ def test_versions_map_to_the_repository(make_server, exported_version, tmp_path,
         with pytest.raises(InferenceServerException) as excinfo:
             c.get_model_config("no-such-model")
         assert status_of(excinfo) == "StatusCode.NOT_FOUND"
+
+
+@pytest.mark.slow
+def test_float_input_model_takes_fp32_raw_and_typed(make_server, exported_version, export_version, tmp_path, tensors):
+    """A model exported with float input (the caller normalises) answers FP32, raw or typed, as the
+    uint8 model answers the same photos; UINT8 is refused by name."""
+    shutil.copytree(exported_version, tmp_path / "fashion" / "1")
+    export_version(tmp_path, name="fashion-float", version="1", float_input=True)
+    server = make_server(tmp_path)
+    float_model = server.handle.repository.get("fashion-float")
+    floats = to_model_input(tensors, float_model.manifest.preprocessing)
+    assert floats.dtype == np.float32
+    with tc.InferenceServerClient(address(server)) as c:
+        assert [i.datatype for i in c.get_model_metadata("fashion-float").inputs] == ["FP32"]
+        expected = c.infer("fashion", [images_input(tensors)]).as_numpy("probabilities")
+        raw = c.infer("fashion-float", [images_input(floats, "FP32")]).as_numpy("probabilities")
+        with pytest.raises(InferenceServerException) as excinfo:
+            c.infer("fashion-float", [images_input(tensors)])
+        assert "must be FP32, got UINT8" in excinfo.value.message()
+    request = oip_pb.ModelInferRequest(model_name="fashion-float")
+    request.inputs.add(name="images", datatype="FP32", shape=floats.shape).contents.fp32_contents.extend(floats.ravel())
+    request.outputs.add(name="probabilities")
+    response = grpc_service_pb2_grpc.GRPCInferenceServiceStub(server.channel).ModelInfer(request)
+    typed = np.frombuffer(response.raw_output_contents[0], dtype=np.float32).reshape(raw.shape)
+    np.testing.assert_allclose(raw, expected, atol=1e-4)
+    np.testing.assert_array_equal(typed, raw)
