@@ -1,8 +1,11 @@
 """Dynamic batching for one model: a bounded queue, one future per request, batches of at most
 ``max_batch_size`` rows gathered for at most ``max_queue_delay`` seconds.
 
-Requests whose deadline (``time.monotonic()`` seconds) has passed, or whose caller went away,
-are dropped before compute. A batch that fails fails only the requests inside it. ``stop()``
+The window is only waited for when traffic says it will pay: each arrival notes how many
+requests were already outstanding (queued or computing), and while the running mean of that
+says callers overlap, the batcher waits for company; a lone caller pays no batching delay
+(under load, requests also pile up while the previous batch computes). Requests whose deadline
+(``time.monotonic()`` seconds) has passed, or whose caller went away, are dropped before compute. A batch that fails fails only the requests inside it. ``stop()``
 refuses new work and drains what is queued before returning.
 """
 from __future__ import annotations
@@ -23,6 +26,7 @@ from tlserve.server.metrics import Metrics
 log = logging.getLogger(__name__)
 
 Outputs = dict[str, np.ndarray]
+OVERLAP_WEIGHT = 0.3  # weight of the newest arrival in the running mean of overlapping callers
 
 
 @dataclass(frozen=True)
@@ -58,6 +62,8 @@ class Batcher:
         self._wakeup = asyncio.Event()
         self._closed = False
         self._worker: asyncio.Task | None = None
+        self._computing = 0
+        self._mean_overlap = 0.0
 
     def start(self) -> None:
         self._worker = asyncio.get_running_loop().create_task(self._loop(), name=f"batcher-{self.model}")
@@ -78,6 +84,7 @@ class Batcher:
             raise ResourceExhausted(f"model {self.model!r}: queue is full ({self.options.max_queue_size} "
                                     "requests waiting); retry later")
         request = _Request(batch, deadline, asyncio.get_running_loop().create_future())
+        self._note_arrival()
         self._queue.append(request)
         self._metrics.queue_depth.labels(self.model).set(len(self._queue))
         self._wakeup.set()
@@ -97,12 +104,21 @@ class Batcher:
             if batch:
                 await self._execute(batch)
 
+    def _note_arrival(self) -> None:
+        """Fold the number of requests this arrival found outstanding into the running mean."""
+        overlap = min(1.0, float(len(self._queue) + self._computing))
+        self._mean_overlap = OVERLAP_WEIGHT * overlap + (1 - OVERLAP_WEIGHT) * self._mean_overlap
+
+    def _callers_overlap(self) -> bool:
+        return self._mean_overlap >= 0.5
+
     async def _gather_window(self) -> None:
-        """Wait up to max_queue_delay after the oldest request for the batch to fill."""
+        """Wait up to max_queue_delay after the oldest request for the batch to fill, while more
+        requests are expected in time."""
         close_at = self._queue[0].enqueued + self.options.max_queue_delay
         while not self._closed and self._queued_rows() < self.options.max_batch_size:
             remaining = close_at - time.monotonic()
-            if remaining <= 0:
+            if remaining <= 0 or not self._callers_overlap():
                 return
             self._wakeup.clear()
             try:
@@ -135,6 +151,7 @@ class Batcher:
         inputs = batch[0].batch if len(batch) == 1 else np.concatenate([r.batch for r in batch])
         self._metrics.batch_size.labels(self.model).observe(inputs.shape[0])
         started = time.monotonic()
+        self._computing = len(batch)
         try:
             outputs = await asyncio.get_running_loop().run_in_executor(self._executor, self._run, inputs)
         except Exception as exc:
@@ -147,6 +164,7 @@ class Batcher:
                     request.future.set_exception(error)
             return
         finally:
+            self._computing = 0
             self._metrics.inference_duration.labels(self.model).observe(time.monotonic() - started)
         offset = 0
         for request in batch:

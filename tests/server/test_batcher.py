@@ -138,3 +138,38 @@ def test_stop_drains_queued_requests_then_refuses():
 
     count, recorder, _ = run_with(BatchingOptions(max_batch_size=2, max_queue_delay=1.0), body)
     assert count == 5 and sum(recorder.sizes) == 5
+
+
+def test_a_lone_caller_is_not_held_for_the_batching_window():
+    async def body(batcher):
+        sizes = []
+        for value in range(3):  # one caller, one request at a time: nothing else is coming
+            result = await asyncio.wait_for(batcher.submit(rows([(value, 1)])[0]), 30)
+            sizes.append(result["sum"].tolist())
+            await asyncio.sleep(0.2)
+        return sizes
+
+    # a 10-minute window: waiting it out would trip the 30 s guard above
+    sums, recorder, _ = run_with(BatchingOptions(max_batch_size=8, max_queue_delay=600), body)
+    assert sums == [[0], [2], [4]] and recorder.sizes == [1, 1, 1]
+
+
+def test_overlapping_callers_wait_for_the_window_to_fill_the_batch():
+    gate = threading.Event()
+
+    async def body(batcher):
+        first = asyncio.ensure_future(batcher.submit(rows([(0, 1)])[0]))  # computes, held at the gate
+        await asyncio.sleep(0.05)
+        early = [asyncio.ensure_future(batcher.submit(r)) for r in rows([(1, 1), (2, 1)])]  # they overlap it
+        await asyncio.sleep(0.05)
+        gate.set()
+        await first
+        late = []
+        for value in range(3, 9):  # trickle in while the worker holds the window open
+            await asyncio.sleep(0.02)
+            late.append(asyncio.ensure_future(batcher.submit(rows([(value, 1)])[0])))
+        return await asyncio.gather(*early, *late)
+
+    results, recorder, _ = run_with(BatchingOptions(max_batch_size=8, max_queue_delay=600), body, gate)
+    assert [r["sum"].tolist() for r in results] == [[2 * v] for v in range(1, 9)]
+    assert recorder.sizes == [1, 8]
