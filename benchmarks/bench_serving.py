@@ -10,9 +10,9 @@ reach, with no transport at all. The served rows run ``tlserve serve`` as a sepa
 (default settings, CPU) and drive it from ``c`` concurrent grpc.aio calls that resend
 pre-serialised requests, so the client spends as little CPU as it can. Each cell runs for
 ``--seconds`` after a warm-up, ``--rounds`` times; the three modes alternate per concurrency
-so that load from elsewhere on the machine hits them alike, and a cell pools its rounds. ``mean batch`` is the
-images per batcher execution, read from the server's ``tlserve_batch_size`` histogram (raw: ``c``). Prints the table (markdown) and, with ``--json``,
-writes the numbers.
+so that load from elsewhere on the machine hits them alike, and a cell pools its rounds.
+``mean batch`` is the images per batcher execution, from the server's ``tlserve_batch_size``
+histogram (raw: ``c``). Prints the table (markdown) and, with ``--json``, writes the numbers.
 """
 from __future__ import annotations
 
