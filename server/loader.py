@@ -33,10 +33,15 @@ def open_runtime(version_dir: Path, options: RuntimeOptions) -> Runtime:
     """The session for this version: the fp16 variant when it runs on CUDA, else model.onnx."""
     fp16 = version_dir / FP16_FILE
     if options.device != "cpu" and fp16.is_file():
-        runtime = Runtime(fp16, options)
-        if runtime.provider == CUDA:
-            return runtime
-        log.info("%s: not on CUDA, using %s instead of the fp16 variant", version_dir, MODEL_FILE)
+        try:
+            runtime = Runtime(fp16, options.replace(require_gpu=False))
+        except Exception as exc:  # a bad variant must not hide a good model.onnx
+            log.warning("%s: fp16 variant failed to load (%s: %s); using %s", version_dir, type(exc).__name__, exc,
+                        MODEL_FILE)
+        else:
+            if runtime.provider == CUDA:
+                return runtime
+            log.info("%s: not on CUDA, using %s instead of the fp16 variant", version_dir, MODEL_FILE)
     return Runtime(version_dir / MODEL_FILE, options)
 
 

@@ -7,6 +7,7 @@ bound with I/O binding, so the host-to-device copy is the uint8 tensor (4x small
 from __future__ import annotations
 
 import ctypes
+import dataclasses
 import logging
 from dataclasses import dataclass
 from pathlib import Path
@@ -36,6 +37,9 @@ class RuntimeOptions:
     intra_op_threads: int = 0
     inter_op_threads: int = 0
     io_binding: bool | None = None  # None: on CUDA only
+
+    def replace(self, **changes: Any) -> "RuntimeOptions":
+        return dataclasses.replace(self, **changes)
 
     @property
     def wants_cuda(self) -> bool:

@@ -131,3 +131,16 @@ def test_stop_turns_health_not_serving_before_closing(fresh_repo, make_server):
     assert next(watch).status == SERVING
     server.loop.call_soon_threadsafe(lambda: server.loop.create_task(server.handle.stop(grace=1)))
     assert next(watch).status == NOT_SERVING
+
+
+def test_fp16_variant_is_used_only_on_cuda_and_never_hides_model_onnx(exported_version, tmp_path, make_server):
+    version = copy_version(exported_version, (tmp_path / MODEL).mkdir() or tmp_path / MODEL / "1")
+    shutil.copyfile(version / "model.onnx", version / "model.fp16.onnx")  # a valid graph, CPU-only here
+    on_cpu = make_server(tmp_path, device="cpu")
+    assert on_cpu.handle.repository.get(MODEL).path.endswith("/model.onnx")
+    fallback = make_server(tmp_path, device="cuda")  # the variant loads, lands on the CPU: model.onnx wins
+    assert fallback.handle.repository.get(MODEL).path.endswith("/model.onnx")
+    (version / "model.fp16.onnx").write_bytes(b"broken variant")
+    broken = make_server(tmp_path, device="cuda")
+    assert broken.handle.repository.get(MODEL).path.endswith("/model.onnx")
+    assert status(broken, f"tlserve.model.{MODEL}") == SERVING
