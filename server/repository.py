@@ -114,6 +114,8 @@ class ModelRepository:
         """Rescan the folder and converge on what the version policy wants."""
         async with self._lock:
             report = ReloadReport()
+            if not self.root.is_dir():
+                log.warning("model repository %s does not exist (yet): serving nothing", self.root)
             found = scan(self.root)
             for name in sorted(set(found) | set(self._models)):
                 await self._reconcile(name, found.get(name, {}), report)

@@ -144,3 +144,16 @@ def test_fp16_variant_is_used_only_on_cuda_and_never_hides_model_onnx(exported_v
     broken = make_server(tmp_path, device="cuda")
     assert broken.handle.repository.get(MODEL).path.endswith("/model.onnx")
     assert status(broken, f"tlserve.model.{MODEL}") == SERVING
+
+
+def test_empty_repository_serves_nothing_until_a_model_appears(exported_version, tmp_path, make_server):
+    server = make_server(tmp_path / "models")
+    assert status(server, "") == SERVING  # alive
+    assert status(server, "tlserve.v1.Inference") == NOT_SERVING
+    with pytest.raises(grpc.RpcError) as err:
+        served_version(server)
+    assert err.value.code() == grpc.StatusCode.UNAVAILABLE
+    (tmp_path / "models" / MODEL).mkdir(parents=True)
+    copy_version(exported_version, tmp_path / "models" / MODEL / "1")
+    assert server.reload().loaded == [f"{MODEL}/1"]
+    assert status(server, "tlserve.v1.Inference") == SERVING and served_version(server) == "1"

@@ -145,6 +145,9 @@ def test_metrics_recorded_and_served_over_http(live):
     assert live.metric("tlserve_model_info", model=MODEL, version="1", provider="CPUExecutionProvider",
                        precision="fp32") == 1
     assert live.metric("tlserve_cuda_fallback", model=MODEL) == 0
+    assert live.metric("tlserve_queue_duration_seconds_count", model=MODEL) >= 1
+    assert live.metric("tlserve_queue_depth", model=MODEL) == 0
+    assert live.metric("tlserve_inflight_requests", model=MODEL) == 0
     text = urllib.request.urlopen(f"http://127.0.0.1:{live.handle.metrics_port}/metrics", timeout=5).read().decode()
     assert 'tlserve_requests_total{code="OK",model="fashion",rpc="Classify"}' in text
 
