@@ -3,7 +3,7 @@
 Pretrained MobileNetV2 (IMAGENET1K_V1) with feature-extract, two-phase and finetune against the
 same architecture from scratch, plus what `--strategy auto` chooses (and reaches) at each size.
 Every run goes through the real trainer (tlserve.trainer.train.run) on PNG ImageFolder trees cut
-from Debian's dataset-fashion-mnist: n train images per class, a disjoint validation set of 20
+from Debian's dataset-fashion-mnist: n train images per class, a disjoint validation set of 10
 per class (model selection), and one fixed test subset (100 per class of the official test set).
 
     OMP_WAIT_POLICY=PASSIVE nice -n 10 .venv/bin/python benchmarks/experiment_strategies.py \\
@@ -28,6 +28,7 @@ import numpy as np
 
 SOURCE = Path("/usr/share/datasets/fashion-mnist")
 LABELS = ("T-shirt_top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt", "Sneaker", "Bag", "Ankle_boot")
+VAL_PER_CLASS = 10
 STRATEGIES = ("feature-extract", "two-phase", "finetune", "scratch", "auto")
 
 
@@ -62,7 +63,7 @@ def make_dataset(work: Path, per_class: int, seed: int, arrays: dict[str, np.nda
         return root
     rng = np.random.default_rng(seed)
     train = per_class_indices(arrays["train_y"], per_class, rng)
-    val = per_class_indices(arrays["train_y"], 20, rng, exclude=frozenset(train))
+    val = per_class_indices(arrays["train_y"], VAL_PER_CLASS, rng, exclude=frozenset(train))
     test = per_class_indices(arrays["test_y"], 100, np.random.default_rng(12345))  # the same for every run
     write_split(root / "train", arrays["train_x"], arrays["train_y"], train)
     write_split(root / "val", arrays["train_x"], arrays["train_y"], val)
@@ -72,12 +73,12 @@ def make_dataset(work: Path, per_class: int, seed: int, arrays: dict[str, np.nda
 
 
 def schedule(per_class: int) -> dict:
-    """Epochs and batch size per data size: small sets get more epochs so every run takes ~60+ steps."""
+    """Epochs and batch size per data size: every run takes roughly 70-100 optimiser steps."""
     if per_class <= 10:
-        return {"epochs": 15, "head_epochs": 5, "batch_size": 32}
+        return {"epochs": 10, "head_epochs": 4, "batch_size": 16}
     if per_class <= 50:
-        return {"epochs": 8, "head_epochs": 2, "batch_size": 32}
-    return {"epochs": 5, "head_epochs": 1, "batch_size": 64}
+        return {"epochs": 6, "head_epochs": 2, "batch_size": 32}
+    return {"epochs": 3, "head_epochs": 1, "batch_size": 64}
 
 
 def run_one(data: Path, out: Path, strategy: str, seed: int, per_class: int, image_size: int) -> dict:
@@ -85,7 +86,7 @@ def run_one(data: Path, out: Path, strategy: str, seed: int, per_class: int, ima
     from tlserve.trainer.train import run
 
     cfg = TrainConfig(data=str(data), out=str(out), name="fashion", strategy=strategy, seed=seed,
-                      image_size=image_size, progress="off", auto_epochs=2, **schedule(per_class))
+                      image_size=image_size, progress="off", auto_epochs=2, threads=2, **schedule(per_class))
     started = time.perf_counter()
     summary = run(cfg)
     ckpt_auto = {}
@@ -126,7 +127,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--sizes", type=int, nargs="+", default=[10, 50, 200])
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--strategies", nargs="+", default=list(STRATEGIES), choices=STRATEGIES)
-    parser.add_argument("--image-size", type=int, default=64)
+    parser.add_argument("--image-size", type=int, default=48)
     parser.add_argument("--work", type=Path, default=Path("/tmp/tlserve-experiment"))
     parser.add_argument("--json", type=Path, default=Path("/tmp/tlserve-experiment/results.json"))
     args = parser.parse_args(argv)

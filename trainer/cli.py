@@ -51,6 +51,10 @@ def _train_arguments(p: argparse.ArgumentParser) -> None:
     opt("--threads", type=int, help="torch CPU threads (default: CPUs / processes)")
     opt("--device", choices=("auto", "cpu", "cuda"))
     opt("--resume", action="store_true", default=None, help="continue from OUT/last.pt")
+    opt("--auto-epochs", type=int, help=f"auto: epochs of the quick probe and fine-tune (default {D.auto_epochs})")
+    opt("--auto-small-per-class", type=int,
+        help=f"auto: fewer images per class than this is 'small' (default {D.auto_small_per_class})")
+    opt("--auto-margin", type=float, help=f"auto: probe within this of the fine-tune is 'similar' ({D.auto_margin})")
     opt("--progress", choices=("auto", "on", "off"), help="tqdm bars (auto: on a terminal)")
 
 
@@ -65,6 +69,8 @@ def _train(args: argparse.Namespace) -> int:
     if not cfg.data or not cfg.out:
         raise SystemExit("tlserve train: --data and --out are required (on the command line or in --config)")
     summary = run(cfg)
+    if summary.get("auto_table"):
+        print("auto strategy, the evidence:\n" + summary.pop("auto_table"))
     for key, value in summary.items():
         print(f"{key:>15}: {value}")
     if summary:

@@ -127,8 +127,9 @@ def finish(writer: RunWriter, state: FitState, splits: Splits, cfg: TrainConfig,
                "val_accuracy": round(state.best_accuracy, 4), f"{split}_accuracy": round(result.accuracy, 4),
                "macro_f1": round(class_metrics["macro_f1"], 4), "image_size": pre.input_size,
                "train/val/test": "/".join(str(v) for v in splits.counts().values())}
-    reports.write_report(writer.dir, summary, class_metrics, (writer.evidence or {}).get("table"))
-    return summary
+    table = (writer.evidence or {}).get("table")
+    reports.write_report(writer.dir, summary, class_metrics, table)
+    return {**summary, "auto_table": table} if table else summary
 
 
 def run(cfg: TrainConfig) -> dict[str, Any]:

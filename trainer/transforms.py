@@ -67,7 +67,7 @@ class TrainTransform:
         flip = v2.RandomHorizontalFlip()
         shear = math.degrees(0.2)
         pipelines = {
-            "none": [],
+            "none": [v2.Identity()],
             "light": [v2.RandomCrop(size), flip],
             "classic": [v2.RandomAffine(degrees=0, shear=(-shear, shear, -shear, shear), scale=(0.8, 1.2)),
                         v2.CenterCrop(size), flip],
@@ -75,7 +75,7 @@ class TrainTransform:
                        v2.TrivialAugmentWide(), v2.RandomErasing(p=0.25, value=0)],
         }
         self.augment = v2.Compose(pipelines[preset])
-        self.crop_after = preset in ("none",)
+        self.crop_after = preset == "none"
 
     def __call__(self, img: Image.Image) -> torch.Tensor:
         img = resize_shorter(img.convert("RGB"), self.pre.resize_size, self.pre.interpolation)
