@@ -131,7 +131,10 @@ class ServedModel:
         if batch.shape[0] <= step:
             return await self._batcher.submit(batch, deadline)
         parts = await asyncio.gather(*(self._batcher.submit(batch[i:i + step], deadline)
-                                       for i in range(0, batch.shape[0], step)))
+                                       for i in range(0, batch.shape[0], step)), return_exceptions=True)
+        for part in parts:
+            if isinstance(part, BaseException):
+                raise part
         return {name: np.concatenate([p[name] for p in parts]) for name in parts[0]}
 
     def _check_input(self, batch: np.ndarray) -> None:

@@ -192,3 +192,15 @@ def test_metrics_pass_promtool_lint(live):
     text = urllib.request.urlopen(f"http://127.0.0.1:{live.handle.metrics_port}/metrics", timeout=5).read()
     result = subprocess.run([promtool, "check", "metrics"], input=text, capture_output=True, timeout=60)
     assert result.returncode == 0, result.stdout.decode() + result.stderr.decode()
+
+
+def test_request_larger_than_max_batch_is_split_and_kept_in_order(repo_copy, make_server):
+    server = make_server(repo_copy, max_batch_size=2)
+    names = ("chelsea.png", "coffee.png", "rocket.jpg", "camera.png", "logo.png")
+    together = classify(server, encoded(*names), top_k=1).results
+    alone = [classify(server, encoded(n), top_k=1).results[0] for n in names]
+    assert [r.predictions[0].index for r in together] == [r.predictions[0].index for r in alone]
+    np.testing.assert_allclose([r.predictions[0].score for r in together],
+                               [r.predictions[0].score for r in alone], rtol=1e-4)
+    assert server.metric("tlserve_batch_size_bucket", model=MODEL, le="2.0") == \
+        server.metric("tlserve_batch_size_count", model=MODEL)
