@@ -15,7 +15,7 @@ from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 
 from tlserve.manifest import Preprocessing
 from tlserve.trainer.config import TrainConfig
-from tlserve.trainer.data import ImageList, class_weights
+from tlserve.trainer.data import ImageList, class_weights, default_workers
 from tlserve.trainer.distributed import DistContext
 from tlserve.trainer.engine import EvalResult, Runtime, evaluate, train_epoch
 from tlserve.trainer.loaders import eval_loader, train_loader
@@ -112,7 +112,7 @@ def fit(model: nn.Module, phases: Sequence[Phase], train_set: ImageList, val_set
     ema = AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(cfg.ema), use_buffers=True) if cfg.ema else None
     if ema is not None and resume and resume.get("ema"):
         ema.load_state_dict(resume["ema"])
-    workers = cfg.workers if cfg.workers is not None else 0
+    workers = cfg.workers if cfg.workers is not None else default_workers(dist.world_size)
     val_loader = eval_loader(val_set, cfg.batch_size, workers, dist)
     ends = list(itertools.accumulate(p.epochs for p in phases))
     runner: PhaseRunner | None = None

@@ -14,7 +14,8 @@ def train_loader(dataset: ImageList, batch_size: int, workers: int, seed: int, d
     per_rank = (len(dataset) + dist.world_size - 1) // dist.world_size
     if balance_sampler:
         weights = class_weights(dataset.targets, num_classes)[torch.tensor(dataset.targets)]
-        sampler = WeightedRandomSampler(weights.double(), per_rank, replacement=True, generator=generator)
+        draws = torch.Generator().manual_seed(seed + 7_919 * dist.rank)  # each rank its own draws
+        sampler = WeightedRandomSampler(weights.double(), per_rank, replacement=True, generator=draws)
     elif dist.enabled:
         sampler = DistributedSampler(dataset, dist.world_size, dist.rank, shuffle=True, seed=seed)
     else:
