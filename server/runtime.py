@@ -117,7 +117,10 @@ class Runtime:
         if not self.use_io_binding:
             return dict(zip(self.output_names, self.session.run(self.output_names, {input_name: batch})))
         binding = self.session.io_binding()
-        binding.bind_cpu_input(input_name, np.ascontiguousarray(batch))
+        device = "cuda" if self.provider == CUDA else "cpu"
+        # the uint8 batch is copied to the device as is: 4x less than float32 over PCIe
+        value = ort.OrtValue.ortvalue_from_numpy(np.ascontiguousarray(batch), device, self.options.device_id)
+        binding.bind_ortvalue_input(input_name, value)
         for name in self.output_names:
             binding.bind_output(name)
         self.session.run_with_iobinding(binding)
