@@ -14,7 +14,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
-from grpc_reflection.v1alpha import reflection
+from grpc_reflection.v1alpha import reflection, reflection_pb2
 from PIL import Image
 from prometheus_client import CollectorRegistry, start_http_server
 
@@ -24,6 +24,7 @@ from tlserve.server.health import HealthReporter
 from tlserve.server.images import ImageDecoder
 from tlserve.server.loader import LoadOptions
 from tlserve.server.metrics import Metrics
+from tlserve.server.oip.reflection import reflection_pool
 from tlserve.server.oip.servicer import add_oip_service
 from tlserve.server.pb.tlserve.v1 import tlserve_pb2, tlserve_pb2_grpc
 from tlserve.server.preprocess import ImageLimits
@@ -63,10 +64,11 @@ class ServerHandle:
         health_pb2_grpc.add_HealthServicer_to_server(self.health.servicer, self.server)
         self.service_names = [tlserve_pb2.DESCRIPTOR.services_by_name["Inference"].full_name,
                               health_pb2.DESCRIPTOR.services_by_name["Health"].full_name]
-        # --- further APIs register here (one import + one call each), e.g. the Open Inference Protocol:
-        #     self.service_names.append(add_oip_service(self))
+        # further APIs register here (one import + one call each)
         self.service_names.append(add_oip_service(self))
-        reflection.enable_server_reflection([*self.service_names, reflection.SERVICE_NAME], self.server)
+        # a private pool, so reflection describes the OIP service too (see tlserve.server.oip.reflection)
+        pool = reflection_pool(tlserve_pb2.DESCRIPTOR, health_pb2.DESCRIPTOR, reflection_pb2.DESCRIPTOR)
+        reflection.enable_server_reflection([*self.service_names, reflection.SERVICE_NAME], self.server, pool=pool)
         self.port = self.server.add_insecure_port(f"{settings.host}:{settings.port}")
         self.metrics_port = 0
         self._metrics_http = None

@@ -1,12 +1,9 @@
 """Server reflection describes the Open Inference Protocol service from a private pool, while
 tritonclient's stubs stay importable in the same process."""
-from concurrent import futures
-
 import grpc
 import pytest
 from google.protobuf.descriptor_pool import DescriptorPool
-from grpc_health.v1 import health_pb2
-from grpc_reflection.v1alpha import reflection, reflection_pb2
+from grpc_reflection.v1alpha import reflection
 from grpc_reflection.v1alpha.proto_reflection_descriptor_database import ProtoReflectionDescriptorDatabase
 
 from tlserve.server.oip.reflection import reflection_pool
@@ -17,20 +14,15 @@ NAMES = [SERVICE_NAME, "tlserve.v1.Inference", "grpc.health.v1.Health", reflecti
 
 
 @pytest.fixture(scope="module")
-def reflecting_server():
-    server = grpc.server(futures.ThreadPoolExecutor(max_workers=2))
-    pool = reflection_pool(tlserve_pb2.DESCRIPTOR, health_pb2.DESCRIPTOR, reflection_pb2.DESCRIPTOR)
-    reflection.enable_server_reflection(NAMES, server, pool=pool)
-    port = server.add_insecure_port("127.0.0.1:0")
-    server.start()
-    yield f"127.0.0.1:{port}"
-    server.stop(None)
+def reflecting_server(live):
+    """The real server (tests/server/conftest.py): reflection must describe every API it serves."""
+    return f"127.0.0.1:{live.handle.port}"
 
 
 def test_reflection_lists_and_describes_the_oip_service(reflecting_server):
     with grpc.insecure_channel(reflecting_server) as channel:
         database = ProtoReflectionDescriptorDatabase(channel)
-        assert sorted(database.get_services()) == sorted(NAMES)
+        assert sorted(database.get_services()) == sorted(NAMES), "reflection lists every service"
         client_pool = DescriptorPool(database)
         service = client_pool.FindServiceByName(SERVICE_NAME)
         infer = service.methods_by_name["ModelInfer"]
@@ -45,3 +37,4 @@ def test_tritonclient_still_imports_beside_the_pool():
     from tritonclient.grpc import service_pb2
 
     assert service_pb2.DESCRIPTOR.services_by_name["GRPCInferenceService"].full_name == SERVICE_NAME
+
