@@ -8,6 +8,7 @@ normalisation layers; casts are inserted around them.
 from __future__ import annotations
 
 import onnx
+import onnx_ir as ir
 from onnxruntime.transformers.float16 import DEFAULT_OP_BLOCK_LIST, convert_float_to_float16
 
 FP16_FILE = "model.fp16.onnx"
@@ -18,5 +19,9 @@ FP16_UNSAFE_OPS = ("Sub", "Div", "Softmax", "LogSoftmax", "ReduceMean", "ReduceS
 
 def to_fp16(model: onnx.ModelProto) -> onnx.ModelProto:
     """A float16 copy of ``model`` with float32 I/O (uint8 inputs stay uint8) and unsafe ops kept in float32."""
-    return convert_float_to_float16(model, keep_io_types=True,
-                                    op_block_list=[*DEFAULT_OP_BLOCK_LIST, *FP16_UNSAFE_OPS])
+    converted = convert_float_to_float16(model, keep_io_types=True,
+                                         op_block_list=[*DEFAULT_OP_BLOCK_LIST, *FP16_UNSAFE_OPS])
+    # the converter appends the casts of float inputs at the end of the node list; restore topological order
+    graph = ir.serde.deserialize_model(converted)
+    graph.graph.sort()
+    return ir.serde.serialize_model(graph)

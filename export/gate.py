@@ -68,7 +68,7 @@ def int8_gate(fp32: Path, int8: Path, inputs: np.ndarray, targets: np.ndarray | 
                                     "with the run's image folder), or --force to publish it ungated")
         return report
     fp32_top1, int8_top1 = float((ref == targets).mean()), float((got == targets).mean())
-    drop = 100.0 * (fp32_top1 - int8_top1)
+    drop = round(100.0 * (fp32_top1 - int8_top1), 6)
     report = Int8Report(len(inputs), fp32_top1, int8_top1, drop, float((ref == got).mean()), ratio,
                         force and drop > max_drop_points)
     log.info("int8 gate on %d val images: top-1 fp32 %.4f, int8 %.4f (drop %.2f points), agreement %.4f, "

@@ -74,11 +74,16 @@ def folder_splits(data: str | os.PathLike, manifest: Manifest, config: dict, val
     """(train, val) of an ImageFolder root, split exactly as the run split it."""
     splits = load_splits(data, config.get("val_fraction", 0.2), config.get("test_fraction", 0.0),
                          config.get("seed", 0), config.get("max_per_class"))
-    if tuple(splits.classes) != manifest.labels:
+    if set(splits.classes) != set(manifest.labels):
         raise ValueError(f"{data} has classes {list(splits.classes)}, the model has {list(manifest.labels)}")
+    index = {label: i for i, label in enumerate(manifest.labels)}  # folder order -> the model's label order
     pre = manifest.preprocessing
-    return (from_samples(splits.train, pre, train_limit, f"{data} (train)"),
-            from_samples(splits.val, pre, val_limit, f"{data} (val)"))
+
+    def relabel(samples):
+        return [(path, index[splits.classes[target]]) for path, target in samples]
+
+    return (from_samples(relabel(splits.train), pre, train_limit, f"{data} (train)"),
+            from_samples(relabel(splits.val), pre, val_limit, f"{data} (val)"))
 
 
 def demo_split(split: str, manifest: Manifest, limit: int | None) -> Samples:

@@ -12,7 +12,10 @@
   ``model.onnx`` (``options`` are ExportOptions fields, e.g. ``logits=True``). Each call takes
   tens of seconds on 2 cores: prefer copying ``fashion/1`` when a plain copy will do.
 
-All three skip cleanly when torch is not installed (a serve-only install).
+- ``head_fitter`` (session): ``fit_head(model, preprocessing, uint8_images, targets)``, fits a
+  ``build_model`` model's new head in place on frozen-backbone embeddings (a few seconds).
+
+All of them skip cleanly when torch is not installed (a serve-only install).
 """
 from __future__ import annotations
 
@@ -45,6 +48,13 @@ def fit_head(model, pre, images, targets, steps: int = 150) -> None:
         optimiser.zero_grad()
         torch.nn.functional.cross_entropy(head(embeddings), y).backward()
         optimiser.step()
+
+
+@pytest.fixture(scope="session")
+def head_fitter() -> Callable[..., None]:
+    """``fit_head(model, preprocessing, uint8_images, targets)``: fit the new head in place."""
+    pytest.importorskip("torch")
+    return fit_head
 
 
 @pytest.fixture(scope="session")
