@@ -5,6 +5,7 @@ serving graph, verify it against PyTorch on real images, embed the manifest, pub
 """
 from __future__ import annotations
 
+import dataclasses
 import datetime as dt
 import logging
 import os
@@ -59,7 +60,7 @@ def serving_manifest(manifest: Manifest, options: ExportOptions) -> Manifest:
     """The manifest as the exported graph's signature makes it: input dtype and output names."""
     pre = manifest.preprocessing
     if options.float_input:
-        pre = type(pre)(**{**pre.__dict__, "input_dtype": "float32", "normalize_in_graph": False})
+        pre = dataclasses.replace(pre, input_dtype="float32", normalize_in_graph=False)
     outputs = Outputs(logits="logits" if options.logits else None)
     return manifest.replace(preprocessing=pre, outputs=outputs)
 

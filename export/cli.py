@@ -20,7 +20,7 @@ def _export(args: argparse.Namespace) -> int:
             path = export_pretrained(args.pretrained, args.repository, weights=args.weights, **common)
         else:
             path = export_checkpoint(args.source, args.repository, **common)
-    except (VerificationError, PublishError) as exc:
+    except (VerificationError, PublishError, ValueError, FileNotFoundError) as exc:
         print(f"tlserve export: {exc}; nothing was published")
         return 1
     verification = describe(path)["manifest"].provenance["export"]["verification"]

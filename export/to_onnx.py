@@ -21,6 +21,7 @@ log = logging.getLogger(__name__)
 
 EXPORTERS = ("dynamo", "torchscript")
 DEFAULT_OPSET = 18
+MIN_OPSET = 17
 CHATTY_LOGGERS = ("onnx_ir", "onnxscript", "torch.onnx", "torch.export", "torch._export")
 
 
@@ -47,6 +48,8 @@ def export_graph(graph: ServingGraph, input_size: int, path: Path, input_name: s
     """Export ``graph`` to ``path`` (a single file, weights inside) and return the loaded model."""
     if exporter not in EXPORTERS:
         raise ValueError(f"exporter must be one of {EXPORTERS}, got {exporter!r}")
+    if opset < MIN_OPSET:
+        raise ValueError(f"opset must be at least {MIN_OPSET}, got {opset}")
     graph = graph.eval()
     dtype = torch.uint8 if graph.uint8_input else torch.float32
     sample = torch.zeros(2, 3, input_size, input_size, dtype=dtype)

@@ -51,7 +51,7 @@ def test_recorded_parity_meets_fp32_limits(session):
     from tlserve.manifest import Manifest
 
     parity = Manifest.from_metadata(session.get_modelmeta().custom_metadata_map).provenance["export"][
-        "verification"]["fp32"]
+        "verification"]["model.onnx"]
     assert parity["max_abs_prob"] <= 1e-4 and parity["top1_agreement"] == 1.0
     assert len(parity["batch_sizes"]) >= 3 and parity["images"] >= 32
 

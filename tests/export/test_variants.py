@@ -127,7 +127,7 @@ def test_int8_gate_refuses_then_force_publishes(fashion_checkpoint, bad_calibrat
 
 
 def test_fp16_variant_with_float_input(export_version, tmp_path):
-    version = export_version(tmp_path, precision="fp16", float_input=True).parent
+    version = export_version(tmp_path, precision="fp16", float_input=True, exporter="torchscript").parent
     fp32, manifest = load(version / "model.onnx")
     fp16, manifest16 = load(version / "model.fp16.onnx")
     assert (manifest.precision, manifest16.precision) == ("fp32", "fp16")
