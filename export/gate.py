@@ -21,9 +21,9 @@ class Int8Report:
     """Accuracies in [0, 1]; ``drop_points`` = 100 * (fp32 - int8); ``speed_ratio`` = int8 img/s / fp32 img/s."""
 
     images: int
-    fp32_top1: float
-    int8_top1: float
-    drop_points: float
+    fp32_top1: float | None  # None without labelled validation images
+    int8_top1: float | None
+    drop_points: float | None
     top1_agreement: float
     speed_ratio: float
     forced: bool = False
@@ -61,8 +61,7 @@ def int8_gate(fp32: Path, int8: Path, inputs: np.ndarray, targets: np.ndarray | 
     got = predictions(cpu_session(int8), inputs)
     ratio = speed_ratio(fp32, int8, inputs)
     if targets is None:
-        report = Int8Report(len(inputs), float("nan"), float("nan"), float("nan"), float((ref == got).mean()),
-                            ratio, force)
+        report = Int8Report(len(inputs), None, None, None, float((ref == got).mean()), ratio, force)
         if not force:
             raise VerificationError("int8 needs labelled validation images for its accuracy gate (give --data "
                                     "with the run's image folder), or --force to publish it ungated")
