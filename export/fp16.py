@@ -21,7 +21,10 @@ def to_fp16(model: onnx.ModelProto) -> onnx.ModelProto:
     """A float16 copy of ``model`` with float32 I/O (uint8 inputs stay uint8) and unsafe ops kept in float32."""
     converted = convert_float_to_float16(model, keep_io_types=True,
                                          op_block_list=[*DEFAULT_OP_BLOCK_LIST, *FP16_UNSAFE_OPS])
-    # the converter appends the casts of float inputs at the end of the node list; restore topological order
-    graph = ir.serde.deserialize_model(converted)
-    graph.graph.sort()
-    return ir.serde.serialize_model(graph)
+    # the converter leaves stale float32 value_info on tensors it made float16 (onnx.checker's full
+    # check then fails): drop it, shape inference recomputes it
+    del converted.graph.value_info[:]
+    # it also appends the casts of float inputs at the end of the node list: restore topological order
+    model_ir = ir.serde.deserialize_model(converted)
+    model_ir.graph.sort()
+    return ir.serde.serialize_model(model_ir)
