@@ -61,4 +61,5 @@ install_helm() {
 install_promtool
 install_pip_tools
 install_helm
+bash "$(dirname "$0")/install_perf_analyzer.sh"  # Triton's perf_analyzer, for the OIP load test
 log "done; tools in $BIN"
