@@ -15,7 +15,7 @@ step "materialise the embedded demo dataset (Fashion-MNIST subset) as an ImageFo
 "$BIN/tlserve" demo-data "$OUT/data"
 
 step "train: fine-tune pretrained MobileNetV2 (head first, then the whole network at a lower LR)"
-"$BIN/tlserve" train --data "$OUT/data" --out "$OUT/run" --name fashion
+"$BIN/tlserve" train --data "$OUT/data" --out "$OUT/run" --name fashion --image-size 64  # 28 px originals
 
 step "export: one verified ONNX file with its manifest inside"
 "$BIN/tlserve" export "$OUT/run" --repository "$OUT/models" --name fashion --version auto

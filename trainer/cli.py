@@ -23,7 +23,7 @@ def _train_arguments(p: argparse.ArgumentParser) -> None:
     opt("--unfreeze", type=int, help=f"partial: number of top backbone blocks to train (default {D.unfreeze})")
     opt("--head", help="linear or mlp:512,512 (default linear)")
     opt("--dropout", type=float, help="dropout in the head")
-    opt("--image-size", type=int, help=f"input size in px (default {D.image_size}; 0 = the weights' own)")
+    opt("--image-size", type=int, help="input size in px (default: the weights' own, 224 for ImageNet weights)")
     opt("--resize-size", type=int, help="resize the shorter side to this before the centre crop "
                                         "(default: the weights' resize/crop ratio)")
     opt("--val-fraction", type=float, help="held out for validation when there is no val/ folder")

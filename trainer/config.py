@@ -30,7 +30,7 @@ class TrainConfig:
     head: str = "linear"
     dropout: float = 0.0
     # data
-    image_size: int | None = 64
+    image_size: int | None = None  # None: the weights' own size (224 for ImageNet weights); the demo uses 64
     resize_size: int | None = None
     val_fraction: float = 0.2
     test_fraction: float = 0.0
