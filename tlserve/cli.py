@@ -11,13 +11,14 @@ import importlib
 import logging
 import sys
 
+import tlserve
 from tlserve import __version__
 
 COMMAND_MODULES = ("tlserve.trainer.cli", "tlserve.export.cli", "tlserve.server.cli")
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="tlserve", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(prog="tlserve", description=tlserve.__doc__.split(": ", 1)[1])
     parser.add_argument("--version", action="version", version=f"tlserve {__version__}")
     parser.add_argument("--log-level", default="INFO", help="logging level (default: INFO)")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
