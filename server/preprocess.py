@@ -63,8 +63,9 @@ def open_checked(data: bytes, limits: ImageLimits, index: int) -> Image.Image:
             img = Image.open(io.BytesIO(data))
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
         raise InvalidArgument(f"image {index}: refused before decoding, too many pixels ({exc})") from None
-    except UnidentifiedImageError as exc:
-        raise InvalidArgument(f"image {index}: not a decodable PNG/JPEG image ({exc})") from None
+    except UnidentifiedImageError:
+        raise InvalidArgument(f"image {index}: not a decodable PNG/JPEG image ({len(data)} bytes starting "
+                              f"{data[:8]!r}); send the file's bytes unchanged") from None
     except Exception as exc:  # Pillow raises many types on malformed headers
         raise InvalidArgument(f"image {index}: unreadable header ({type(exc).__name__}: {exc})") from None
     width, height = img.size
