@@ -21,6 +21,9 @@ RESAMPLE = {"nearest": Image.Resampling.NEAREST, "bilinear": Image.Resampling.BI
             "bicubic": Image.Resampling.BICUBIC}
 
 
+FORMATS = ("PNG", "JPEG")  # what the API promises; Pillow would otherwise try every format it knows
+
+
 @dataclass(frozen=True)
 class ImageLimits:
     """Refuse before decoding: encoded size and decoded pixel count."""
@@ -60,7 +63,7 @@ def open_checked(data: bytes, limits: ImageLimits, index: int) -> Image.Image:
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
-            img = Image.open(io.BytesIO(data))
+            img = Image.open(io.BytesIO(data), formats=FORMATS)
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
         raise InvalidArgument(f"image {index}: refused before decoding, too many pixels ({exc})") from None
     except UnidentifiedImageError:
@@ -80,6 +83,10 @@ def open_checked(data: bytes, limits: ImageLimits, index: int) -> Image.Image:
 def decode(data: bytes, pre: Preprocessing, limits: ImageLimits, index: int = 0) -> np.ndarray:
     """Encoded PNG/JPEG bytes to uint8 CHW; every failure is InvalidArgument naming the image."""
     img = open_checked(data, limits, index)
+    width, height = resized_size(img.width, img.height, pre.resize_size)
+    if width * height > limits.max_pixels:  # an extreme aspect ratio would blow up in the resize
+        raise InvalidArgument(f"image {index}: {img.width}x{img.height} would resize to {width}x{height}, over the "
+                              f"limit of {limits.max_pixels} pixels; crop it nearer to a square first")
     try:
         img.load()
         return transform(img, pre)

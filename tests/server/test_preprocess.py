@@ -103,6 +103,21 @@ def test_pixel_limit_is_width_times_height():
         decode(image, pre, ImageLimits(max_pixels=19_999))
 
 
+def test_extreme_aspect_ratio_refused_before_the_resize_allocates():
+    pre = Preprocessing(input_size=224, resize_size=256)
+    strip = png_bytes(Image.new("L", (4, 100_000)))  # a few KB; resized it would be 256 x 6,400,000
+    assert len(strip) < 10_000
+    with pytest.raises(InvalidArgument, match="would resize to 256x6400000"):
+        decode(strip, pre, ImageLimits(max_pixels=1_000_000))
+
+
+def test_only_png_and_jpeg_are_opened():
+    buf = io.BytesIO()
+    Image.new("RGB", (40, 40)).save(buf, format="GIF")
+    with pytest.raises(InvalidArgument, match="not a decodable PNG/JPEG"):
+        decode(buf.getvalue(), Preprocessing(input_size=32, resize_size=36), ImageLimits())
+
+
 def test_tensor_checked_against_input_size():
     pre = Preprocessing(input_size=4, resize_size=4)
     chw = np.arange(48, dtype=np.uint8).reshape(3, 4, 4)
