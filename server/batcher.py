@@ -147,16 +147,20 @@ class Batcher:
             rows += request.rows
         return taken
 
+    def _run_parts(self, parts: list[np.ndarray]) -> Outputs:
+        """In the executor: join the requests' rows (off the event loop) and run them."""
+        return self._run(parts[0] if len(parts) == 1 else np.concatenate(parts))
+
     async def _execute(self, batch: list[_Request]) -> None:
-        inputs = batch[0].batch if len(batch) == 1 else np.concatenate([r.batch for r in batch])
-        self._metrics.batch_size.labels(self.model).observe(inputs.shape[0])
+        rows = sum(r.rows for r in batch)
+        self._metrics.batch_size.labels(self.model).observe(rows)
         started = time.monotonic()
         self._computing = len(batch)
         try:
-            outputs = await asyncio.get_running_loop().run_in_executor(self._executor, self._run, inputs)
+            outputs = await asyncio.get_running_loop().run_in_executor(
+                self._executor, self._run_parts, [r.batch for r in batch])
         except Exception as exc:
-            log.error("model %r: batch of %d requests (%d rows) failed", self.model, len(batch), inputs.shape[0],
-                      exc_info=exc)
+            log.error("model %r: batch of %d requests (%d rows) failed", self.model, len(batch), rows, exc_info=exc)
             error = exc if isinstance(exc, ServingError) else ServingError(
                 f"model {self.model!r}: inference failed for this batch")
             for request in batch:

@@ -83,7 +83,8 @@ class ModelRepository:
         if not versions:
             failures = [msg for (n, _), (_, msg) in self._failed.items() if n == name]
             if failures:
-                raise Unavailable(f"model {name!r} is not loaded: {failures[0]}")
+                raise Unavailable(f"model {name!r} is not loaded: its versions failed to load (see the server log "
+                                  f"and tlserve_model_load_failures_total)")
             raise NotFound(f"model {name!r} not found (serving: {', '.join(sorted(self._models)) or 'nothing'})")
         if version:
             model = versions.get(version)
@@ -117,7 +118,7 @@ class ModelRepository:
             if not self.root.is_dir():
                 log.warning("model repository %s does not exist (yet): serving nothing", self.root)
             found = scan(self.root)
-            for name in sorted(set(found) | set(self._models)):
+            for name in sorted(set(found) | set(self._models) | {n for n, _ in self._failed}):
                 await self._reconcile(name, found.get(name, {}), report)
             await self._notify()
             if report.loaded or report.unloaded or report.failed:

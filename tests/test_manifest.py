@@ -63,6 +63,7 @@ def test_check_graph_accepts_the_matching_signature():
     ([("pixels", ["N", 3, 224, 224], "uint8")], [("probabilities", ["N", 3]), ("embedding", ["N", 8])], "no input"),
     ([("images", ["N", 3, 224, 224], "float32")], [("probabilities", ["N", 3]), ("embedding", ["N", 8])], "float32"),
     ([("images", ["N", 3, 96, 96], "uint8")], [("probabilities", ["N", 3]), ("embedding", ["N", 8])], "shape"),
+    ([("images", [1, 3, 224, 224], "uint8")], [("probabilities", [1, 3]), ("embedding", [1, 8])], "fixed batch"),
     ([("images", ["N", 3, 224, 224], "uint8")], [("probabilities", ["N", 4]), ("embedding", ["N", 8])], "3 labels"),
     ([("images", ["N", 3, 224, 224], "uint8")], [("probabilities", ["N", 3])], "no output 'embedding'"),
 ])

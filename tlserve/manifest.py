@@ -154,6 +154,9 @@ class Manifest:
         pre = self.preprocessing
         if dtype != pre.input_dtype:
             raise ManifestError(f"input {self.input_name!r} is {dtype}, manifest says {pre.input_dtype}")
+        if shape and isinstance(shape[0], int):
+            raise ManifestError(f"input {self.input_name!r} has a fixed batch dimension {shape[0]}: the server batches "
+                                "requests, so export with a dynamic batch dimension")
         expected = (None, 3, pre.input_size, pre.input_size)
         if len(shape) != 4 or any(isinstance(s, int) and e is not None and s != e for s, e in zip(shape, expected)):
             raise ManifestError(f"input {self.input_name!r} has shape {list(shape)}, manifest says [N, 3, "

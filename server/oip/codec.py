@@ -7,6 +7,8 @@ per-element conversion. Every problem is an :class:`InvalidArgument` naming the 
 """
 from __future__ import annotations
 
+import math
+
 from typing import Sequence
 
 import numpy as np
@@ -37,7 +39,7 @@ def datatype_of(dtype: np.dtype | str) -> str:
 def element_count(name: str, shape: Sequence[int]) -> int:
     if any(d < 0 for d in shape):
         raise InvalidArgument(f"input {name!r}: shape {list(shape)} has a negative dimension")
-    return int(np.prod(shape, dtype=np.int64))
+    return math.prod(int(d) for d in shape)  # Python ints: a huge shape cannot overflow to a small count
 
 
 def decode_raw(name: str, datatype: str, shape: Sequence[int], raw: bytes) -> np.ndarray:

@@ -138,3 +138,8 @@ def test_requested_outputs_parse():
     request = to_our_request([one_input(np.zeros((1, 3, 2, 2), np.uint8), "UINT8")],
                              [InferRequestedOutput("embedding")])
     assert [o.name for o in request.outputs] == ["embedding"]
+
+
+def test_huge_shape_cannot_overflow_the_byte_count():
+    with pytest.raises(InvalidArgument, match="needs"):
+        codec.decode_raw("images", "UINT8", [2**62, 4], b"")
