@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Awaitable, Callable
 
+from tlserve.manifest import ManifestError
 from tlserve.server.errors import InvalidArgument, NotFound, Unavailable
 from tlserve.server.loader import FP16_FILE, MODEL_FILE, LoadOptions, load_version
 from tlserve.server.metrics import Metrics
@@ -83,8 +84,7 @@ class ModelRepository:
         if not versions:
             failures = [msg for (n, _), (_, msg) in self._failed.items() if n == name]
             if failures:
-                raise Unavailable(f"model {name!r} is not loaded: its versions failed to load (see the server log "
-                                  f"and tlserve_model_load_failures_total)")
+                raise Unavailable(f"model {name!r} is not loaded: {failures[0]}")
             raise NotFound(f"model {name!r} not found (serving: {', '.join(sorted(self._models)) or 'nothing'})")
         if version:
             model = versions.get(version)
@@ -167,7 +167,9 @@ class ModelRepository:
             log.error("model %s/%s (%s) failed to load and will not serve: %s", name, version, version_dir, message)
             self._metrics.model_load_failures.labels(name).inc()
             self._metrics.model_ready.labels(name, version).set(0)
-            self._failed[(name, version)] = (signature, message)
+            # callers see our own manifest checks, never runtime internals such as file paths
+            public = str(exc) if isinstance(exc, ManifestError) else f"{type(exc).__name__} (see the server log)"
+            self._failed[(name, version)] = (signature, public)
             report.failed[f"{name}/{version}"] = exc
             return
         self._failed.pop((name, version), None)
