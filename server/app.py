@@ -81,16 +81,20 @@ class ServerHandle:
         Raises :class:`GPUUnavailable` when ``require_gpu`` is set and a model fell back to the CPU.
         """
         report = await self.repository.reload()
-        refused = [str(e) for e in report.failed.values() if isinstance(e, GPUUnavailable)]
-        if refused:
+        try:
+            refused = [str(e) for e in report.failed.values() if isinstance(e, GPUUnavailable)]
+            if refused:
+                raise GPUUnavailable(refused[0])
+            if self.settings.device != "cpu":
+                register_gpu_metrics(self.registry)
+            httpd, _ = start_http_server(self.settings.metrics_port, addr=self.settings.host,
+                                         registry=self.registry)
+            self._metrics_http = httpd
+            self.metrics_port = httpd.server_port
+            await self.server.start()
+        except BaseException:  # a refused GPU, a metrics port in use...: release what is loaded
             await self.repository.close()
-            raise GPUUnavailable(refused[0])
-        if self.settings.device != "cpu":
-            register_gpu_metrics(self.registry)
-        httpd, _ = start_http_server(self.settings.metrics_port, addr=self.settings.host, registry=self.registry)
-        self._metrics_http = httpd
-        self.metrics_port = httpd.server_port
-        await self.server.start()
+            raise
         if self.settings.poll_interval > 0:
             self._poller = asyncio.get_running_loop().create_task(self.repository.poll(self.settings.poll_interval))
         log.info("serving gRPC on %s:%d, metrics on :%d, models %s", self.settings.host, self.port,
@@ -126,7 +130,7 @@ async def run(settings: Settings) -> int:
     handle = create_server(settings, CollectorRegistry())
     try:
         await handle.start()
-    except GPUUnavailable as exc:
+    except (GPUUnavailable, OSError) as exc:  # OSError: e.g. the metrics port is taken
         log.error("refusing to start: %s", exc)
         return 2
     loop = asyncio.get_running_loop()
@@ -135,6 +139,7 @@ async def run(settings: Settings) -> int:
         loop.add_signal_handler(sig, stopping.set)
     loop.add_signal_handler(signal.SIGHUP, lambda: loop.create_task(handle.repository.reload()))
     await stopping.wait()
+    loop.remove_signal_handler(signal.SIGHUP)  # no rescans while draining
     log.info("shutting down: health NOT_SERVING, draining for up to %.1fs", settings.drain_seconds)
     await handle.stop()
     return 0

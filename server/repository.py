@@ -67,6 +67,7 @@ class ModelRepository:
         self._models: dict[str, dict[str, ServedModel]] = {}
         self._failed: dict[tuple[str, str], tuple[Signature, str]] = {}
         self._lock = asyncio.Lock()
+        self._closed = False  # once closed, a late reload (SIGHUP, poll) loads nothing again
 
     # --- lookup ----------------------------------------------------------------------------
     def names(self) -> list[str]:
@@ -115,6 +116,8 @@ class ModelRepository:
         """Rescan the folder and converge on what the version policy wants."""
         async with self._lock:
             report = ReloadReport()
+            if self._closed:
+                return report
             if not self.root.is_dir():
                 log.warning("model repository %s does not exist (yet): serving nothing", self.root)
             found = scan(self.root)
@@ -201,6 +204,7 @@ class ModelRepository:
     async def close(self) -> None:
         """Unload everything, draining in-flight requests."""
         async with self._lock:
+            self._closed = True
             for model in self.list():
                 model.ready = False
             for model in self.list():

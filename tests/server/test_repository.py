@@ -3,6 +3,7 @@ version policy, polling, and CUDA fallback detection on this CPU-only machine.""
 from __future__ import annotations
 
 import shutil
+import socket
 import time
 
 import grpc
@@ -157,3 +158,15 @@ def test_empty_repository_serves_nothing_until_a_model_appears(exported_version,
     copy_version(exported_version, tmp_path / "models" / MODEL / "1")
     assert server.reload().loaded == [f"{MODEL}/1"]
     assert status(server, "tlserve.v1.Inference") == SERVING and served_version(server) == "1"
+
+
+def test_failed_start_releases_models_and_a_late_reload_loads_nothing(repo_copy, make_server):
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        server = make_server(repo_copy, start=False, metrics_port=taken.getsockname()[1])
+        with pytest.raises(OSError):
+            server.call(server.handle.start())
+    assert server.handle.repository.list() == [], "a start that fails must unload what it loaded"
+    report = server.reload()  # e.g. a SIGHUP that arrives during shutdown
+    assert not report.loaded and server.handle.repository.list() == []
