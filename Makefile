@@ -6,7 +6,7 @@ PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 SRC    := pyproject.toml
 
-.PHONY: demo test install weights proto tools clean
+.PHONY: demo test lint format install weights proto tools clean
 
 $(STAMP): $(SRC)
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -22,7 +22,16 @@ weights: $(STAMP)
 demo: install weights
 	PY=$(PY) bash scripts/demo.sh
 
-test: install weights
+lint: $(STAMP)  ## ruff (lint + format check) and mypy, configured in pyproject.toml
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
+	$(VENV)/bin/mypy
+
+format: $(STAMP)
+	$(VENV)/bin/ruff check --fix .
+	$(VENV)/bin/ruff format .
+
+test: install weights lint
 	$(PY) -m pytest -q; rc=$$?; if [ $$rc -eq 5 ]; then echo "no tests collected"; exit 0; fi; exit $$rc
 
 proto: $(STAMP)

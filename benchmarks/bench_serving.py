@@ -14,6 +14,7 @@ so that load from elsewhere on the machine hits them alike, and a cell pools its
 ``mean batch`` is the images per batcher execution, from the server's ``tlserve_batch_size``
 histogram (raw: ``c``). Prints the table (markdown) and, with ``--json``, writes the numbers.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -71,8 +72,9 @@ class Sample:
     latencies: list[float] = field(default_factory=list)
     batches: tuple[float, float] = (0.0, 0.0)  # (executions, images) the server's batcher ran
 
-    def add(self, images: int, elapsed: float, latencies: list[float],
-            batches: tuple[float, float] = (0.0, 0.0)) -> None:
+    def add(
+        self, images: int, elapsed: float, latencies: list[float], batches: tuple[float, float] = (0.0, 0.0)
+    ) -> None:
         self.images += images
         self.elapsed += elapsed
         self.latencies += latencies
@@ -81,8 +83,15 @@ class Sample:
     def cell(self, mode: str, concurrency: int) -> Cell:
         ms = np.asarray(self.latencies) * 1e3
         mean_batch = self.batches[1] / self.batches[0] if self.batches[0] else float(concurrency)
-        return Cell(mode, concurrency, self.images / self.elapsed, float(np.percentile(ms, 50)),
-                    float(np.percentile(ms, 99)), len(self.latencies), mean_batch)
+        return Cell(
+            mode,
+            concurrency,
+            self.images / self.elapsed,
+            float(np.percentile(ms, 50)),
+            float(np.percentile(ms, 99)),
+            len(self.latencies),
+            mean_batch,
+        )
 
 
 # --- inputs -----------------------------------------------------------------------------------
@@ -97,8 +106,10 @@ def photo_jpeg(quality: int = 90) -> bytes:
 
 def model_of(repository: Path) -> tuple[str, Path]:
     """(name, model.onnx) of the repository's first model, newest integer version."""
-    files = sorted(repository.glob("*/*/model.onnx"), key=lambda p: (p.parent.parent.name, int(p.parent.name)
-                                                                     if p.parent.name.isdigit() else -1))
+    files = sorted(
+        repository.glob("*/*/model.onnx"),
+        key=lambda p: (p.parent.parent.name, int(p.parent.name) if p.parent.name.isdigit() else -1),
+    )
     if not files:
         raise SystemExit(f"no */<version>/model.onnx under {repository}")
     return files[-1].parent.parent.name, files[-1]
@@ -126,16 +137,30 @@ def export_stock(arch: str, size: int, weights_name: str, root: Path) -> Path:
     except Exception as exc:  # no network and no cached file: throughput does not depend on the weights
         log.warning("no pretrained %s weights (%s); benchmarking random weights", arch, exc)
         model = tvm.get_model(arch, weights=None)
-    manifest = Manifest(name=arch, version="1", architecture=arch, labels=unique_labels(weights.meta["categories"]),
-                        preprocessing=Preprocessing(input_size=size, resize_size=round(size * 256 / 224)))
-    export_model(model, head_name(model), manifest, root, arch, "1", ExportOptions(verify_images=16),
-                 source={"source": f"torchvision {arch} {weights}"})
+    manifest = Manifest(
+        name=arch,
+        version="1",
+        architecture=arch,
+        labels=unique_labels(weights.meta["categories"]),
+        preprocessing=Preprocessing(input_size=size, resize_size=round(size * 256 / 224)),
+    )
+    export_model(
+        model,
+        head_name(model),
+        manifest,
+        root,
+        arch,
+        "1",
+        ExportOptions(verify_images=16),
+        source={"source": f"torchvision {arch} {weights}"},
+    )
     return root
 
 
 # --- raw ONNX Runtime ---------------------------------------------------------------------------
-def measure_raw(session: ort.InferenceSession, input_name: str, image: np.ndarray, concurrency: int,
-                seconds: float, warmup: float) -> tuple[int, float, list[float]]:
+def measure_raw(
+    session: ort.InferenceSession, input_name: str, image: np.ndarray, concurrency: int, seconds: float, warmup: float
+) -> tuple[int, float, list[float]]:
     batch = np.repeat(image[None], concurrency, axis=0)
     end_warmup = time.perf_counter() + warmup
     while time.perf_counter() < end_warmup:
@@ -150,8 +175,9 @@ def measure_raw(session: ort.InferenceSession, input_name: str, image: np.ndarra
 
 
 # --- served -------------------------------------------------------------------------------------
-async def drive(address: str, method: str, payload: bytes, concurrency: int, seconds: float,
-                warmup: float) -> tuple[int, float, list[float]]:
+async def drive(
+    address: str, method: str, payload: bytes, concurrency: int, seconds: float, warmup: float
+) -> tuple[int, float, list[float]]:
     """``concurrency`` callers resending ``payload`` for ``seconds`` after ``warmup``."""
     async with grpc.aio.insecure_channel(address, options=[("grpc.max_receive_message_length", 64 << 20)]) as ch:
         call = ch.unary_unary(method)  # bytes in, bytes out: no client-side (de)serialisation
@@ -186,8 +212,16 @@ def batcher_totals(metrics_url: str, model: str) -> tuple[float, float]:
     return totals["tlserve_batch_size_count"], totals["tlserve_batch_size_sum"]
 
 
-def measure_served(address: str, metrics_url: str, model: str, method: str, payload: bytes, concurrency: int,
-                   seconds: float, warmup: float) -> tuple[int, float, list[float], tuple[float, float]]:
+def measure_served(
+    address: str,
+    metrics_url: str,
+    model: str,
+    method: str,
+    payload: bytes,
+    concurrency: int,
+    seconds: float,
+    warmup: float,
+) -> tuple[int, float, list[float], tuple[float, float]]:
     """``drive`` plus how the server batched meanwhile (warm-up included)."""
     before = batcher_totals(metrics_url, model)
     count, elapsed, latencies = asyncio.run(drive(address, method, payload, concurrency, seconds, warmup))
@@ -204,9 +238,25 @@ def free_port() -> int:
 def start_server(repository: Path, extra: list[str]) -> tuple[subprocess.Popen, str, str]:
     """``tlserve serve`` in its own process; returns it, its gRPC address and its metrics URL."""
     port, metrics_port = free_port(), free_port()
-    command = [sys.executable, "-m", "tlserve", "--log-level", "WARNING", "serve", "--repository", str(repository),
-               "--host", "127.0.0.1", "--port", str(port), "--metrics-port", str(metrics_port), "--device", "cpu",
-               *extra]
+    command = [
+        sys.executable,
+        "-m",
+        "tlserve",
+        "--log-level",
+        "WARNING",
+        "serve",
+        "--repository",
+        str(repository),
+        "--host",
+        "127.0.0.1",
+        "--port",
+        str(port),
+        "--metrics-port",
+        str(metrics_port),
+        "--device",
+        "cpu",
+        *extra,
+    ]
     log.info("starting: %s", " ".join(command))
     process = subprocess.Popen(command)
     address = f"127.0.0.1:{port}"
@@ -241,24 +291,32 @@ def check_agreement(address: str, oip_payload: bytes, task_payload: bytes, raw_t
 # --- report -------------------------------------------------------------------------------------
 def table(cells: list[Cell]) -> str:
     raw = {c.concurrency: c for c in cells if c.mode == MODES[0]}
-    lines = ["| path | concurrency | img/s | p50 ms | p99 ms | ÷ raw img/s | p50 added ms | mean batch |",
-             "|---|---:|---:|---:|---:|---:|---:|---:|"]
+    lines = [
+        "| path | concurrency | img/s | p50 ms | p99 ms | ÷ raw img/s | p50 added ms | mean batch |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|",
+    ]
     for c in cells:
         base = raw[c.concurrency]
         added = "" if c.mode == MODES[0] else f"{c.p50_ms - base.p50_ms:+.2f}"
-        lines.append(f"| {c.mode} | {c.concurrency} | {c.images_per_s:.1f} | {c.p50_ms:.2f} | {c.p99_ms:.2f} | "
-                     f"{c.images_per_s / base.images_per_s:.2f} | {added} | {c.mean_batch:.1f} |")
+        lines.append(
+            f"| {c.mode} | {c.concurrency} | {c.images_per_s:.1f} | {c.p50_ms:.2f} | {c.p99_ms:.2f} | "
+            f"{c.images_per_s / base.images_per_s:.2f} | {added} | {c.mean_batch:.1f} |"
+        )
     return "\n".join(lines)
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--repository", type=Path, help="bench this repository's first model (default: export "
-                                                        "stock --arch at --size)")
+    parser.add_argument(
+        "--repository", type=Path, help="bench this repository's first model (default: export stock --arch at --size)"
+    )
     parser.add_argument("--arch", default="mobilenet_v2")
     parser.add_argument("--size", type=int, default=224)
-    parser.add_argument("--weights", default="IMAGENET1K_V1", help="torchvision weights of --arch (the file "
-                                                                    "scripts/fetch_weights.sh caches offline)")
+    parser.add_argument(
+        "--weights",
+        default="IMAGENET1K_V1",
+        help="torchvision weights of --arch (the file scripts/fetch_weights.sh caches offline)",
+    )
     parser.add_argument("--concurrency", type=int, nargs="+", default=[1, 8, 32])
     parser.add_argument("--seconds", type=float, default=8.0, help="measured time per cell")
     parser.add_argument("--warmup", type=float, default=1.5, help="unmeasured time before each cell")
@@ -277,12 +335,16 @@ def main(argv: list[str] | None = None) -> int:
         manifest = Manifest.from_metadata(session.get_modelmeta().custom_metadata_map)
         jpeg = photo_jpeg()
         image = decode(jpeg, manifest.preprocessing, ImageLimits())
-        request = oip.ModelInferRequest(model_name=name, raw_input_contents=[image[None].tobytes()],
-                                        outputs=[oip.ModelInferRequest.InferRequestedOutputTensor(name="probabilities")])
+        request = oip.ModelInferRequest(
+            model_name=name,
+            raw_input_contents=[image[None].tobytes()],
+            outputs=[oip.ModelInferRequest.InferRequestedOutputTensor(name="probabilities")],
+        )
         request.inputs.add(name=manifest.input_name, datatype="UINT8", shape=[1, *image.shape])
         oip_payload = request.SerializeToString()
-        task_payload = task.ClassifyRequest(model=task.ModelRef(name=name), images=[task.Image(encoded=jpeg)],
-                                            top_k=5).SerializeToString()
+        task_payload = task.ClassifyRequest(
+            model=task.ModelRef(name=name), images=[task.Image(encoded=jpeg)], top_k=5
+        ).SerializeToString()
         raw_top = int(np.argmax(session.run([manifest.outputs.probabilities], {manifest.input_name: image[None]})[0]))
 
         load_before = os.getloadavg()
@@ -292,24 +354,37 @@ def main(argv: list[str] | None = None) -> int:
             samples = {(mode, c): Sample() for c in args.concurrency for mode in MODES}
             for round_ in range(args.rounds):
                 for c in args.concurrency:
-                    samples[MODES[0], c].add(*measure_raw(session, manifest.input_name, image, c, args.seconds,
-                                                          args.warmup))
-                    for mode, method, payload in ((MODES[1], OIP_INFER, oip_payload),
-                                                  (MODES[2], TASK_CLASSIFY, task_payload)):
-                        samples[mode, c].add(*measure_served(address, metrics_url, name, method, payload, c,
-                                                             args.seconds, args.warmup))
-                    log.info("round %d, concurrency %d: %s", round_ + 1, c, ", ".join(
-                        f"{m} {samples[m, c].images / samples[m, c].elapsed:.1f} img/s" for m in MODES))
+                    samples[MODES[0], c].add(
+                        *measure_raw(session, manifest.input_name, image, c, args.seconds, args.warmup)
+                    )
+                    for mode, method, payload in (
+                        (MODES[1], OIP_INFER, oip_payload),
+                        (MODES[2], TASK_CLASSIFY, task_payload),
+                    ):
+                        samples[mode, c].add(
+                            *measure_served(address, metrics_url, name, method, payload, c, args.seconds, args.warmup)
+                        )
+                    log.info(
+                        "round %d, concurrency %d: %s",
+                        round_ + 1,
+                        c,
+                        ", ".join(f"{m} {samples[m, c].images / samples[m, c].elapsed:.1f} img/s" for m in MODES),
+                    )
             cells = [samples[mode, c].cell(mode, c) for c in args.concurrency for mode in MODES]
         finally:
             process.terminate()
             process.wait(30)
         load_after = os.getloadavg()
 
-    print(f"model: {name} ({manifest.architecture}, {manifest.preprocessing.input_size} px, {manifest.precision}), "
-          f"ONNX Runtime {ort.__version__} CPU, {os.cpu_count()} CPUs; top class on all three paths: {agreed}")
-    print(f"load average before/after: {load_before[0]:.2f} / {load_after[0]:.2f}; "
-          f"{args.rounds} x {args.seconds:g} s per cell, each after {args.warmup:g} s warm-up; server flags: {args.server_arg or 'defaults'}")
+    print(
+        f"model: {name} ({manifest.architecture}, {manifest.preprocessing.input_size} px, {manifest.precision}), "
+        f"ONNX Runtime {ort.__version__} CPU, {os.cpu_count()} CPUs; top class on all three paths: {agreed}"
+    )
+    print(
+        f"load average before/after: {load_before[0]:.2f} / {load_after[0]:.2f}; "
+        f"{args.rounds} x {args.seconds:g} s per cell, each after {args.warmup:g} s warm-up; "
+        f"server flags: {args.server_arg or 'defaults'}"
+    )
     print()
     print(table(cells))
     if args.json:

@@ -12,6 +12,7 @@ per class (model selection), and one fixed test subset (100 per class of the off
 Results are cached in the JSON file, so an interrupted grid continues where it stopped.
 Prints a Markdown table of mean +- std test accuracy over the seeds.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -36,7 +37,7 @@ def read_idx(path: Path) -> np.ndarray:
     with gzip.open(path, "rb") as f:
         data = f.read()
     dims = data[3]
-    shape = tuple(int.from_bytes(data[4 + 4 * i: 8 + 4 * i], "big") for i in range(dims))
+    shape = tuple(int.from_bytes(data[4 + 4 * i : 8 + 4 * i], "big") for i in range(dims))
     return np.frombuffer(data, dtype=np.uint8, offset=4 + 4 * dims).reshape(shape)
 
 
@@ -85,8 +86,18 @@ def run_one(data: Path, out: Path, strategy: str, seed: int, per_class: int, ima
     from tlserve.trainer.config import TrainConfig
     from tlserve.trainer.train import run
 
-    cfg = TrainConfig(data=str(data), out=str(out), name="fashion", strategy=strategy, seed=seed,
-                      image_size=image_size, progress="off", auto_epochs=2, threads=2, **schedule(per_class))
+    cfg = TrainConfig(
+        data=str(data),
+        out=str(out),
+        name="fashion",
+        strategy=strategy,
+        seed=seed,
+        image_size=image_size,
+        progress="off",
+        auto_epochs=2,
+        threads=2,
+        **schedule(per_class),
+    )
     started = time.perf_counter()
     summary = run(cfg)
     ckpt_auto = {}
@@ -95,8 +106,12 @@ def run_one(data: Path, out: Path, strategy: str, seed: int, per_class: int, ima
 
         prov = torch.load(out / "checkpoint.pt", weights_only=False)["manifest"]["provenance"]
         ckpt_auto = {k: prov["auto"].get(k) for k in ("choice", "scenario", "probe_accuracy", "finetune_accuracy")}
-    return {"test_accuracy": summary["test_accuracy"], "seconds": round(time.perf_counter() - started, 1),
-            "chosen": summary["strategy"], **ckpt_auto}
+    return {
+        "test_accuracy": summary["test_accuracy"],
+        "seconds": round(time.perf_counter() - started, 1),
+        "chosen": summary["strategy"],
+        **ckpt_auto,
+    }
 
 
 def table(results: dict, sizes: list[int], seeds: list[int]) -> str:
@@ -110,8 +125,9 @@ def table(results: dict, sizes: list[int], seeds: list[int]) -> str:
                 cells.append("–")
                 continue
             std = statistics.stdev(accs) if len(accs) > 1 else 0.0
-            cells.append(f"{statistics.mean(accs):.3f} ± {std:.3f}" + ("" if len(accs) == len(seeds) else
-                                                                        f" (n={len(accs)})"))
+            cells.append(
+                f"{statistics.mean(accs):.3f} ± {std:.3f}" + ("" if len(accs) == len(seeds) else f" (n={len(accs)})")
+            )
         name = "auto (its choice)" if strategy == "auto" else strategy
         lines.append(f"| {name} | " + " | ".join(cells) + " |")
     choices = []
@@ -135,10 +151,12 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.WARNING, stream=sys.stderr)
     args.work.mkdir(parents=True, exist_ok=True)
     results = json.loads(args.json.read_text()) if args.json.exists() else {}
-    arrays = {"train_x": read_idx(SOURCE / "train-images-idx3-ubyte.gz"),
-              "train_y": read_idx(SOURCE / "train-labels-idx1-ubyte.gz"),
-              "test_x": read_idx(SOURCE / "t10k-images-idx3-ubyte.gz"),
-              "test_y": read_idx(SOURCE / "t10k-labels-idx1-ubyte.gz")}
+    arrays = {
+        "train_x": read_idx(SOURCE / "train-images-idx3-ubyte.gz"),
+        "train_y": read_idx(SOURCE / "train-labels-idx1-ubyte.gz"),
+        "test_x": read_idx(SOURCE / "t10k-images-idx3-ubyte.gz"),
+        "test_y": read_idx(SOURCE / "t10k-labels-idx1-ubyte.gz"),
+    }
     for n in args.sizes:
         for seed in args.seeds:
             data = make_dataset(args.work, n, seed, arrays)
@@ -146,12 +164,15 @@ def main(argv: list[str] | None = None) -> int:
                 key = f"{strategy}/{n}/{seed}"
                 if key in results:
                     continue
-                results[key] = run_one(data, args.work / "runs" / key.replace("/", "-"), strategy, seed, n,
-                                       args.image_size)
+                results[key] = run_one(
+                    data, args.work / "runs" / key.replace("/", "-"), strategy, seed, n, args.image_size
+                )
                 print(key, json.dumps(results[key]), flush=True)
                 args.json.write_text(json.dumps(results, indent=1))
-    print(f"\nFashion-MNIST, MobileNetV2, {args.image_size} px, test = 1000 images (100/class), "
-          f"mean ± std over seeds {args.seeds}:\n")
+    print(
+        f"\nFashion-MNIST, MobileNetV2, {args.image_size} px, test = 1000 images (100/class), "
+        f"mean ± std over seeds {args.seeds}:\n"
+    )
     print(table(results, args.sizes, args.seeds))
     return 0
 

@@ -3,6 +3,7 @@
 ``export_checkpoint`` is the Python API behind ``tlserve export``: load the model, trace the
 serving graph, verify it against PyTorch on real images, embed the manifest, publish atomically.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -65,12 +66,18 @@ def serving_manifest(manifest: Manifest, options: ExportOptions) -> Manifest:
     return manifest.replace(preprocessing=pre, outputs=outputs)
 
 
-def export_provenance(options: ExportOptions, source: dict[str, Any], verification: dict[str, Any]
-                      ) -> dict[str, Any]:
-    return {"created": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
-            "exporter": f"torch.onnx ({options.exporter})", "opset": options.opset, "tlserve": __version__,
-            "torch": torch.__version__, "onnx": onnx.__version__, "onnxruntime": ort.__version__, **source,
-            "verification": verification}
+def export_provenance(options: ExportOptions, source: dict[str, Any], verification: dict[str, Any]) -> dict[str, Any]:
+    return {
+        "created": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+        "exporter": f"torch.onnx ({options.exporter})",
+        "opset": options.opset,
+        "tlserve": __version__,
+        "torch": torch.__version__,
+        "onnx": onnx.__version__,
+        "onnxruntime": ort.__version__,
+        **source,
+        "verification": verification,
+    }
 
 
 def check_signature(path: Path, manifest: Manifest) -> None:
@@ -79,12 +86,21 @@ def check_signature(path: Path, manifest: Manifest) -> None:
     dtype = {"tensor(uint8)": "uint8", "tensor(float)": "float32", "tensor(float16)": "float16"}
     Manifest.from_metadata(session.get_modelmeta().custom_metadata_map).check_graph(
         [(i.name, i.shape, dtype.get(i.type, i.type)) for i in session.get_inputs()],
-        [(o.name, o.shape) for o in session.get_outputs()])
+        [(o.name, o.shape) for o in session.get_outputs()],
+    )
 
 
-def export_model(model: nn.Module, head_name: str, manifest: Manifest, repository: str | os.PathLike,
-                 name: str | None, version: str | int, options: ExportOptions,
-                 config: dict[str, Any] | None = None, source: dict[str, Any] | None = None) -> Path:
+def export_model(
+    model: nn.Module,
+    head_name: str,
+    manifest: Manifest,
+    repository: str | os.PathLike,
+    name: str | None,
+    version: str | int,
+    options: ExportOptions,
+    config: dict[str, Any] | None = None,
+    source: dict[str, Any] | None = None,
+) -> Path:
     """Trace, verify, embed and publish ``model``; returns the published model.onnx."""
     if options.precision not in PRECISIONS:
         raise ValueError(f"precision must be one of {PRECISIONS}, got {options.precision!r}")
@@ -92,17 +108,34 @@ def export_model(model: nn.Module, head_name: str, manifest: Manifest, repositor
     name = name or manifest.name
     resolve_version(repository, name, version)  # fail fast on an existing version, before any work
     manifest = serving_manifest(manifest, options)
-    graph = ServingGraph(model.eval(), head_name, manifest.preprocessing, uint8_input=not options.float_input,
-                         with_logits=options.logits).eval()
+    graph = ServingGraph(
+        model.eval(), head_name, manifest.preprocessing, uint8_input=not options.float_input, with_logits=options.logits
+    ).eval()
     gate = options.gate_images if options.precision == "int8" else options.verify_images
-    calibration, val = run_data(manifest, config or {}, options.data, max(gate, options.verify_images),
-                                options.calibration_images)
+    calibration, val = run_data(
+        manifest, config or {}, options.data, max(gate, options.verify_images), options.calibration_images
+    )
     with tempfile.TemporaryDirectory(prefix="tlserve-export-") as work:
         traced = Path(work) / "traced.onnx"
-        export_graph(graph, manifest.preprocessing.input_size, traced, input_name=manifest.input_name,
-                     opset=options.opset, exporter=options.exporter)
-        variants = build_variants(traced, graph, val.subset(options.verify_images), val, calibration,
-                                  options.precision, options.optimized, options.force, manifest.input_name)
+        export_graph(
+            graph,
+            manifest.preprocessing.input_size,
+            traced,
+            input_name=manifest.input_name,
+            opset=options.opset,
+            exporter=options.exporter,
+        )
+        variants = build_variants(
+            traced,
+            graph,
+            val.subset(options.verify_images),
+            val,
+            calibration,
+            options.precision,
+            options.optimized,
+            options.force,
+            manifest.input_name,
+        )
         version = resolve_version(repository, name, version)
         verification = {"images": val.source, **{v.file_name: v.verification for v in variants}}
         provenance = {**manifest.provenance, "export": export_provenance(options, source or {}, verification)}
@@ -122,15 +155,30 @@ def sealed(variant: Variant, manifest: Manifest) -> bytes:
     return data
 
 
-def export_checkpoint(checkpoint: str | os.PathLike, repository: str | os.PathLike, name: str | None = None,
-                      version: str | int = "auto", precision: str = "fp32", **options: Any) -> Path:
+def export_checkpoint(
+    checkpoint: str | os.PathLike,
+    repository: str | os.PathLike,
+    name: str | None = None,
+    version: str | int = "auto",
+    precision: str = "fp32",
+    **options: Any,
+) -> Path:
     """Export a training checkpoint (or a run directory holding ``checkpoint.pt``) to
     ``repository/<name>/<version>/model.onnx`` and return that path. ``options`` are ExportOptions fields."""
     path = checkpoint_file(checkpoint)
     model, manifest, ckpt = load_model(path)
     source = {"source_checkpoint": str(path.resolve()), "source_sha256": file_sha256(path)}
-    return export_model(model, model.head_name, manifest, repository, name, version,
-                        ExportOptions(precision=precision, **options), ckpt.get("config", {}), source)
+    return export_model(
+        model,
+        model.head_name,
+        manifest,
+        repository,
+        name,
+        version,
+        ExportOptions(precision=precision, **options),
+        ckpt.get("config", {}),
+        source,
+    )
 
 
 def unique_labels(categories: list[str]) -> list[str]:
@@ -157,9 +205,15 @@ def cached_weights(arch: str):
     return cached[0]
 
 
-def export_pretrained(arch: str, repository: str | os.PathLike, name: str | None = None,
-                      version: str | int = "auto", weights: str = "DEFAULT", precision: str = "fp32",
-                      **options: Any) -> Path:
+def export_pretrained(
+    arch: str,
+    repository: str | os.PathLike,
+    name: str | None = None,
+    version: str | int = "auto",
+    weights: str = "DEFAULT",
+    precision: str = "fp32",
+    **options: Any,
+) -> Path:
     """Export a stock torchvision classifier with its own labels (``weights.meta["categories"]``) and its
     own eval preprocessing (``weights.transforms()``); returns the published model.onnx."""
     from torchvision import models as tvm
@@ -172,14 +226,33 @@ def export_pretrained(arch: str, repository: str | os.PathLike, name: str | None
         raise ValueError(f"--pretrained needs published weights for {arch}, got {weights!r}")
     model = tvm.get_model(arch, weights=enum).eval()
     weights_file = Path(torch.hub.get_dir()) / "checkpoints" / os.path.basename(enum.url)
-    source = {"source_weights": f"{type(enum).__name__}.{enum.name}", "source_url": enum.url,
-              "source_sha256": file_sha256(weights_file) if weights_file.is_file() else None}
+    source = {
+        "source_weights": f"{type(enum).__name__}.{enum.name}",
+        "source_url": enum.url,
+        "source_sha256": file_sha256(weights_file) if weights_file.is_file() else None,
+    }
     top1 = enum.meta.get("_metrics", {}).get("ImageNet-1K", {}).get("acc@1")
-    manifest = Manifest(name=name or arch, version="0", architecture=arch,
-                        labels=unique_labels(list(enum.meta["categories"])),
-                        preprocessing=Preprocessing(**weights_transform_values(arch, enum.name)),
-                        provenance={"strategy": "pretrained", "weights": enum.name,
-                                    "dataset": {"name": "ImageNet-1k"},
-                                    "val": {"accuracy": None if top1 is None else top1 / 100}})
-    return export_model(model, head_name(model), manifest, repository, name, version,
-                        ExportOptions(precision=precision, **options), {}, source)
+    manifest = Manifest(
+        name=name or arch,
+        version="0",
+        architecture=arch,
+        labels=unique_labels(list(enum.meta["categories"])),
+        preprocessing=Preprocessing(**weights_transform_values(arch, enum.name)),
+        provenance={
+            "strategy": "pretrained",
+            "weights": enum.name,
+            "dataset": {"name": "ImageNet-1k"},
+            "val": {"accuracy": None if top1 is None else top1 / 100},
+        },
+    )
+    return export_model(
+        model,
+        head_name(model),
+        manifest,
+        repository,
+        name,
+        version,
+        ExportOptions(precision=precision, **options),
+        {},
+        source,
+    )

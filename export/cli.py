@@ -1,4 +1,5 @@
 """`tlserve` subcommands of the export part (registered by tlserve.cli; no heavy imports at module level)."""
+
 from __future__ import annotations
 
 import argparse
@@ -12,8 +13,15 @@ def _export(args: argparse.Namespace) -> int:
 
     if bool(args.source) == bool(args.pretrained):
         raise SystemExit("tlserve export: give a run directory or checkpoint, or --pretrained ARCH (not both)")
-    options = {"float_input": args.float_input, "logits": args.logits, "data": args.data, "force": args.force,
-               "optimized": args.optimized, "exporter": args.exporter, "opset": args.opset}
+    options = {
+        "float_input": args.float_input,
+        "logits": args.logits,
+        "data": args.data,
+        "force": args.force,
+        "optimized": args.optimized,
+        "exporter": args.exporter,
+        "opset": args.opset,
+    }
     common = {"name": args.name, "version": args.version, "precision": args.precision, **options}
     try:
         if args.pretrained:
@@ -44,24 +52,41 @@ def _inspect(args: argparse.Namespace) -> int:
 
 def register(subparsers: argparse._SubParsersAction) -> None:
     """Add this part's subcommands. Each sets `func` to a handler taking the parsed args."""
-    p = subparsers.add_parser("export", help="export a run's checkpoint to a verified, self-describing ONNX version",
-                              description="Trace, verify against PyTorch and publish models/<name>/<version>/model.onnx")
+    p = subparsers.add_parser(
+        "export",
+        help="export a run's checkpoint to a verified, self-describing ONNX version",
+        description="Trace, verify against PyTorch and publish models/<name>/<version>/model.onnx",
+    )
     p.add_argument("source", nargs="?", help="run directory (its checkpoint.pt) or checkpoint file")
-    p.add_argument("--pretrained", metavar="ARCH",
-                   help="export a stock torchvision ImageNet classifier instead (e.g. mobilenet_v2)")
-    p.add_argument("--weights", default="DEFAULT", help="with --pretrained: the weights enum member (default: DEFAULT, or the one in the hub cache)")
+    p.add_argument(
+        "--pretrained",
+        metavar="ARCH",
+        help="export a stock torchvision ImageNet classifier instead (e.g. mobilenet_v2)",
+    )
+    p.add_argument(
+        "--weights",
+        default="DEFAULT",
+        help="with --pretrained: the weights enum member (default: DEFAULT, or the one in the hub cache)",
+    )
     p.add_argument("--repository", default="models", help="model repository root (default: models)")
     p.add_argument("--name", help="model name (default: the manifest's)")
     p.add_argument("--version", default="auto", help="version folder, or 'auto' for the next integer (default)")
     p.add_argument("--precision", choices=("fp32", "fp16", "int8"), default="fp32", help="default: fp32")
-    p.add_argument("--float-input", action="store_true",
-                   help="float32 input the caller normalises, instead of uint8 normalised in the graph")
+    p.add_argument(
+        "--float-input",
+        action="store_true",
+        help="float32 input the caller normalises, instead of uint8 normalised in the graph",
+    )
     p.add_argument("--logits", action="store_true", help="add a 'logits' output")
     p.add_argument("--data", help="ImageFolder root for verification/calibration (default: the run's data)")
     p.add_argument("--force", action="store_true", help="publish int8 even when it fails the accuracy gate")
     p.add_argument("--optimized", action="store_true", help="also write an ORT-optimised copy (extended level)")
-    p.add_argument("--exporter", choices=("dynamo", "torchscript"), default="dynamo",
-                   help="torch.onnx exporter (default: dynamo, torch's supported one)")
+    p.add_argument(
+        "--exporter",
+        choices=("dynamo", "torchscript"),
+        default="dynamo",
+        help="torch.onnx exporter (default: dynamo, torch's supported one)",
+    )
     p.add_argument("--opset", type=int, default=18, help="ONNX opset, >= 17 (default: 18)")
     p.set_defaults(func=_export)
     i = subparsers.add_parser("inspect", help="print an exported model's manifest, inputs/outputs, opset and size")

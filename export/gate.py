@@ -1,4 +1,5 @@
 """The int8 accuracy gate: validation top-1 of the int8 graph against the fp32 graph, plus the CPU speed ratio."""
+
 from __future__ import annotations
 
 import logging
@@ -34,8 +35,12 @@ class Int8Report:
 
 def predictions(session: ort.InferenceSession, inputs: np.ndarray, batch: int = 64) -> np.ndarray:
     name = session.get_inputs()[0].name
-    return np.concatenate([session.run(["probabilities"], {name: inputs[i:i + batch]})[0].argmax(1)
-                           for i in range(0, len(inputs), batch)])
+    return np.concatenate(
+        [
+            session.run(["probabilities"], {name: inputs[i : i + batch]})[0].argmax(1)
+            for i in range(0, len(inputs), batch)
+        ]
+    )
 
 
 def speed_ratio(fp32: Path, int8: Path, inputs: np.ndarray, batch: int = 8, rounds: int = 7) -> float:
@@ -53,8 +58,14 @@ def speed_ratio(fp32: Path, int8: Path, inputs: np.ndarray, batch: int = 8, roun
     return float(np.median(times[0]) / np.median(times[1]))
 
 
-def int8_gate(fp32: Path, int8: Path, inputs: np.ndarray, targets: np.ndarray | None, force: bool = False,
-              max_drop_points: float = MAX_DROP_POINTS) -> Int8Report:
+def int8_gate(
+    fp32: Path,
+    int8: Path,
+    inputs: np.ndarray,
+    targets: np.ndarray | None,
+    force: bool = False,
+    max_drop_points: float = MAX_DROP_POINTS,
+) -> Int8Report:
     """Measure the int8 model against the fp32 one on labelled validation inputs; raise VerificationError
     when top-1 drops more than ``max_drop_points`` (or no labels exist), unless ``force``."""
     ref = predictions(cpu_session(fp32), inputs)
@@ -63,16 +74,29 @@ def int8_gate(fp32: Path, int8: Path, inputs: np.ndarray, targets: np.ndarray | 
     if targets is None:
         report = Int8Report(len(inputs), None, None, None, float((ref == got).mean()), ratio, force)
         if not force:
-            raise VerificationError("int8 needs labelled validation images for its accuracy gate (give --data "
-                                    "with the run's image folder), or --force to publish it ungated")
+            raise VerificationError(
+                "int8 needs labelled validation images for its accuracy gate (give --data "
+                "with the run's image folder), or --force to publish it ungated"
+            )
         return report
     fp32_top1, int8_top1 = float((ref == targets).mean()), float((got == targets).mean())
     drop = round(100.0 * (fp32_top1 - int8_top1), 6)
-    report = Int8Report(len(inputs), fp32_top1, int8_top1, drop, float((ref == got).mean()), ratio,
-                        force and drop > max_drop_points)
-    log.info("int8 gate on %d val images: top-1 fp32 %.4f, int8 %.4f (drop %.2f points), agreement %.4f, "
-             "CPU speed int8/fp32 %.2fx", len(inputs), fp32_top1, int8_top1, drop, report.top1_agreement, ratio)
+    report = Int8Report(
+        len(inputs), fp32_top1, int8_top1, drop, float((ref == got).mean()), ratio, force and drop > max_drop_points
+    )
+    log.info(
+        "int8 gate on %d val images: top-1 fp32 %.4f, int8 %.4f (drop %.2f points), agreement %.4f, "
+        "CPU speed int8/fp32 %.2fx",
+        len(inputs),
+        fp32_top1,
+        int8_top1,
+        drop,
+        report.top1_agreement,
+        ratio,
+    )
     if drop > max_drop_points and not force:
-        raise VerificationError(f"int8 drops validation top-1 by {drop:.2f} points (fp32 {fp32_top1:.4f} -> int8 "
-                                f"{int8_top1:.4f}, limit {max_drop_points} points); refusing (--force to publish)")
+        raise VerificationError(
+            f"int8 drops validation top-1 by {drop:.2f} points (fp32 {fp32_top1:.4f} -> int8 "
+            f"{int8_top1:.4f}, limit {max_drop_points} points); refusing (--force to publish)"
+        )
     return report

@@ -1,4 +1,5 @@
 """The graph we export: uint8 NCHW images in, normalisation inside, probabilities and embedding out."""
+
 from __future__ import annotations
 
 import copy
@@ -29,8 +30,14 @@ class ServingGraph(nn.Module):
     ``(probabilities, embedding)`` and, with ``with_logits``, the logits last.
     """
 
-    def __init__(self, model: nn.Module, head_name: str, preprocessing: Preprocessing,
-                 uint8_input: bool = True, with_logits: bool = False) -> None:
+    def __init__(
+        self,
+        model: nn.Module,
+        head_name: str,
+        preprocessing: Preprocessing,
+        uint8_input: bool = True,
+        with_logits: bool = False,
+    ) -> None:
         super().__init__()
         self.body, self.head = split_head(model, head_name)
         self.uint8_input = uint8_input

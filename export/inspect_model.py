@@ -1,4 +1,5 @@
 """`tlserve inspect MODEL.onnx`: the manifest, the graph's inputs and outputs, the opset and the size."""
+
 from __future__ import annotations
 
 import os
@@ -23,9 +24,12 @@ def describe(path: str | os.PathLike) -> dict[str, Any]:
     path = Path(path)
     model = onnx.load(str(path), load_external_data=False)
     return {
-        "file": str(path), "size_bytes": path.stat().st_size, "ir_version": model.ir_version,
+        "file": str(path),
+        "size_bytes": path.stat().st_size,
+        "ir_version": model.ir_version,
         "opsets": {o.domain or "ai.onnx": o.version for o in model.opset_import},
-        "producer": f"{model.producer_name} {model.producer_version}".strip(), "nodes": len(model.graph.node),
+        "producer": f"{model.producer_name} {model.producer_version}".strip(),
+        "nodes": len(model.graph.node),
         "inputs": [(i.name, dtype(i), dims(i)) for i in model.graph.input],
         "outputs": [(o.name, dtype(o), dims(o)) for o in model.graph.output],
         "manifest": read_manifest(model),
@@ -35,14 +39,16 @@ def describe(path: str | os.PathLike) -> dict[str, Any]:
 def render(info: dict[str, Any]) -> str:
     manifest = info["manifest"]
     pre = manifest.preprocessing
-    lines = [f"{info['file']}: {info['size_bytes'] / 1e6:.2f} MB, {info['nodes']} nodes, ir {info['ir_version']}, "
-             "opsets " + ", ".join(f"{k} {v}" for k, v in info["opsets"].items()),
-             f"model {manifest.name} version {manifest.version}: {manifest.architecture}, {manifest.precision}, "
-             f"{manifest.num_classes} labels ({', '.join(manifest.labels[:5])}"
-             f"{', ...' if manifest.num_classes > 5 else ''})",
-             f"preprocessing: resize {pre.resize_size} {pre.interpolation}, crop {pre.input_size}, "
-             f"{pre.input_dtype} {pre.layout}, normalise in graph: {pre.normalize_in_graph}, mean {pre.mean}, "
-             f"std {pre.std}"]
+    lines = [
+        f"{info['file']}: {info['size_bytes'] / 1e6:.2f} MB, {info['nodes']} nodes, ir {info['ir_version']}, "
+        "opsets " + ", ".join(f"{k} {v}" for k, v in info["opsets"].items()),
+        f"model {manifest.name} version {manifest.version}: {manifest.architecture}, {manifest.precision}, "
+        f"{manifest.num_classes} labels ({', '.join(manifest.labels[:5])}"
+        f"{', ...' if manifest.num_classes > 5 else ''})",
+        f"preprocessing: resize {pre.resize_size} {pre.interpolation}, crop {pre.input_size}, "
+        f"{pre.input_dtype} {pre.layout}, normalise in graph: {pre.normalize_in_graph}, mean {pre.mean}, "
+        f"std {pre.std}",
+    ]
     lines += [f"input  {name}: {kind} {shape}" for name, kind, shape in info["inputs"]]
     lines += [f"output {name}: {kind} {shape}" for name, kind, shape in info["outputs"]]
     lines += ["manifest:", manifest.to_json(indent=2)]

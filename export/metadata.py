@@ -1,4 +1,5 @@
 """The manifest inside an ONNX file (``metadata_props``) and beside it (``manifest.json``)."""
+
 from __future__ import annotations
 
 import onnx
@@ -12,8 +13,10 @@ def embed_manifest(model: onnx.ModelProto, manifest: Manifest) -> onnx.ModelProt
     props[METADATA_KEY] = manifest.to_json()
     onnx.helper.set_model_props(model, props)
     model.producer_name = "tlserve"
-    model.doc_string = f"{manifest.name} version {manifest.version}: {manifest.architecture}, " \
-                       f"{manifest.num_classes} classes, {manifest.precision}"
+    model.doc_string = (
+        f"{manifest.name} version {manifest.version}: {manifest.architecture}, "
+        f"{manifest.num_classes} classes, {manifest.precision}"
+    )
     if manifest.version.isdigit():
         model.model_version = int(manifest.version)
     return model

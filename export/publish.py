@@ -4,14 +4,15 @@ A version is staged in a hidden folder beside the versions (``ROOT/<name>/.stagi
 file fsynced, then the folder is renamed into place in one step: a reader (the server's
 repository scan) sees either no version or the complete one. Existing versions are never touched.
 """
+
 from __future__ import annotations
 
 import logging
 import os
 import shutil
 import uuid
+from collections.abc import Mapping
 from pathlib import Path
-from typing import Mapping
 
 log = logging.getLogger(__name__)
 

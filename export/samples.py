@@ -4,13 +4,14 @@ Sources, best first: the run's own data folder (its val split; its train split f
 then the embedded Fashion-MNIST demo data, then bundled photos (scikit-image, matplotlib).
 Images come out as uint8 NCHW, exactly what the exported graph takes.
 """
+
 from __future__ import annotations
 
 import logging
 import os
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterable, Sequence
 
 import numpy as np
 from PIL import Image
@@ -40,7 +41,7 @@ class Samples:
     def labelled(self) -> bool:
         return self.targets is not None
 
-    def subset(self, limit: int) -> "Samples":
+    def subset(self, limit: int) -> Samples:
         """At most ``limit`` images evenly spread over this set."""
         index = spread(len(self), limit)
         return Samples(self.images[index], None if self.targets is None else self.targets[index], self.source)
@@ -69,11 +70,17 @@ def from_samples(samples: Sequence[tuple[str, int]], pre: Preprocessing, limit: 
     return Samples(preprocess(images(), pre), np.array([t for _, t in chosen], dtype=np.int64), source)
 
 
-def folder_splits(data: str | os.PathLike, manifest: Manifest, config: dict, val_limit: int | None,
-                  train_limit: int | None) -> tuple[Samples, Samples]:
+def folder_splits(
+    data: str | os.PathLike, manifest: Manifest, config: dict, val_limit: int | None, train_limit: int | None
+) -> tuple[Samples, Samples]:
     """(train, val) of an ImageFolder root, split exactly as the run split it."""
-    splits = load_splits(data, config.get("val_fraction", 0.2), config.get("test_fraction", 0.0),
-                         config.get("seed", 0), config.get("max_per_class"))
+    splits = load_splits(
+        data,
+        config.get("val_fraction", 0.2),
+        config.get("test_fraction", 0.0),
+        config.get("seed", 0),
+        config.get("max_per_class"),
+    )
     if set(splits.classes) != set(manifest.labels):
         raise ValueError(f"{data} has classes {list(splits.classes)}, the model has {list(manifest.labels)}")
     index = {label: i for i, label in enumerate(manifest.labels)}  # folder order -> the model's label order
@@ -82,8 +89,10 @@ def folder_splits(data: str | os.PathLike, manifest: Manifest, config: dict, val
     def relabel(samples):
         return [(path, index[splits.classes[target]]) for path, target in samples]
 
-    return (from_samples(relabel(splits.train), pre, train_limit, f"{data} (train)"),
-            from_samples(relabel(splits.val), pre, val_limit, f"{data} (val)"))
+    return (
+        from_samples(relabel(splits.train), pre, train_limit, f"{data} (train)"),
+        from_samples(relabel(splits.val), pre, val_limit, f"{data} (val)"),
+    )
 
 
 def demo_split(split: str, manifest: Manifest, limit: int | None) -> Samples:
@@ -102,11 +111,13 @@ def photo_paths() -> list[Path]:
     paths: list[Path] = []
     try:
         import skimage
+
         paths += [Path(skimage.__file__).parent / "data" / name for name in PHOTO_FILES]
     except ImportError:
         pass
     try:
         import matplotlib
+
         paths.append(Path(matplotlib.get_data_path()) / "sample_data" / "grace_hopper.jpg")
     except ImportError:
         pass
@@ -134,8 +145,9 @@ def concat(parts: Sequence[Samples | None]) -> Samples:
     return Samples(np.concatenate([p.images for p in parts]), targets, " + ".join(p.source for p in parts))
 
 
-def run_data(manifest: Manifest, config: dict, data: str | os.PathLike | None, val_limit: int | None,
-             train_limit: int | None) -> tuple[Samples, Samples]:
+def run_data(
+    manifest: Manifest, config: dict, data: str | os.PathLike | None, val_limit: int | None, train_limit: int | None
+) -> tuple[Samples, Samples]:
     """(calibration, validation) images for a model: the run's data folder when it can be found,
     else the embedded demo data (labelled only when the labels match) plus bundled photos."""
     folder = data or config.get("data")

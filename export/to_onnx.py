@@ -4,13 +4,14 @@ The default exporter is torch.export-based (``dynamo=True``): it is torch's supp
 since 2.9, and its optimiser folds BatchNorm into Conv. The TorchScript exporter
 (``exporter="torchscript"``) is kept as an escape hatch; it is faster but deprecated.
 """
+
 from __future__ import annotations
 
 import contextlib
 import logging
 import warnings
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Iterator
 
 import onnx
 import torch
@@ -43,8 +44,14 @@ def output_names(with_logits: bool) -> list[str]:
     return ["probabilities", "embedding", "logits"] if with_logits else ["probabilities", "embedding"]
 
 
-def export_graph(graph: ServingGraph, input_size: int, path: Path, input_name: str = "images",
-                 opset: int = DEFAULT_OPSET, exporter: str = "dynamo") -> onnx.ModelProto:
+def export_graph(
+    graph: ServingGraph,
+    input_size: int,
+    path: Path,
+    input_name: str = "images",
+    opset: int = DEFAULT_OPSET,
+    exporter: str = "dynamo",
+) -> onnx.ModelProto:
     """Export ``graph`` to ``path`` (a single file, weights inside) and return the loaded model."""
     if exporter not in EXPORTERS:
         raise ValueError(f"exporter must be one of {EXPORTERS}, got {exporter!r}")
@@ -58,11 +65,28 @@ def export_graph(graph: ServingGraph, input_size: int, path: Path, input_name: s
     with torch.no_grad(), warnings.catch_warnings(), quiet_exporter():
         warnings.simplefilter("ignore", category=DeprecationWarning)
         if exporter == "dynamo":
-            torch.onnx.export(graph, (sample,), str(path), input_names=[input_name], output_names=outputs,
-                              dynamic_shapes={"images": {0: torch.export.Dim("batch")}}, opset_version=opset,
-                              dynamo=True, external_data=False, verbose=False)
+            torch.onnx.export(
+                graph,
+                (sample,),
+                str(path),
+                input_names=[input_name],
+                output_names=outputs,
+                dynamic_shapes={"images": {0: torch.export.Dim("batch")}},
+                opset_version=opset,
+                dynamo=True,
+                external_data=False,
+                verbose=False,
+            )
         else:
             axes = {name: {0: "batch"} for name in [input_name, *outputs]}
-            torch.onnx.export(graph, (sample,), str(path), input_names=[input_name], output_names=outputs,
-                              dynamic_axes=axes, opset_version=opset, dynamo=False)
+            torch.onnx.export(
+                graph,
+                (sample,),
+                str(path),
+                input_names=[input_name],
+                output_names=outputs,
+                dynamic_axes=axes,
+                opset_version=opset,
+                dynamo=False,
+            )
     return onnx.load(str(path))

@@ -1,4 +1,5 @@
 """Build and verify the ONNX files of one version: model.onnx at the asked precision, plus optional copies."""
+
 from __future__ import annotations
 
 import logging
@@ -42,8 +43,17 @@ def ort_optimized(source: Path, target: Path) -> None:
     ort.InferenceSession(str(source), options, providers=["CPUExecutionProvider"])
 
 
-def build_variants(traced: Path, graph: ServingGraph, check: Samples, val: Samples, calibration: Samples,
-                   precision: str, optimized: bool, force: bool, input_name: str) -> list[Variant]:
+def build_variants(
+    traced: Path,
+    graph: ServingGraph,
+    check: Samples,
+    val: Samples,
+    calibration: Samples,
+    precision: str,
+    optimized: bool,
+    force: bool,
+    input_name: str,
+) -> list[Variant]:
     """The verified files of a version, model.onnx first. ``traced`` has passed fp32 verification already."""
     work = traced.parent
     fp32 = Variant(MODEL_FILE, "fp32", traced, verify_parity(traced, graph, check.images).to_dict())
@@ -54,18 +64,35 @@ def build_variants(traced: Path, graph: ServingGraph, check: Samples, val: Sampl
         quantize_int8(traced, path, input_name, graph.prepare(calibration.images))
         report = int8_gate(traced, path, graph.prepare(val.images), val.targets, force)
         parity = verify_parity(path, graph, check.images, tolerance=ANY)
-        main = Variant(MODEL_FILE, "int8", path, {"parity": parity.to_dict(), "gate": report.to_dict(),
-                                                  "calibration": f"{len(calibration)} images, {calibration.source}"})
+        main = Variant(
+            MODEL_FILE,
+            "int8",
+            path,
+            {
+                "parity": parity.to_dict(),
+                "gate": report.to_dict(),
+                "calibration": f"{len(calibration)} images, {calibration.source}",
+            },
+        )
     variants.append(main)
     if precision == "fp16":
         path = work / "fp16.onnx"
         onnx.save(to_fp16(onnx.load(str(traced))), str(path))
-        variants.append(Variant(FP16_FILE, "fp16", path,
-                                verify_parity(path, graph, check.images, tolerance=FP16_TOLERANCE).to_dict()))
+        variants.append(
+            Variant(
+                FP16_FILE, "fp16", path, verify_parity(path, graph, check.images, tolerance=FP16_TOLERANCE).to_dict()
+            )
+        )
     if optimized:
         path = work / "optimized.onnx"
         ort_optimized(main.path, path)
         tolerance = ANY if main.precision == "int8" else Tolerance()
-        variants.append(Variant(OPTIMIZED_FILE, main.precision, path,
-                                verify_parity(path, graph, check.images, tolerance=tolerance).to_dict()))
+        variants.append(
+            Variant(
+                OPTIMIZED_FILE,
+                main.precision,
+                path,
+                verify_parity(path, graph, check.images, tolerance=tolerance).to_dict(),
+            )
+        )
     return variants

@@ -1,10 +1,11 @@
 """Verification before publishing: the ONNX checker, then ONNX Runtime against PyTorch on real images."""
+
 from __future__ import annotations
 
 import logging
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Sequence
 
 import numpy as np
 import onnx
@@ -64,7 +65,7 @@ def torch_outputs(graph: ServingGraph, inputs: np.ndarray, batch: int = 32) -> t
     probs, embs = [], []
     with torch.no_grad():
         for start in range(0, len(inputs), batch):
-            out = graph.eval()(torch.from_numpy(inputs[start:start + batch]))
+            out = graph.eval()(torch.from_numpy(inputs[start : start + batch]))
             probs.append(out[0].numpy())
             embs.append(out[1].numpy())
     return np.concatenate(probs), np.concatenate(embs)
@@ -74,14 +75,18 @@ def session_outputs(session: ort.InferenceSession, images: np.ndarray, batch: in
     name = session.get_inputs()[0].name
     probs, embs = [], []
     for start in range(0, len(images), batch):
-        out = session.run(["probabilities", "embedding"], {name: images[start:start + batch]})
+        out = session.run(["probabilities", "embedding"], {name: images[start : start + batch]})
         probs.append(out[0].astype(np.float32))
         embs.append(out[1].astype(np.float32))
     return np.concatenate(probs), np.concatenate(embs)
 
 
-def compare(session: ort.InferenceSession, inputs: np.ndarray, reference: tuple[np.ndarray, np.ndarray],
-            batch_sizes: Sequence[int] = BATCH_SIZES) -> Parity:
+def compare(
+    session: ort.InferenceSession,
+    inputs: np.ndarray,
+    reference: tuple[np.ndarray, np.ndarray],
+    batch_sizes: Sequence[int] = BATCH_SIZES,
+) -> Parity:
     """Run ``session`` over ``inputs`` at every batch size and compare with ``reference`` outputs."""
     ref_prob, ref_emb = reference
     d_prob = d_emb = 0.0
@@ -96,19 +101,31 @@ def compare(session: ort.InferenceSession, inputs: np.ndarray, reference: tuple[
     return Parity(len(inputs), tuple(batch_sizes), d_prob, d_emb, agree / total)
 
 
-def verify_parity(path: Path, graph: ServingGraph, images: np.ndarray, tolerance: Tolerance = FP32,
-                  batch_sizes: Sequence[int] = BATCH_SIZES) -> Parity:
+def verify_parity(
+    path: Path,
+    graph: ServingGraph,
+    images: np.ndarray,
+    tolerance: Tolerance = FP32,
+    batch_sizes: Sequence[int] = BATCH_SIZES,
+) -> Parity:
     """ONNX checker, then ONNX Runtime (CPU) vs PyTorch on uint8 ``images``; raises VerificationError
     outside ``tolerance``."""
     check_model(path)
     inputs = graph.prepare(images)
     parity = compare(cpu_session(path), inputs, torch_outputs(graph, inputs), batch_sizes)
-    log.info("parity of %s on %d images at batch sizes %s: max|dprob| %.2e, max|demb| %.2e, top-1 agreement %.4f",
-             path.name, parity.images, parity.batch_sizes, parity.max_abs_prob, parity.max_abs_embedding,
-             parity.top1_agreement)
+    log.info(
+        "parity of %s on %d images at batch sizes %s: max|dprob| %.2e, max|demb| %.2e, top-1 agreement %.4f",
+        path.name,
+        parity.images,
+        parity.batch_sizes,
+        parity.max_abs_prob,
+        parity.max_abs_embedding,
+        parity.top1_agreement,
+    )
     if parity.max_abs_prob > tolerance.max_abs_prob or parity.top1_agreement < tolerance.min_top1_agreement:
         raise VerificationError(
             f"{path.name}: ONNX Runtime disagrees with PyTorch: max|dprob| {parity.max_abs_prob:.3g} "
             f"(limit {tolerance.max_abs_prob:.3g}), top-1 agreement {parity.top1_agreement:.4f} "
-            f"(limit {tolerance.min_top1_agreement:.4f})")
+            f"(limit {tolerance.min_top1_agreement:.4f})"
+        )
     return parity

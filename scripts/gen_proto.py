@@ -7,6 +7,7 @@ Every .proto under proto/ is compiled with the include root mapped to the virtua
 ``tlserve/server/pb`` so that the generated imports read ``from tlserve.server.pb.<pkg> import ...``
 and nothing generic lands in site-packages.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -29,8 +30,14 @@ def generate(out: Path) -> list[Path]:
     protos = sorted(PROTO.rglob("*.proto"))
     include = Path(protoc.__file__).parent / "_proto"
     with tempfile.TemporaryDirectory() as tmp:
-        args = ["protoc", f"-I{PREFIX}={PROTO}", f"-I{include}", f"--python_out={tmp}", f"--pyi_out={tmp}",
-                f"--grpc_python_out={tmp}"] + [f"{PREFIX}/{p.relative_to(PROTO)}" for p in protos]
+        args = [
+            "protoc",
+            f"-I{PREFIX}={PROTO}",
+            f"-I{include}",
+            f"--python_out={tmp}",
+            f"--pyi_out={tmp}",
+            f"--grpc_python_out={tmp}",
+        ] + [f"{PREFIX}/{p.relative_to(PROTO)}" for p in protos]
         if protoc.main(args) != 0:
             raise SystemExit("protoc failed")
         generated = Path(tmp) / PREFIX
@@ -58,9 +65,12 @@ def main() -> int:
             print(f"wrote {path.relative_to(ROOT)}")
         return 0
     with tempfile.TemporaryDirectory() as tmp:
-        stale = [p for p in generate(Path(tmp)) if not filecmp.cmp(p, TARGET / p.relative_to(tmp), shallow=False)
-                 if (TARGET / p.relative_to(tmp)).exists()] + \
-                [p for p in Path(tmp).rglob("*.py*") if not (TARGET / p.relative_to(tmp)).exists()]
+        stale = [
+            p
+            for p in generate(Path(tmp))
+            if not filecmp.cmp(p, TARGET / p.relative_to(tmp), shallow=False)
+            if (TARGET / p.relative_to(tmp)).exists()
+        ] + [p for p in Path(tmp).rglob("*.py*") if not (TARGET / p.relative_to(tmp)).exists()]
         for path in stale:
             print(f"stale or missing: server/pb/{Path(path).relative_to(tmp)}", file=sys.stderr)
         return 1 if stale else 0

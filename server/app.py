@@ -4,6 +4,7 @@
 and read the bound ports from the handle); ``serve(settings)`` runs it until SIGTERM/SIGINT,
 rescans the repository on SIGHUP, and shuts down gracefully.
 """
+
 from __future__ import annotations
 
 import asyncio
@@ -11,6 +12,7 @@ import logging
 import os
 import signal
 from concurrent.futures import ThreadPoolExecutor
+from wsgiref.simple_server import WSGIServer
 
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
@@ -49,21 +51,33 @@ class ServerHandle:
         self._infer_pool = ThreadPoolExecutor(max_workers=4, thread_name_prefix="infer")
         self.repository = ModelRepository(
             settings.repository,
-            LoadOptions(RuntimeOptions(settings.device, settings.require_gpu, settings.intra_op_threads,
-                                       settings.inter_op_threads),
-                        BatchingOptions(settings.max_batch_size, settings.max_queue_delay, settings.max_queue_size)),
-            settings.version_policy, self._infer_pool, self.metrics, settings.drain_seconds,
-            on_change=self.health.update)
-        self.decoder = ImageDecoder(ImageLimits(settings.max_image_bytes, settings.max_pixels), settings.max_images,
-                                    self._decode_pool)
+            LoadOptions(
+                RuntimeOptions(
+                    settings.device, settings.require_gpu, settings.intra_op_threads, settings.inter_op_threads
+                ),
+                BatchingOptions(settings.max_batch_size, settings.max_queue_delay, settings.max_queue_size),
+            ),
+            settings.version_policy,
+            self._infer_pool,
+            self.metrics,
+            settings.drain_seconds,
+            on_change=self.health.update,
+        )
+        self.decoder = ImageDecoder(
+            ImageLimits(settings.max_image_bytes, settings.max_pixels), settings.max_images, self._decode_pool
+        )
         limit = settings.max_message_bytes
-        self.server = grpc.aio.server(options=[("grpc.max_receive_message_length", limit),
-                                               ("grpc.max_send_message_length", limit)])
+        self.server = grpc.aio.server(
+            options=[("grpc.max_receive_message_length", limit), ("grpc.max_send_message_length", limit)]
+        )
         tlserve_pb2_grpc.add_InferenceServicer_to_server(
-            InferenceServicer(self.repository, self.decoder, self.metrics), self.server)
+            InferenceServicer(self.repository, self.decoder, self.metrics), self.server
+        )
         health_pb2_grpc.add_HealthServicer_to_server(self.health.servicer, self.server)
-        self.service_names = [tlserve_pb2.DESCRIPTOR.services_by_name["Inference"].full_name,
-                              health_pb2.DESCRIPTOR.services_by_name["Health"].full_name]
+        self.service_names = [
+            tlserve_pb2.DESCRIPTOR.services_by_name["Inference"].full_name,
+            health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
+        ]
         # further APIs register here (one import + one call each)
         self.service_names.append(add_oip_service(self))
         # a private pool, so reflection describes the OIP service too (see tlserve.server.oip.reflection)
@@ -71,7 +85,7 @@ class ServerHandle:
         reflection.enable_server_reflection([*self.service_names, reflection.SERVICE_NAME], self.server, pool=pool)
         self.port = self.server.add_insecure_port(f"{settings.host}:{settings.port}")
         self.metrics_port = 0
-        self._metrics_http = None
+        self._metrics_http: WSGIServer | None = None
         self._poller: asyncio.Task | None = None
         self._stopped = False
 
@@ -87,8 +101,7 @@ class ServerHandle:
                 raise GPUUnavailable(refused[0])
             if self.settings.device != "cpu":
                 register_gpu_metrics(self.registry)
-            httpd, _ = start_http_server(self.settings.metrics_port, addr=self.settings.host,
-                                         registry=self.registry)
+            httpd, _ = start_http_server(self.settings.metrics_port, addr=self.settings.host, registry=self.registry)
             self._metrics_http = httpd
             self.metrics_port = httpd.server_port
             await self.server.start()
@@ -97,8 +110,13 @@ class ServerHandle:
             raise
         if self.settings.poll_interval > 0:
             self._poller = asyncio.get_running_loop().create_task(self.repository.poll(self.settings.poll_interval))
-        log.info("serving gRPC on %s:%d, metrics on :%d, models %s", self.settings.host, self.port,
-                 self.metrics_port, [f"{m.name}/{m.version}" for m in self.repository.list()] or "none")
+        log.info(
+            "serving gRPC on %s:%d, metrics on :%d, models %s",
+            self.settings.host,
+            self.port,
+            self.metrics_port,
+            [f"{m.name}/{m.version}" for m in self.repository.list()] or "none",
+        )
         return report
 
     async def stop(self, grace: float | None = None) -> None:

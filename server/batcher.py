@@ -5,18 +5,19 @@ The window is only waited for when traffic says it will pay: each arrival notes 
 requests were already outstanding (queued or computing), and while the running mean of that
 says callers overlap, the batcher waits for company; a lone caller pays no batching delay
 (under load, requests also pile up while the previous batch computes). Requests whose deadline
-(``time.monotonic()`` seconds) has passed, or whose caller went away, are dropped before compute. A batch that fails fails only the requests inside it. ``stop()``
-refuses new work and drains what is queued before returning.
+(``time.monotonic()`` seconds) has passed, or whose caller went away, are dropped before compute.
+A failed batch fails only its own requests. ``stop()`` refuses new work and drains what is queued first.
 """
+
 from __future__ import annotations
 
 import asyncio
 import logging
 import time
 from collections import deque
+from collections.abc import Callable
 from concurrent.futures import Executor
 from dataclasses import dataclass, field
-from typing import Callable
 
 import numpy as np
 
@@ -51,8 +52,14 @@ class _Request:
 class Batcher:
     """Queue and batch requests for ``run`` (a blocking callable, executed on ``executor``)."""
 
-    def __init__(self, model: str, run: Callable[[np.ndarray], Outputs], options: BatchingOptions,
-                 executor: Executor, metrics: Metrics) -> None:
+    def __init__(
+        self,
+        model: str,
+        run: Callable[[np.ndarray], Outputs],
+        options: BatchingOptions,
+        executor: Executor,
+        metrics: Metrics,
+    ) -> None:
         self.model = model
         self.options = options
         self._run = run
@@ -81,8 +88,9 @@ class Batcher:
             raise Unavailable(f"model {self.model!r} is unloading")
         if len(self._queue) >= self.options.max_queue_size:
             self._metrics.queue_rejections.labels(self.model).inc()
-            raise ResourceExhausted(f"model {self.model!r}: queue is full ({self.options.max_queue_size} "
-                                    "requests waiting); retry later")
+            raise ResourceExhausted(
+                f"model {self.model!r}: queue is full ({self.options.max_queue_size} requests waiting); retry later"
+            )
         request = _Request(batch, deadline, asyncio.get_running_loop().create_future())
         self._note_arrival()
         self._queue.append(request)
@@ -140,8 +148,11 @@ class Batcher:
                 continue
             self._metrics.queue_duration.labels(self.model).observe(now - request.enqueued)
             if request.deadline is not None and now >= request.deadline:
-                request.future.set_exception(DeadlineExceeded(
-                    f"deadline passed after {now - request.enqueued:.3f}s in the queue of model {self.model!r}"))
+                request.future.set_exception(
+                    DeadlineExceeded(
+                        f"deadline passed after {now - request.enqueued:.3f}s in the queue of model {self.model!r}"
+                    )
+                )
                 continue
             taken.append(request)
             rows += request.rows
@@ -158,11 +169,15 @@ class Batcher:
         self._computing = len(batch)
         try:
             outputs = await asyncio.get_running_loop().run_in_executor(
-                self._executor, self._run_parts, [r.batch for r in batch])
+                self._executor, self._run_parts, [r.batch for r in batch]
+            )
         except Exception as exc:
             log.error("model %r: batch of %d requests (%d rows) failed", self.model, len(batch), rows, exc_info=exc)
-            error = exc if isinstance(exc, ServingError) else ServingError(
-                f"model {self.model!r}: inference failed for this batch")
+            error = (
+                exc
+                if isinstance(exc, ServingError)
+                else ServingError(f"model {self.model!r}: inference failed for this batch")
+            )
             for request in batch:
                 if not request.future.done():
                     request.future.set_exception(error)

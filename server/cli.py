@@ -1,4 +1,5 @@
 """`tlserve serve` and `tlserve predict` (registered by tlserve.cli; no heavy imports at module level)."""
+
 from __future__ import annotations
 
 import argparse
@@ -10,9 +11,11 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     """Add this part's subcommands. Each sets `func` to a handler taking the parsed args."""
     from tlserve.server.settings import add_arguments
 
-    serve = subparsers.add_parser("serve", help="serve a model repository over gRPC (ONNX Runtime)",
-                                  description="Serve every DIR/<name>/<version>/model.onnx over gRPC; "
-                                              "flags also read env TLSERVE_<FLAG>.")
+    serve = subparsers.add_parser(
+        "serve",
+        help="serve a model repository over gRPC (ONNX Runtime)",
+        description="Serve every DIR/<name>/<version>/model.onnx over gRPC; flags also read env TLSERVE_<FLAG>.",
+    )
     add_arguments(serve)
     serve.set_defaults(func=run_serve)
 
@@ -23,8 +26,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     predict.add_argument("--top-k", type=int, default=3)
     predict.add_argument("--batch-size", type=int, default=32)
     predict.add_argument("--show", type=int, default=5, help="print this many predictions")
-    predict.add_argument("--wait-ready", type=float, default=0, metavar="SECONDS",
-                         help="wait until grpc.health.v1 reports SERVING")
+    predict.add_argument(
+        "--wait-ready", type=float, default=0, metavar="SECONDS", help="wait until grpc.health.v1 reports SERVING"
+    )
     predict.add_argument("--model", default="", help="model name (default: the server's only model)")
     predict.add_argument("--version", default="", help="model version (default: newest ready)")
     predict.set_defaults(func=run_predict)
@@ -51,8 +55,9 @@ def run_predict(args: argparse.Namespace) -> int:
     if not files:
         print("tlserve predict: no images given (FILES... or --images DIR)", file=sys.stderr)
         return 2
-    with grpc.insecure_channel(args.target, options=[("grpc.max_receive_message_length", 64 << 20),
-                                                     ("grpc.max_send_message_length", 64 << 20)]) as channel:
+    with grpc.insecure_channel(
+        args.target, options=[("grpc.max_receive_message_length", 64 << 20), ("grpc.max_send_message_length", 64 << 20)]
+    ) as channel:
         if args.wait_ready:
             wait_ready(channel, args.wait_ready, args.model or None)
         started = time.perf_counter()

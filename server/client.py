@@ -1,11 +1,12 @@
 """A small gRPC client for the task API: wait for health, classify files in batches."""
+
 from __future__ import annotations
 
 import time
 from collections import deque
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterable, Iterator
 
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
@@ -60,8 +61,16 @@ def wait_ready(channel: grpc.Channel, timeout: float, model: str | None = None) 
     raise TimeoutError(f"{service} not SERVING after {timeout:.0f}s (last: {last})")
 
 
-def classify_files(channel: grpc.Channel, files: list[LabelledFile], top_k: int = 3, batch_size: int = 32,
-                   model: str = "", version: str = "", window: int = 4, timeout: float = 60.0) -> Iterator[Result]:
+def classify_files(
+    channel: grpc.Channel,
+    files: list[LabelledFile],
+    top_k: int = 3,
+    batch_size: int = 32,
+    model: str = "",
+    version: str = "",
+    window: int = 4,
+    timeout: float = 60.0,
+) -> Iterator[Result]:
     """Classify ``files`` in batches, keeping ``window`` requests in flight; results in file order."""
     stub = tlserve_pb2_grpc.InferenceStub(channel)
     ref = pb.ModelRef(name=model, version=version)
@@ -73,9 +82,10 @@ def classify_files(channel: grpc.Channel, files: list[LabelledFile], top_k: int 
             yield Result(file, [(p.label, p.score) for p in result.predictions])
 
     for start in range(0, len(files), batch_size):
-        chunk = files[start:start + batch_size]
-        request = pb.ClassifyRequest(model=ref, top_k=top_k,
-                                     images=[pb.Image(encoded=f.path.read_bytes()) for f in chunk])
+        chunk = files[start : start + batch_size]
+        request = pb.ClassifyRequest(
+            model=ref, top_k=top_k, images=[pb.Image(encoded=f.path.read_bytes()) for f in chunk]
+        )
         pending.append((chunk, stub.Classify.future(request, timeout=timeout)))
         if len(pending) >= window:
             yield from collect()

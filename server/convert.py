@@ -1,4 +1,5 @@
 """Protobuf <-> domain for the task API: request images in, top-k and model info out."""
+
 from __future__ import annotations
 
 import numpy as np
@@ -33,16 +34,34 @@ def top_k(probabilities: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
 def classifications(model: ServedModel, probabilities: np.ndarray, k: int) -> list[pb.Classification]:
     labels = model.manifest.labels
     indices, scores = top_k(probabilities, k or 1)
-    return [pb.Classification(predictions=[pb.Prediction(index=int(i), label=labels[int(i)], score=float(s))
-                                           for i, s in zip(row_i, row_s)])
-            for row_i, row_s in zip(indices, scores)]
+    return [
+        pb.Classification(
+            predictions=[
+                pb.Prediction(index=int(i), label=labels[int(i)], score=float(s)) for i, s in zip(row_i, row_s)
+            ]
+        )
+        for row_i, row_s in zip(indices, scores)
+    ]
 
 
 def model_info(model: ServedModel) -> pb.ModelInfo:
     m = model.manifest
     pre = m.preprocessing
-    return pb.ModelInfo(name=model.name, version=model.version, architecture=m.architecture, labels=list(m.labels),
-                        input_size=pre.input_size, resize_size=pre.resize_size, interpolation=pre.interpolation,
-                        mean=list(pre.mean), std=list(pre.std), input_dtype=pre.input_dtype, precision=m.precision,
-                        provider=model.provider, requested_device=model.requested_device, ready=model.ready,
-                        embedding_size=model.embedding_size, manifest_json=m.to_json())
+    return pb.ModelInfo(
+        name=model.name,
+        version=model.version,
+        architecture=m.architecture,
+        labels=list(m.labels),
+        input_size=pre.input_size,
+        resize_size=pre.resize_size,
+        interpolation=pre.interpolation,
+        mean=list(pre.mean),
+        std=list(pre.std),
+        input_dtype=pre.input_dtype,
+        precision=m.precision,
+        provider=model.provider,
+        requested_device=model.requested_device,
+        ready=model.ready,
+        embedding_size=model.embedding_size,
+        manifest_json=m.to_json(),
+    )

@@ -5,6 +5,7 @@ Servicers never build status codes by hand: they let these exceptions propagate 
 message. Anything that is not a :class:`ServingError` is logged with its traceback and answered
 ``INTERNAL`` with a generic message, so a caller never sees a stack trace.
 """
+
 from __future__ import annotations
 
 import logging

@@ -3,10 +3,11 @@
 Uses ``nvidia-ml-py`` (``import pynvml``) when installed; anything missing (the package, the
 driver library, a GPU) means the collector is simply not registered.
 """
+
 from __future__ import annotations
 
 import logging
-from typing import Iterator
+from collections.abc import Iterator
 
 from prometheus_client import CollectorRegistry
 from prometheus_client.core import GaugeMetricFamily
@@ -39,6 +40,7 @@ def register_gpu_metrics(registry: CollectorRegistry) -> bool:
     """Register the NVML collector when a GPU is visible; returns whether it was registered."""
     try:
         import pynvml
+
         pynvml.nvmlInit()
         count = pynvml.nvmlDeviceGetCount()
     except Exception:  # no package, no driver, no GPU: GPU metrics are simply absent

@@ -3,6 +3,7 @@
 ``""`` is liveness; ``tlserve.v1.Inference`` is SERVING while any model is ready;
 ``tlserve.model.<name>`` is SERVING while that model has a ready version.
 """
+
 from __future__ import annotations
 
 from grpc_health.v1 import health_pb2

@@ -1,9 +1,11 @@
 """Request images to one uint8 NCHW batch: count limit, then decoding on a thread pool."""
+
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Sequence
 from concurrent.futures import Executor
-from typing import Sequence, Union
+from typing import Union
 
 import numpy as np
 
@@ -42,9 +44,11 @@ class ImageDecoder:
         loop = asyncio.get_running_loop()
         if len(images) == 1:
             return (await loop.run_in_executor(self._executor, self._one, images[0], pre, 0))[None]
-        arrays = await asyncio.gather(*(loop.run_in_executor(self._executor, self._one, image, pre, i)
-                                        for i, image in enumerate(images)), return_exceptions=True)
-        for result in arrays:
-            if isinstance(result, BaseException):
-                raise result
-        return np.stack(arrays)
+        arrays = await asyncio.gather(
+            *(loop.run_in_executor(self._executor, self._one, image, pre, i) for i, image in enumerate(images)),
+            return_exceptions=True,
+        )
+        decoded = [result for result in arrays if not isinstance(result, BaseException)]
+        if len(decoded) != len(arrays):
+            raise next(result for result in arrays if isinstance(result, BaseException))
+        return np.stack(decoded)

@@ -4,6 +4,7 @@ The file is the single source of truth: the manifest comes from the ONNX metadat
 agree with the graph's inputs and outputs, or the version is refused. On CUDA an fp16 variant
 (``model.fp16.onnx`` beside ``model.onnx``) is preferred when present.
 """
+
 from __future__ import annotations
 
 import logging
@@ -36,8 +37,9 @@ def open_runtime(version_dir: Path, options: RuntimeOptions) -> Runtime:
         try:
             runtime = Runtime(fp16, options.replace(require_gpu=False))
         except Exception as exc:  # a bad variant must not hide a good model.onnx
-            log.warning("%s: fp16 variant failed to load (%s: %s); using %s", version_dir, type(exc).__name__, exc,
-                        MODEL_FILE)
+            log.warning(
+                "%s: fp16 variant failed to load (%s: %s); using %s", version_dir, type(exc).__name__, exc, MODEL_FILE
+            )
         else:
             if runtime.provider == CUDA:
                 return runtime
@@ -45,15 +47,22 @@ def open_runtime(version_dir: Path, options: RuntimeOptions) -> Runtime:
     return Runtime(version_dir / MODEL_FILE, options)
 
 
-def load_version(name: str, version: str, version_dir: Path, options: LoadOptions, executor: Executor,
-                 metrics: Metrics) -> ServedModel:
+def load_version(
+    name: str, version: str, version_dir: Path, options: LoadOptions, executor: Executor, metrics: Metrics
+) -> ServedModel:
     """Open, validate against the manifest, and warm up; raises on any problem."""
     runtime = open_runtime(version_dir, options.runtime)
     manifest = Manifest.from_metadata(runtime.metadata())
     manifest.check_graph(runtime.inputs, runtime.outputs)
     if (manifest.name, manifest.version) != (name, version):
-        log.warning("%s: manifest says %s/%s; serving it as %s/%s (the repository path decides)",
-                    runtime.path, manifest.name, manifest.version, name, version)
+        log.warning(
+            "%s: manifest says %s/%s; serving it as %s/%s (the repository path decides)",
+            runtime.path,
+            manifest.name,
+            manifest.version,
+            name,
+            version,
+        )
     model = ServedModel(name, version, runtime, manifest, options.batching, executor, metrics)
     model.warm_up()
     return model

@@ -1,5 +1,6 @@
 """Every Prometheus metric of docs/server-contract.md, built on an injected CollectorRegistry
 (the NVML GPU gauges are a scrape-time collector in gpu.py)."""
+
 from __future__ import annotations
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
@@ -13,26 +14,55 @@ class Metrics:
 
     def __init__(self, registry: CollectorRegistry) -> None:
         self.registry = registry
-        self.requests = Counter("tlserve_requests", "Requests by RPC, model and gRPC status code",
-                                ("rpc", "model", "code"), registry=registry)
-        self.request_duration = Histogram("tlserve_request_duration_seconds", "Request duration",
-                                          ("rpc", "model"), buckets=LATENCY_BUCKETS, registry=registry)
-        self.queue_duration = Histogram("tlserve_queue_duration_seconds", "Time a request waited in the batch queue",
-                                        ("model",), buckets=LATENCY_BUCKETS, registry=registry)
-        self.inference_duration = Histogram("tlserve_inference_duration_seconds", "ONNX Runtime time per batch",
-                                            ("model",), buckets=LATENCY_BUCKETS, registry=registry)
-        self.batch_size = Histogram("tlserve_batch_size", "Images per executed batch", ("model",),
-                                    buckets=BATCH_BUCKETS, registry=registry)
-        self.queue_depth = Gauge("tlserve_queue_depth", "Requests waiting in the batch queue", ("model",),
-                                 registry=registry)
+        self.requests = Counter(
+            "tlserve_requests",
+            "Requests by RPC, model and gRPC status code",
+            ("rpc", "model", "code"),
+            registry=registry,
+        )
+        self.request_duration = Histogram(
+            "tlserve_request_duration_seconds",
+            "Request duration",
+            ("rpc", "model"),
+            buckets=LATENCY_BUCKETS,
+            registry=registry,
+        )
+        self.queue_duration = Histogram(
+            "tlserve_queue_duration_seconds",
+            "Time a request waited in the batch queue",
+            ("model",),
+            buckets=LATENCY_BUCKETS,
+            registry=registry,
+        )
+        self.inference_duration = Histogram(
+            "tlserve_inference_duration_seconds",
+            "ONNX Runtime time per batch",
+            ("model",),
+            buckets=LATENCY_BUCKETS,
+            registry=registry,
+        )
+        self.batch_size = Histogram(
+            "tlserve_batch_size", "Images per executed batch", ("model",), buckets=BATCH_BUCKETS, registry=registry
+        )
+        self.queue_depth = Gauge(
+            "tlserve_queue_depth", "Requests waiting in the batch queue", ("model",), registry=registry
+        )
         self.inflight = Gauge("tlserve_inflight_requests", "Requests being handled", ("model",), registry=registry)
-        self.queue_rejections = Counter("tlserve_queue_rejections", "Requests refused because the queue was full",
-                                        ("model",), registry=registry)
-        self.model_ready = Gauge("tlserve_model_ready", "1 while the model version is ready", ("model", "version"),
-                                 registry=registry)
-        self.model_load_failures = Counter("tlserve_model_load_failures", "Model versions that failed to load",
-                                           ("model",), registry=registry)
-        self.model_info = Gauge("tlserve_model_info", "Loaded model versions (always 1)",
-                                ("model", "version", "provider", "precision"), registry=registry)
-        self.cuda_fallback = Gauge("tlserve_cuda_fallback", "1 when CUDA was asked for and the CPU is in use",
-                                   ("model",), registry=registry)
+        self.queue_rejections = Counter(
+            "tlserve_queue_rejections", "Requests refused because the queue was full", ("model",), registry=registry
+        )
+        self.model_ready = Gauge(
+            "tlserve_model_ready", "1 while the model version is ready", ("model", "version"), registry=registry
+        )
+        self.model_load_failures = Counter(
+            "tlserve_model_load_failures", "Model versions that failed to load", ("model",), registry=registry
+        )
+        self.model_info = Gauge(
+            "tlserve_model_info",
+            "Loaded model versions (always 1)",
+            ("model", "version", "provider", "precision"),
+            registry=registry,
+        )
+        self.cuda_fallback = Gauge(
+            "tlserve_cuda_fallback", "1 when CUDA was asked for and the CPU is in use", ("model",), registry=registry
+        )

@@ -4,14 +4,15 @@
 (decoding included), so unloading a version first stops new leases, then waits for the
 in-flight ones to finish, then drains the batcher.
 """
+
 from __future__ import annotations
 
 import asyncio
 import contextlib
 import logging
 import time
+from collections.abc import Iterator
 from concurrent.futures import Executor
-from typing import Iterator
 
 import numpy as np
 
@@ -27,8 +28,16 @@ log = logging.getLogger(__name__)
 class ServedModel:
     """One loaded, validated version of a model."""
 
-    def __init__(self, name: str, version: str, runtime: Runtime, manifest: Manifest, batching: BatchingOptions,
-                 executor: Executor, metrics: Metrics) -> None:
+    def __init__(
+        self,
+        name: str,
+        version: str,
+        runtime: Runtime,
+        manifest: Manifest,
+        batching: BatchingOptions,
+        executor: Executor,
+        metrics: Metrics,
+    ) -> None:
         self.name = name
         self.version = version
         self.manifest = manifest
@@ -88,12 +97,17 @@ class ServedModel:
         try:
             await asyncio.wait_for(self._idle.wait(), grace)
         except asyncio.TimeoutError:
-            log.warning("model %s/%s: %d requests still in flight after %.1fs; stopping anyway",
-                        self.name, self.version, self._leases, grace)
+            log.warning(
+                "model %s/%s: %d requests still in flight after %.1fs; stopping anyway",
+                self.name,
+                self.version,
+                self._leases,
+                grace,
+            )
         await self._batcher.stop()
 
     @contextlib.contextmanager
-    def lease(self) -> Iterator["ServedModel"]:
+    def lease(self) -> Iterator[ServedModel]:
         """Hold the model for one request. Once unloading has begun, new leases are refused as soon
         as the model is idle; while earlier requests still run (a request's own nested lease among
         them), new ones join the drain instead of failing."""
@@ -130,12 +144,14 @@ class ServedModel:
         step = self.batching.max_batch_size
         if batch.shape[0] <= step:
             return await self._batcher.submit(batch, deadline)
-        parts = await asyncio.gather(*(self._batcher.submit(batch[i:i + step], deadline)
-                                       for i in range(0, batch.shape[0], step)), return_exceptions=True)
-        for part in parts:
-            if isinstance(part, BaseException):
-                raise part
-        return {name: np.concatenate([p[name] for p in parts]) for name in parts[0]}
+        parts = await asyncio.gather(
+            *(self._batcher.submit(batch[i : i + step], deadline) for i in range(0, batch.shape[0], step)),
+            return_exceptions=True,
+        )
+        outputs = [part for part in parts if not isinstance(part, BaseException)]
+        if len(outputs) != len(parts):
+            raise next(part for part in parts if isinstance(part, BaseException))
+        return {name: np.concatenate([p[name] for p in outputs]) for name in outputs[0]}
 
     def _check_input(self, batch: np.ndarray) -> None:
         size = self.manifest.preprocessing.input_size

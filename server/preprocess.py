@@ -5,6 +5,7 @@ any pixel is decoded), decode, convert to RGB, resize the shorter side to ``resi
 the manifest's interpolation, centre-crop ``input_size``, lay out as uint8 CHW. The arithmetic
 mirrors torchvision's ``Resize(int)`` + ``CenterCrop`` on PIL images, so the pixels are equal.
 """
+
 from __future__ import annotations
 
 import io
@@ -17,8 +18,11 @@ from PIL import Image, UnidentifiedImageError
 from tlserve.manifest import Preprocessing
 from tlserve.server.errors import InvalidArgument
 
-RESAMPLE = {"nearest": Image.Resampling.NEAREST, "bilinear": Image.Resampling.BILINEAR,
-            "bicubic": Image.Resampling.BICUBIC}
+RESAMPLE = {
+    "nearest": Image.Resampling.NEAREST,
+    "bilinear": Image.Resampling.BILINEAR,
+    "bicubic": Image.Resampling.BICUBIC,
+}
 
 
 FORMATS = ("PNG", "JPEG")  # what the API promises; Pillow would otherwise try every format it knows
@@ -67,14 +71,17 @@ def open_checked(data: bytes, limits: ImageLimits, index: int) -> Image.Image:
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
         raise InvalidArgument(f"image {index}: refused before decoding, too many pixels ({exc})") from None
     except UnidentifiedImageError:
-        raise InvalidArgument(f"image {index}: not a decodable PNG/JPEG image ({len(data)} bytes starting "
-                              f"{data[:8]!r}); send the file's bytes unchanged") from None
+        raise InvalidArgument(
+            f"image {index}: not a decodable PNG/JPEG image ({len(data)} bytes starting "
+            f"{data[:8]!r}); send the file's bytes unchanged"
+        ) from None
     except Exception as exc:  # Pillow raises many types on malformed headers
         raise InvalidArgument(f"image {index}: unreadable header ({type(exc).__name__}: {exc})") from None
     width, height = img.size
     if width * height > limits.max_pixels:
-        raise InvalidArgument(f"image {index}: {width}x{height} = {width * height} pixels exceeds the limit "
-                              f"of {limits.max_pixels}")
+        raise InvalidArgument(
+            f"image {index}: {width}x{height} = {width * height} pixels exceeds the limit of {limits.max_pixels}"
+        )
     if width < 1 or height < 1:
         raise InvalidArgument(f"image {index}: empty dimensions {width}x{height}")
     return img
@@ -85,8 +92,10 @@ def decode(data: bytes, pre: Preprocessing, limits: ImageLimits, index: int = 0)
     img = open_checked(data, limits, index)
     width, height = resized_size(img.width, img.height, pre.resize_size)
     if width * height > limits.max_pixels:  # an extreme aspect ratio would blow up in the resize
-        raise InvalidArgument(f"image {index}: {img.width}x{img.height} would resize to {width}x{height}, over the "
-                              f"limit of {limits.max_pixels} pixels; crop it nearer to a square first")
+        raise InvalidArgument(
+            f"image {index}: {img.width}x{img.height} would resize to {width}x{height}, over the "
+            f"limit of {limits.max_pixels} pixels; crop it nearer to a square first"
+        )
     try:
         img.load()
         return transform(img, pre)
@@ -102,8 +111,9 @@ def from_tensor(shape: list[int], data: bytes, pre: Preprocessing, index: int = 
     if list(shape) != want:
         raise InvalidArgument(f"image {index}: tensor shape {list(shape)} must be {want} (uint8 CHW)")
     if len(data) != 3 * pre.input_size * pre.input_size:
-        raise InvalidArgument(f"image {index}: tensor has {len(data)} bytes, shape {want} needs "
-                              f"{3 * pre.input_size * pre.input_size}")
+        raise InvalidArgument(
+            f"image {index}: tensor has {len(data)} bytes, shape {want} needs {3 * pre.input_size * pre.input_size}"
+        )
     return np.frombuffer(data, dtype=np.uint8).reshape(want)
 
 

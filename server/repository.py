@@ -5,14 +5,15 @@ off the event loop before they take traffic; a version that fails is logged, cou
 never displaces a working one (the policy is applied to the loadable versions only); versions
 no longer wanted are unloaded after draining. A failed file is retried once it changes.
 """
+
 from __future__ import annotations
 
 import asyncio
 import logging
+from collections.abc import Awaitable, Callable
 from concurrent.futures import Executor
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Awaitable, Callable
 
 from tlserve.manifest import ManifestError
 from tlserve.server.errors import InvalidArgument, NotFound, Unavailable
@@ -54,9 +55,16 @@ def scan(root: Path) -> dict[str, dict[str, Path]]:
 class ModelRepository:
     """Loaded model versions by name; the data plane's front door (no transport in here)."""
 
-    def __init__(self, root: str | Path, options: LoadOptions, policy: VersionPolicy, executor: Executor,
-                 metrics: Metrics, drain_seconds: float = 10.0,
-                 on_change: Callable[["ModelRepository"], Awaitable[None]] | None = None) -> None:
+    def __init__(
+        self,
+        root: str | Path,
+        options: LoadOptions,
+        policy: VersionPolicy,
+        executor: Executor,
+        metrics: Metrics,
+        drain_seconds: float = 10.0,
+        on_change: Callable[[ModelRepository], Awaitable[None]] | None = None,
+    ) -> None:
         self.root = Path(root)
         self.options = options
         self.policy = policy
@@ -75,8 +83,11 @@ class ModelRepository:
 
     def list(self) -> list[ServedModel]:
         """Every loaded version, by name then newest first."""
-        return [m for name in sorted(self._models)
-                for _, m in sorted(self._models[name].items(), key=lambda kv: version_key(kv[0]), reverse=True)]
+        return [
+            m
+            for name in sorted(self._models)
+            for _, m in sorted(self._models[name].items(), key=lambda kv: version_key(kv[0]), reverse=True)
+        ]
 
     def get(self, name: str | None = None, version: str | None = None) -> ServedModel:
         """The version asked for, or the newest ready one; a single model needs no name."""
@@ -90,8 +101,10 @@ class ModelRepository:
         if version:
             model = versions.get(version)
             if model is None:
-                raise NotFound(f"model {name!r} has no version {version!r} loaded "
-                               f"(loaded: {', '.join(sorted(versions, key=version_key))})")
+                raise NotFound(
+                    f"model {name!r} has no version {version!r} loaded "
+                    f"(loaded: {', '.join(sorted(versions, key=version_key))})"
+                )
             if not model.ready:
                 raise Unavailable(f"model {name!r} version {version} is not ready")
             return model
@@ -125,15 +138,20 @@ class ModelRepository:
                 await self._reconcile(name, found.get(name, {}), report)
             await self._notify()
             if report.loaded or report.unloaded or report.failed:
-                log.info("repository %s: loaded %s, unloaded %s, failed %s", self.root, report.loaded or "-",
-                         report.unloaded or "-", list(report.failed) or "-")
+                log.info(
+                    "repository %s: loaded %s, unloaded %s, failed %s",
+                    self.root,
+                    report.loaded or "-",
+                    report.unloaded or "-",
+                    list(report.failed) or "-",
+                )
             return report
 
     async def _reconcile(self, name: str, on_disk: dict[str, Path], report: ReloadReport) -> None:
         loaded = self._models.setdefault(name, {})
-        for version in list(self._failed):
-            if version[0] == name and version[1] not in on_disk:
-                del self._failed[version]
+        for key in list(self._failed):
+            if key[0] == name and key[1] not in on_disk:
+                del self._failed[key]
         while True:
             candidates = [v for v, d in on_disk.items() if not self._known_bad(name, v, d)]
             wanted = self.policy.select(candidates)
@@ -163,8 +181,9 @@ class ModelRepository:
         signature: Signature = (0, 0)
         try:
             signature = file_signature(version_dir)
-            model = await loop.run_in_executor(None, load_version, name, version, version_dir, self.options,
-                                               self._executor, self._metrics)
+            model = await loop.run_in_executor(
+                None, load_version, name, version, version_dir, self.options, self._executor, self._metrics
+            )
         except Exception as exc:
             message = f"{type(exc).__name__}: {exc}"
             log.error("model %s/%s (%s) failed to load and will not serve: %s", name, version, version_dir, message)

@@ -1,10 +1,11 @@
 """The one helper every servicer uses: count and time the call, map exceptions to a gRPC status."""
+
 from __future__ import annotations
 
 import asyncio
 import contextlib
 import time
-from typing import AsyncIterator
+from collections.abc import AsyncIterator
 
 import grpc
 

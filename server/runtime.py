@@ -4,6 +4,7 @@ CUDA never falls back silently: after creating the session we compare ``get_prov
 with what was asked for, warn loudly, and (with ``require_gpu``) refuse. On CUDA the input is
 bound with I/O binding, so the host-to-device copy is the uint8 tensor (4x smaller than float).
 """
+
 from __future__ import annotations
 
 import ctypes
@@ -22,8 +23,14 @@ log = logging.getLogger(__name__)
 
 CPU = "CPUExecutionProvider"
 CUDA = "CUDAExecutionProvider"
-ORT_DTYPES = {"tensor(uint8)": "uint8", "tensor(float)": "float32", "tensor(float16)": "float16",
-              "tensor(double)": "float64", "tensor(int64)": "int64", "tensor(int32)": "int32"}
+ORT_DTYPES = {
+    "tensor(uint8)": "uint8",
+    "tensor(float)": "float32",
+    "tensor(float16)": "float16",
+    "tensor(double)": "float64",
+    "tensor(int64)": "int64",
+    "tensor(int32)": "int32",
+}
 
 
 class GPUUnavailable(FailedPrecondition):
@@ -38,7 +45,7 @@ class RuntimeOptions:
     inter_op_threads: int = 0
     io_binding: bool | None = None  # None: on CUDA only
 
-    def replace(self, **changes: Any) -> "RuntimeOptions":
+    def replace(self, **changes: Any) -> RuntimeOptions:
         return dataclasses.replace(self, **changes)
 
     @property
@@ -62,8 +69,9 @@ def cuda_driver_present() -> bool:
 
 def requested_providers(options: RuntimeOptions) -> list[Any]:
     """The provider list to ask ORT for; also preloads the CUDA libraries when CUDA is wanted."""
-    if options.device == "cpu" or (options.device == "auto" and not (
-            CUDA in ort.get_available_providers() and cuda_driver_present())):
+    if options.device == "cpu" or (
+        options.device == "auto" and not (CUDA in ort.get_available_providers() and cuda_driver_present())
+    ):
         return [CPU]
     if hasattr(ort, "preload_dlls"):
         try:
@@ -100,8 +108,10 @@ class Runtime:
         self.output_names = [name for name, _ in self.outputs]
 
     def _report_fallback(self) -> None:
-        message = (f"CUDA requested (--device {self.options.device}) but ONNX Runtime is using {self.providers} "
-                   f"for {self.path}: running on the CPU")
+        message = (
+            f"CUDA requested (--device {self.options.device}) but ONNX Runtime is using {self.providers} "
+            f"for {self.path}: running on the CPU"
+        )
         if self.options.wants_cuda:
             log.warning("!!! %s !!!", message)
         else:

@@ -1,4 +1,5 @@
 """`tlserve.v1.Inference`: thin handlers that convert protobuf and delegate to the data plane."""
+
 from __future__ import annotations
 
 import grpc
@@ -36,8 +37,9 @@ class InferenceServicer(tlserve_pb2_grpc.InferenceServicer):
         model = self._resolve(request.model, call)
         outputs = await self._outputs(model, request.images, context)
         probabilities = outputs[model.manifest.outputs.probabilities]
-        return pb.ClassifyResponse(model=model.name, version=model.version,
-                                   results=classifications(model, probabilities, request.top_k))
+        return pb.ClassifyResponse(
+            model=model.name, version=model.version, results=classifications(model, probabilities, request.top_k)
+        )
 
     async def Classify(self, request: pb.ClassifyRequest, context: grpc.aio.ServicerContext) -> pb.ClassifyResponse:
         async with observe_rpc(self._metrics, context, "Classify") as call:
@@ -56,22 +58,29 @@ class InferenceServicer(tlserve_pb2_grpc.InferenceServicer):
             if not name:
                 raise FailedPrecondition(f"model {model.name!r} has no embedding output")
             outputs = await self._outputs(model, request.images, context)
-            return pb.EmbedResponse(model=model.name, version=model.version,
-                                    embeddings=[pb.Embedding(values=row.tolist()) for row in outputs[name]])
+            return pb.EmbedResponse(
+                model=model.name,
+                version=model.version,
+                embeddings=[pb.Embedding(values=row.tolist()) for row in outputs[name]],
+            )
 
     async def GetModelInfo(self, request: pb.GetModelInfoRequest, context: grpc.aio.ServicerContext) -> pb.ModelInfo:
         async with observe_rpc(self._metrics, context, "GetModelInfo") as call:
             return model_info(self._resolve(request.model, call))
 
-    async def ListModels(self, request: pb.ListModelsRequest,
-                         context: grpc.aio.ServicerContext) -> pb.ListModelsResponse:
+    async def ListModels(
+        self, request: pb.ListModelsRequest, context: grpc.aio.ServicerContext
+    ) -> pb.ListModelsResponse:
         async with observe_rpc(self._metrics, context, "ListModels"):
             return pb.ListModelsResponse(models=[model_info(m) for m in self._repository.list()])
 
-    async def ReloadRepository(self, request: pb.ReloadRepositoryRequest,
-                               context: grpc.aio.ServicerContext) -> pb.ReloadRepositoryResponse:
+    async def ReloadRepository(
+        self, request: pb.ReloadRepositoryRequest, context: grpc.aio.ServicerContext
+    ) -> pb.ReloadRepositoryResponse:
         async with observe_rpc(self._metrics, context, "ReloadRepository"):
             report = await self._repository.reload()
             return pb.ReloadRepositoryResponse(
-                loaded=report.loaded, unloaded=report.unloaded,
-                failed={key: f"{type(exc).__name__}: {exc}" for key, exc in report.failed.items()})
+                loaded=report.loaded,
+                unloaded=report.unloaded,
+                failed={key: f"{type(exc).__name__}: {exc}" for key, exc in report.failed.items()},
+            )

@@ -4,13 +4,15 @@ The flag names and defaults are those of docs/server-contract.md. ``add_argument
 them on a parser (reading the environment when the parser is built, never at import time) and
 ``Settings.from_args`` turns the parsed namespace into the object passed down explicitly.
 """
+
 from __future__ import annotations
 
 import argparse
 import dataclasses
 import os
+from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Any, Mapping
+from typing import Any
 
 
 @dataclass(frozen=True)
@@ -22,7 +24,7 @@ class VersionPolicy:
     versions: tuple[str, ...] = ()
 
     @classmethod
-    def parse(cls, text: str) -> "VersionPolicy":
+    def parse(cls, text: str) -> VersionPolicy:
         kind, _, arg = text.strip().partition(":")
         if kind == "all" and not arg:
             return cls(kind="all")
@@ -88,11 +90,11 @@ class Settings:
         """The batching window in seconds."""
         return self.max_queue_delay_ms / 1000.0
 
-    def replace(self, **changes: Any) -> "Settings":
+    def replace(self, **changes: Any) -> Settings:
         return dataclasses.replace(self, **changes)
 
     @classmethod
-    def from_args(cls, args: argparse.Namespace) -> "Settings":
+    def from_args(cls, args: argparse.Namespace) -> Settings:
         names = {f.name for f in dataclasses.fields(cls)}
         return cls(**{k: v for k, v in vars(args).items() if k in names})
 
@@ -136,9 +138,17 @@ def add_arguments(parser: argparse.ArgumentParser, env: Mapping[str, str] | None
         kind = type(default) if isinstance(default, (int, float)) else str
         if f.name == "version_policy":
             default = "latest:1"
-        parser.add_argument(f"--{f.name.replace('_', '-')}", dest=f.name, type=kind,
-                            default=kind(_flag_env(f.name, env, default)),
-                            help=f"{help_of[f.name]} (default: %(default)s)")
-    parser.add_argument("--require-gpu", dest="require_gpu", action="store_true",
-                        default=_truthy(_flag_env("require_gpu", env, False)),
-                        help="refuse to start if CUDA was asked for and ONNX Runtime fell back to CPU")
+        parser.add_argument(
+            f"--{f.name.replace('_', '-')}",
+            dest=f.name,
+            type=kind,
+            default=kind(_flag_env(f.name, env, default)),
+            help=f"{help_of[f.name]} (default: %(default)s)",
+        )
+    parser.add_argument(
+        "--require-gpu",
+        dest="require_gpu",
+        action="store_true",
+        default=_truthy(_flag_env("require_gpu", env, False)),
+        help="refuse to start if CUDA was asked for and ONNX Runtime fell back to CPU",
+    )

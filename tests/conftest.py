@@ -17,10 +17,11 @@
 
 All of them skip cleanly when torch is not installed (a serve-only install).
 """
+
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 import pytest
 
@@ -39,8 +40,7 @@ def fit_head(model, pre, images, targets, steps: int = 150) -> None:
     body, _ = split_head(model, model.head_name)
     with torch.no_grad():
         x = torch.from_numpy(images)
-        embeddings = torch.cat([torch.flatten(body(normalize(x[i:i + 250], pre)), 1)
-                                for i in range(0, len(x), 250)])
+        embeddings = torch.cat([torch.flatten(body(normalize(x[i : i + 250], pre)), 1) for i in range(0, len(x), 250)])
     head = model.get_submodule(model.head_name)
     optimiser = torch.optim.Adam(head.parameters(), lr=3e-3, weight_decay=1e-4)
     y = torch.from_numpy(targets)
@@ -71,15 +71,33 @@ def fashion_checkpoint(tmp_path_factory) -> Path:
 
     labels = [folder_name(str(label)) for label in load_arrays()["labels"]]
     pre = preprocessing_for("mobilenet_v2", "IMAGENET1K_V1", INPUT_SIZE)
-    manifest = Manifest(MODEL_NAME, "0", "mobilenet_v2", labels, pre,
-                        provenance={"strategy": "linear_probe", "weights": "IMAGENET1K_V1",
-                                    "dataset": {"path": "embedded demo data", "train": 2000}})
+    manifest = Manifest(
+        MODEL_NAME,
+        "0",
+        "mobilenet_v2",
+        labels,
+        pre,
+        provenance={
+            "strategy": "linear_probe",
+            "weights": "IMAGENET1K_V1",
+            "dataset": {"path": "embedded demo data", "train": 2000},
+        },
+    )
     model = build_model("mobilenet_v2", len(labels), weights="IMAGENET1K_V1").eval()
     train = demo_split("train", manifest, None)
     fit_head(model, pre, train.images, train.targets)
     path = tmp_path_factory.mktemp("fashion-run") / "checkpoint.pt"
-    atomic_save({"format": CHECKPOINT_FORMAT, "arch": "mobilenet_v2", "head": "linear", "dropout": 0.0,
-                 "model_state": model.state_dict(), "manifest": manifest.to_dict()}, path)
+    atomic_save(
+        {
+            "format": CHECKPOINT_FORMAT,
+            "arch": "mobilenet_v2",
+            "head": "linear",
+            "dropout": 0.0,
+            "model_state": model.state_dict(),
+            "manifest": manifest.to_dict(),
+        },
+        path,
+    )
     return path
 
 

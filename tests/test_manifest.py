@@ -1,4 +1,5 @@
 """The model manifest: the contract every part reads and writes."""
+
 import json
 
 import pytest
@@ -9,8 +10,13 @@ LABELS = ("cat", "dog", "bird")
 
 
 def make(**changes):
-    base = dict(name="pets", version="1", architecture="mobilenet_v2", labels=LABELS,
-                preprocessing=Preprocessing(input_size=224, resize_size=256))
+    base = dict(
+        name="pets",
+        version="1",
+        architecture="mobilenet_v2",
+        labels=LABELS,
+        preprocessing=Preprocessing(input_size=224, resize_size=256),
+    )
     base.update(changes)
     return Manifest(**base)
 
@@ -23,23 +29,29 @@ def test_round_trip_through_metadata():
     assert json.loads(manifest.to_json())["schema_version"] == 1
 
 
-@pytest.mark.parametrize("changes, message", [
-    ({"labels": ("only",)}, "at least 2 labels"),
-    ({"labels": ("a", "a")}, "unique"),
-    ({"name": "a/b"}, "model name"),
-    ({"precision": "fp8"}, "precision"),
-    ({"schema_version": 99}, "schema_version 99"),
-])
+@pytest.mark.parametrize(
+    "changes, message",
+    [
+        ({"labels": ("only",)}, "at least 2 labels"),
+        ({"labels": ("a", "a")}, "unique"),
+        ({"name": "a/b"}, "model name"),
+        ({"precision": "fp8"}, "precision"),
+        ({"schema_version": 99}, "schema_version 99"),
+    ],
+)
 def test_invalid_manifests_are_refused(changes, message):
     with pytest.raises(ManifestError, match=message):
         make(**changes)
 
 
-@pytest.mark.parametrize("pre, message", [
-    ({"input_size": 224, "resize_size": 200}, "input_size <= resize_size"),
-    ({"input_size": 64, "resize_size": 64, "interpolation": "lanczos9"}, "interpolation"),
-    ({"input_size": 64, "resize_size": 64, "std": (0.2, 0.0, 0.2)}, "std > 0"),
-])
+@pytest.mark.parametrize(
+    "pre, message",
+    [
+        ({"input_size": 224, "resize_size": 200}, "input_size <= resize_size"),
+        ({"input_size": 64, "resize_size": 64, "interpolation": "lanczos9"}, "interpolation"),
+        ({"input_size": 64, "resize_size": 64, "std": (0.2, 0.0, 0.2)}, "std > 0"),
+    ],
+)
 def test_invalid_preprocessing_is_refused(pre, message):
     with pytest.raises(ManifestError, match=message):
         Preprocessing(**pre)
@@ -55,18 +67,27 @@ def test_missing_or_malformed_metadata_names_the_problem():
 
 
 def test_check_graph_accepts_the_matching_signature():
-    make().check_graph(inputs=[("images", ["N", 3, 224, 224], "uint8")],
-                       outputs=[("probabilities", ["N", 3]), ("embedding", ["N", 1280])])
+    make().check_graph(
+        inputs=[("images", ["N", 3, 224, 224], "uint8")],
+        outputs=[("probabilities", ["N", 3]), ("embedding", ["N", 1280])],
+    )
 
 
-@pytest.mark.parametrize("inputs, outputs, message", [
-    ([("pixels", ["N", 3, 224, 224], "uint8")], [("probabilities", ["N", 3]), ("embedding", ["N", 8])], "no input"),
-    ([("images", ["N", 3, 224, 224], "float32")], [("probabilities", ["N", 3]), ("embedding", ["N", 8])], "float32"),
-    ([("images", ["N", 3, 96, 96], "uint8")], [("probabilities", ["N", 3]), ("embedding", ["N", 8])], "shape"),
-    ([("images", [1, 3, 224, 224], "uint8")], [("probabilities", [1, 3]), ("embedding", [1, 8])], "fixed batch"),
-    ([("images", ["N", 3, 224, 224], "uint8")], [("probabilities", ["N", 4]), ("embedding", ["N", 8])], "3 labels"),
-    ([("images", ["N", 3, 224, 224], "uint8")], [("probabilities", ["N", 3])], "no output 'embedding'"),
-])
+@pytest.mark.parametrize(
+    "inputs, outputs, message",
+    [
+        ([("pixels", ["N", 3, 224, 224], "uint8")], [("probabilities", ["N", 3]), ("embedding", ["N", 8])], "no input"),
+        (
+            [("images", ["N", 3, 224, 224], "float32")],
+            [("probabilities", ["N", 3]), ("embedding", ["N", 8])],
+            "float32",
+        ),
+        ([("images", ["N", 3, 96, 96], "uint8")], [("probabilities", ["N", 3]), ("embedding", ["N", 8])], "shape"),
+        ([("images", [1, 3, 224, 224], "uint8")], [("probabilities", [1, 3]), ("embedding", [1, 8])], "fixed batch"),
+        ([("images", ["N", 3, 224, 224], "uint8")], [("probabilities", ["N", 4]), ("embedding", ["N", 8])], "3 labels"),
+        ([("images", ["N", 3, 224, 224], "uint8")], [("probabilities", ["N", 3])], "no output 'embedding'"),
+    ],
+)
 def test_check_graph_refuses_a_mismatch(inputs, outputs, message):
     with pytest.raises(ManifestError, match=message):
         make().check_graph(inputs=inputs, outputs=outputs)

@@ -4,6 +4,7 @@ Each part's ``cli`` module exposes ``register(subparsers)``, adding its subcomma
 ``set_defaults(func=handler)``. Those modules import nothing heavy at module level, so
 `tlserve serve` never pulls in torch and `tlserve --help` works with any extra installed.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -29,7 +30,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    logging.basicConfig(level=args.log_level.upper(), stream=sys.stderr,
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.basicConfig(
+        level=args.log_level.upper(), stream=sys.stderr, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+    )
     result = args.func(args)
     return int(result or 0)

@@ -4,12 +4,14 @@ The trainer builds it from the same values that build its eval transform, export
 into the ONNX file's ``metadata_props`` under :data:`METADATA_KEY` (and a ``manifest.json``
 sidecar), and the server reads it back and checks it against the graph before serving.
 """
+
 from __future__ import annotations
 
 import dataclasses
 import json
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Mapping, Sequence
+from typing import Any
 
 SCHEMA_VERSION = 1
 METADATA_KEY = "tlserve.manifest"
@@ -46,7 +48,8 @@ class Preprocessing:
         object.__setattr__(self, "std", tuple(float(v) for v in self.std))
         if self.input_size <= 0 or self.resize_size < self.input_size:
             raise ManifestError(
-                f"preprocessing needs 0 < input_size <= resize_size, got {self.input_size}/{self.resize_size}")
+                f"preprocessing needs 0 < input_size <= resize_size, got {self.input_size}/{self.resize_size}"
+            )
         if self.interpolation not in INTERPOLATIONS:
             raise ManifestError(f"interpolation must be one of {INTERPOLATIONS}, got {self.interpolation!r}")
         if self.input_dtype not in INPUT_DTYPES:
@@ -87,7 +90,8 @@ class Manifest:
         object.__setattr__(self, "provenance", dict(self.provenance))
         if self.schema_version != SCHEMA_VERSION:
             raise ManifestError(
-                f"manifest schema_version {self.schema_version} is not supported (this build reads {SCHEMA_VERSION})")
+                f"manifest schema_version {self.schema_version} is not supported (this build reads {SCHEMA_VERSION})"
+            )
         if not self.name or "/" in self.name:
             raise ManifestError(f"model name must be non-empty and contain no '/', got {self.name!r}")
         if len(self.labels) < 2:
@@ -101,7 +105,7 @@ class Manifest:
     def num_classes(self) -> int:
         return len(self.labels)
 
-    def replace(self, **changes: Any) -> "Manifest":
+    def replace(self, **changes: Any) -> Manifest:
         return dataclasses.replace(self, **changes)
 
     def to_dict(self) -> dict[str, Any]:
@@ -111,7 +115,7 @@ class Manifest:
         return json.dumps(self.to_dict(), indent=indent, sort_keys=True)
 
     @classmethod
-    def from_dict(cls, data: Mapping[str, Any]) -> "Manifest":
+    def from_dict(cls, data: Mapping[str, Any]) -> Manifest:
         try:
             body = dict(data)
             body["preprocessing"] = Preprocessing(**body["preprocessing"])
@@ -123,7 +127,7 @@ class Manifest:
             raise ManifestError(f"malformed manifest: {exc}") from exc
 
     @classmethod
-    def from_json(cls, text: str) -> "Manifest":
+    def from_json(cls, text: str) -> Manifest:
         try:
             data = json.loads(text)
         except json.JSONDecodeError as exc:
@@ -133,14 +137,15 @@ class Manifest:
         return cls.from_dict(data)
 
     @classmethod
-    def from_metadata(cls, metadata: Mapping[str, str]) -> "Manifest":
+    def from_metadata(cls, metadata: Mapping[str, str]) -> Manifest:
         """Read the manifest from an ONNX model's custom metadata map."""
         if METADATA_KEY not in metadata:
             raise ManifestError(f"model has no {METADATA_KEY!r} metadata: was it exported by `tlserve export`?")
         return cls.from_json(metadata[METADATA_KEY])
 
-    def check_graph(self, inputs: Sequence[tuple[str, Sequence[Any], str]],
-                    outputs: Sequence[tuple[str, Sequence[Any]]]) -> None:
+    def check_graph(
+        self, inputs: Sequence[tuple[str, Sequence[Any], str]], outputs: Sequence[tuple[str, Sequence[Any]]]
+    ) -> None:
         """Check the manifest against a graph's signature, raising :class:`ManifestError` on mismatch.
 
         ``inputs`` holds ``(name, shape, dtype)`` with dtype as a numpy-style name ("uint8",
@@ -155,15 +160,22 @@ class Manifest:
         if dtype != pre.input_dtype:
             raise ManifestError(f"input {self.input_name!r} is {dtype}, manifest says {pre.input_dtype}")
         if shape and isinstance(shape[0], int):
-            raise ManifestError(f"input {self.input_name!r} has a fixed batch dimension {shape[0]}: the server batches "
-                                "requests, so export with a dynamic batch dimension")
+            raise ManifestError(
+                f"input {self.input_name!r} has a fixed batch dimension {shape[0]}: the server batches "
+                "requests, so export with a dynamic batch dimension"
+            )
         expected = (None, 3, pre.input_size, pre.input_size)
         if len(shape) != 4 or any(isinstance(s, int) and e is not None and s != e for s, e in zip(shape, expected)):
-            raise ManifestError(f"input {self.input_name!r} has shape {list(shape)}, manifest says [N, 3, "
-                                f"{pre.input_size}, {pre.input_size}]")
+            raise ManifestError(
+                f"input {self.input_name!r} has shape {list(shape)}, manifest says [N, 3, "
+                f"{pre.input_size}, {pre.input_size}]"
+            )
         out = dict(outputs)
-        wanted = {self.outputs.probabilities: self.num_classes, self.outputs.logits: self.num_classes,
-                  self.outputs.embedding: None}
+        wanted = {
+            self.outputs.probabilities: self.num_classes,
+            self.outputs.logits: self.num_classes,
+            self.outputs.embedding: None,
+        }
         for name, width in wanted.items():
             if name is None:
                 continue
@@ -171,5 +183,4 @@ class Manifest:
                 raise ManifestError(f"graph has no output {name!r} (outputs: {sorted(out)})")
             oshape = out[name]
             if width is not None and (len(oshape) != 2 or (isinstance(oshape[1], int) and oshape[1] != width)):
-                raise ManifestError(f"output {name!r} has shape {list(oshape)}, but the manifest has "
-                                    f"{width} labels")
+                raise ManifestError(f"output {name!r} has shape {list(oshape)}, but the manifest has {width} labels")

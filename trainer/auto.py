@@ -15,6 +15,7 @@ Two facts decide the scenario:
 
 Without pretrained weights there is nothing to transfer: the choice is ``scratch``.
 """
+
 from __future__ import annotations
 
 import logging
@@ -32,8 +33,12 @@ from tlserve.trainer.strategies import plan
 from tlserve.trainer.transforms import EvalTransform, TrainTransform
 
 log = logging.getLogger(__name__)
-CHOICES = {(True, True): "feature-extract", (True, False): "two-phase",
-           (False, True): "two-phase", (False, False): "finetune"}
+CHOICES = {
+    (True, True): "feature-extract",
+    (True, False): "two-phase",
+    (False, True): "two-phase",
+    (False, False): "finetune",
+}
 
 
 def decide(per_class: int, probe: float, finetune: float, small_per_class: int, margin: float) -> tuple[str, str]:
@@ -48,19 +53,30 @@ def evidence_table(rows: list[tuple[str, str]]) -> str:
     return "\n".join(f"{key.ljust(width)} | {value}" for key, value in rows)
 
 
-def _quick(strategy: str, cfg: TrainConfig, splits: Splits, train, held, pre: Preprocessing, rt: Runtime,
-           dist: DistContext) -> float:
-    model = build_model(cfg.arch, len(splits.classes), cfg.weights, cfg.head, cfg.dropout,
-                        pre.input_size).to(rt.device)
+def _quick(
+    strategy: str, cfg: TrainConfig, splits: Splits, train, held, pre: Preprocessing, rt: Runtime, dist: DistContext
+) -> float:
+    model = build_model(cfg.arch, len(splits.classes), cfg.weights, cfg.head, cfg.dropout, pre.input_size).to(rt.device)
     phases = plan(strategy, cfg.auto_epochs, 0, cfg.lr, cfg.lr, cfg.backbone_lr_mult)
     quick_cfg = cfg.replace(patience=None, ema=None, progress="off")
-    state = fit(model, phases, ImageList(train, TrainTransform(pre, cfg.augment)), ImageList(held, EvalTransform(pre)),
-                quick_cfg, pre, rt, dist, num_classes=len(splits.classes), tag=f"auto/{strategy} ")
+    state = fit(
+        model,
+        phases,
+        ImageList(train, TrainTransform(pre, cfg.augment)),
+        ImageList(held, EvalTransform(pre)),
+        quick_cfg,
+        pre,
+        rt,
+        dist,
+        num_classes=len(splits.classes),
+        tag=f"auto/{strategy} ",
+    )
     return state.best_accuracy
 
 
-def choose_strategy(cfg: TrainConfig, splits: Splits, pre: Preprocessing, rt: Runtime,
-                    dist: DistContext) -> dict[str, Any]:
+def choose_strategy(
+    cfg: TrainConfig, splits: Splits, pre: Preprocessing, rt: Runtime, dist: DistContext
+) -> dict[str, Any]:
     """Run the probe and the quick fine-tune, decide, log the table; returns the evidence."""
     counts = Counter(t for _, t in splits.train)
     per_class = min(counts.values())
@@ -72,13 +88,25 @@ def choose_strategy(cfg: TrainConfig, splits: Splits, pre: Preprocessing, rt: Ru
         probe = _quick("feature-extract", cfg, splits, train, held, pre, rt, dist)
         tuned = _quick("finetune", cfg, splits, train, held, pre, rt, dist)
         scenario, choice = decide(per_class, probe, tuned, cfg.auto_small_per_class, cfg.auto_margin)
-        rows = [("images per class (min)", f"{per_class} ({'<' if per_class < cfg.auto_small_per_class else '>='} "
-                                            f"{cfg.auto_small_per_class})"),
-                (f"linear probe, {cfg.auto_epochs} ep, hold-out acc", f"{probe:.4f}"),
-                (f"quick fine-tune, {cfg.auto_epochs} ep, hold-out acc", f"{tuned:.4f}"),
-                ("scenario", scenario), ("choice", choice)]
-        evidence = {"choice": choice, "scenario": scenario, "per_class": per_class, "probe_accuracy": probe,
-                    "finetune_accuracy": tuned, "probe_epochs": cfg.auto_epochs, "holdout": len(held)}
+        rows = [
+            (
+                "images per class (min)",
+                f"{per_class} ({'<' if per_class < cfg.auto_small_per_class else '>='} {cfg.auto_small_per_class})",
+            ),
+            (f"linear probe, {cfg.auto_epochs} ep, hold-out acc", f"{probe:.4f}"),
+            (f"quick fine-tune, {cfg.auto_epochs} ep, hold-out acc", f"{tuned:.4f}"),
+            ("scenario", scenario),
+            ("choice", choice),
+        ]
+        evidence = {
+            "choice": choice,
+            "scenario": scenario,
+            "per_class": per_class,
+            "probe_accuracy": probe,
+            "finetune_accuracy": tuned,
+            "probe_epochs": cfg.auto_epochs,
+            "holdout": len(held),
+        }
     evidence["table"] = evidence_table(rows)
     if dist.is_main:
         log.info("auto strategy:\n%s", evidence["table"])

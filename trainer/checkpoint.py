@@ -6,6 +6,7 @@ builders need it), ``model_state`` (the full model's state_dict, new head includ
 ``manifest`` (``Manifest.to_dict()``); training adds ``epoch`` and ``config``. The run's
 ``last.pt`` carries what ``--resume`` needs (model, optimiser, schedule, EMA, loop state).
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -57,7 +58,13 @@ def load_model(path: str | os.PathLike) -> tuple[nn.Module, Manifest, dict[str, 
     """Rebuild the model (eval mode, CPU) from a checkpoint; returns (model, manifest, checkpoint)."""
     ckpt = read_checkpoint(path)
     manifest = Manifest.from_dict(ckpt["manifest"])
-    model = build_model(ckpt["arch"], manifest.num_classes, weights=None, head=ckpt.get("head", "linear"),
-                        dropout=ckpt.get("dropout", 0.0), image_size=ckpt.get("image_size"))
+    model = build_model(
+        ckpt["arch"],
+        manifest.num_classes,
+        weights=None,
+        head=ckpt.get("head", "linear"),
+        dropout=ckpt.get("dropout", 0.0),
+        image_size=ckpt.get("image_size"),
+    )
     model.load_state_dict(ckpt["model_state"])
     return model.eval(), manifest, ckpt

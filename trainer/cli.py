@@ -1,4 +1,5 @@
 """`tlserve` subcommands of the trainer part (registered by tlserve.cli; no heavy imports at module level)."""
+
 from __future__ import annotations
 
 import argparse
@@ -17,15 +18,20 @@ def _train_arguments(p: argparse.ArgumentParser) -> None:
     opt("--config", dest="config_file", metavar="RUN.yaml", help="YAML with any of these options; flags override it")
     opt("--name", help="model name in the manifest (default: the data folder's name)")
     opt("--arch", help=f"any torchvision classification model (default {D.arch})")
-    opt("--weights", help="DEFAULT, a torchvision enum name (IMAGENET1K_V1), none, or a file "
-                          "(state_dict or tlserve checkpoint)")
+    opt(
+        "--weights",
+        help="DEFAULT, a torchvision enum name (IMAGENET1K_V1), none, or a file (state_dict or tlserve checkpoint)",
+    )
     opt("--strategy", choices=STRATEGIES, help=f"transfer-learning strategy (default {D.strategy})")
     opt("--unfreeze", type=int, help=f"partial: number of top backbone blocks to train (default {D.unfreeze})")
     opt("--head", help="linear or mlp:512,512 (default linear)")
     opt("--dropout", type=float, help="dropout in the head")
     opt("--image-size", type=int, help="input size in px (default: the weights' own, 224 for ImageNet weights)")
-    opt("--resize-size", type=int, help="resize the shorter side to this before the centre crop "
-                                        "(default: the weights' resize/crop ratio)")
+    opt(
+        "--resize-size",
+        type=int,
+        help="resize the shorter side to this before the centre crop (default: the weights' resize/crop ratio)",
+    )
     opt("--val-fraction", type=float, help="held out for validation when there is no val/ folder")
     opt("--test-fraction", type=float, help="held out for test when DATA is one folder")
     opt("--balance", choices=BALANCE, help="class imbalance: sampler, loss weights, or none")
@@ -52,8 +58,11 @@ def _train_arguments(p: argparse.ArgumentParser) -> None:
     opt("--device", choices=("auto", "cpu", "cuda"))
     opt("--resume", action="store_true", default=None, help="continue from OUT/last.pt")
     opt("--auto-epochs", type=int, help=f"auto: epochs of the quick probe and fine-tune (default {D.auto_epochs})")
-    opt("--auto-small-per-class", type=int,
-        help=f"auto: fewer images per class than this is 'small' (default {D.auto_small_per_class})")
+    opt(
+        "--auto-small-per-class",
+        type=int,
+        help=f"auto: fewer images per class than this is 'small' (default {D.auto_small_per_class})",
+    )
     opt("--auto-margin", type=float, help=f"auto: probe within this of the fine-tune is 'similar' ({D.auto_margin})")
     opt("--progress", choices=("auto", "on", "off"), help="tqdm bars (auto: on a terminal)")
 
@@ -88,8 +97,11 @@ def _demo_data(args: argparse.Namespace) -> int:
 
 def register(subparsers: argparse._SubParsersAction) -> None:
     """Add this part's subcommands. Each sets `func` to a handler taking the parsed args."""
-    train = subparsers.add_parser("train", help="fine-tune a torchvision backbone on an image folder",
-                                  formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    train = subparsers.add_parser(
+        "train",
+        help="fine-tune a torchvision backbone on an image folder",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
     _train_arguments(train)
     train.set_defaults(func=_train)
     demo = subparsers.add_parser("demo-data", help="write the embedded Fashion-MNIST subset as an ImageFolder tree")

@@ -3,12 +3,14 @@
 Parsed once at the entry point (``tlserve train``) and passed down as a frozen dataclass.
 The defaults are demo-friendly: pretrained MobileNetV2, two-phase, 64 px, a few epochs.
 """
+
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Mapping
 from dataclasses import dataclass, field, fields
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any
 
 STRATEGIES = ("two-phase", "feature-extract", "partial", "finetune", "scratch", "auto")
 BALANCE = ("none", "sampler", "loss")
@@ -80,7 +82,7 @@ class TrainConfig:
     def pretrained(self) -> bool:
         return self.strategy != "scratch" and self.weights.lower() != "none"
 
-    def replace(self, **changes: Any) -> "TrainConfig":
+    def replace(self, **changes: Any) -> TrainConfig:
         return dataclasses.replace(self, **changes)
 
     def to_dict(self) -> dict[str, Any]:

@@ -1,13 +1,14 @@
 """Datasets: ImageFolder train/val(/test) trees, or one folder split stratified with a fixed seed."""
+
 from __future__ import annotations
 
 import logging
 import os
 import random
 from collections import Counter, defaultdict
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Sequence
 
 import torch
 from PIL import Image
@@ -83,8 +84,13 @@ def _folder(path: Path) -> ImageFolder:
     return ImageFolder(str(path), loader=lambda p: p)  # we only need the listing
 
 
-def load_splits(root: str | os.PathLike, val_fraction: float = 0.2, test_fraction: float = 0.0,
-                seed: int = 0, max_per_class: int | None = None) -> Splits:
+def load_splits(
+    root: str | os.PathLike,
+    val_fraction: float = 0.2,
+    test_fraction: float = 0.0,
+    seed: int = 0,
+    max_per_class: int | None = None,
+) -> Splits:
     """``root/train`` (+ ``val``/``test`` when present), or ``root`` itself split stratified."""
     root = Path(root)
     if not root.is_dir():

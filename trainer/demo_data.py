@@ -1,4 +1,5 @@
 """The embedded demo dataset (a Fashion-MNIST subset, MIT licence) written out as an ImageFolder tree."""
+
 from __future__ import annotations
 
 import io

@@ -1,4 +1,5 @@
 """DistributedDataParallel set-up under torchrun: NCCL on GPUs, gloo on CPU; only rank 0 writes."""
+
 from __future__ import annotations
 
 import logging

@@ -1,11 +1,12 @@
 """One epoch of training and one pass of evaluation (device, AMP, channels_last, EMA, clipping)."""
+
 from __future__ import annotations
 
 import contextlib
 import logging
 import math
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
-from typing import Callable, Iterable
 
 import torch
 from torch import nn
@@ -60,10 +61,21 @@ class EpochStats:
     images: int
 
 
-def train_epoch(model: nn.Module, loader: Iterable, optimizer: torch.optim.Optimizer, scheduler,
-                criterion: nn.Module, pre: Preprocessing, rt: Runtime, *, prepare: Callable[[], None],
-                scaler: torch.amp.GradScaler | None = None, grad_clip: float | None = None,
-                ema: nn.Module | None = None, progress: Callable[[Iterable], Iterable] = iter) -> EpochStats:
+def train_epoch(
+    model: nn.Module,
+    loader: Iterable,
+    optimizer: torch.optim.Optimizer,
+    scheduler,
+    criterion: nn.Module,
+    pre: Preprocessing,
+    rt: Runtime,
+    *,
+    prepare: Callable[[], None],
+    scaler: torch.amp.GradScaler | None = None,
+    grad_clip: float | None = None,
+    ema: nn.Module | None = None,
+    progress: Callable[[Iterable], Iterable] = iter,
+) -> EpochStats:
     """Train for one pass over ``loader``; ``prepare`` sets train/eval modes (frozen BatchNorm)."""
     prepare()
     total_loss, correct, seen = 0.0, 0, 0

@@ -1,4 +1,5 @@
 """The epoch loop over a strategy's phases: optimiser and schedule per phase, EMA, early stopping, resume."""
+
 from __future__ import annotations
 
 import bisect
@@ -6,8 +7,9 @@ import itertools
 import logging
 import math
 import sys
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import asdict, dataclass, field
-from typing import Any, Callable, Iterable, Sequence
+from typing import Any
 
 import torch
 from torch import nn
@@ -56,10 +58,12 @@ def make_optimizer(cfg: TrainConfig, groups: list[dict]) -> torch.optim.Optimize
 
 def warmup_cosine(optimizer: torch.optim.Optimizer, warmup_steps: int, total_steps: int):
     """Linear warm-up to each group's LR, then cosine decay to zero, stepped every batch."""
+
     def factor(step: int) -> float:
         if step < warmup_steps:
             return (step + 1) / warmup_steps
         return 0.5 * (1 + math.cos(math.pi * min(1.0, (step - warmup_steps) / max(1, total_steps - warmup_steps))))
+
     return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
 
 
@@ -67,6 +71,7 @@ def progress_bar(enabled: bool, desc: str) -> Callable[[Iterable], Iterable]:
     if not enabled:
         return iter
     from tqdm.auto import tqdm
+
     return lambda it: tqdm(it, desc=desc, leave=False, dynamic_ncols=True, file=sys.stderr)
 
 
@@ -77,8 +82,9 @@ def show_progress(cfg: TrainConfig, dist: DistContext) -> bool:
 class PhaseRunner:
     """Optimiser, schedule and scaler for one phase; rebuilt when the phase changes."""
 
-    def __init__(self, model: nn.Module, phase: Phase, cfg: TrainConfig, steps_per_epoch: int,
-                 rt: Runtime, dist: DistContext):
+    def __init__(
+        self, model: nn.Module, phase: Phase, cfg: TrainConfig, steps_per_epoch: int, rt: Runtime, dist: DistContext
+    ):
         set_trainable(model, phase.name, cfg.unfreeze)
         self.phase, self.net = phase, dist.wrap(model)
         self.optimizer = make_optimizer(cfg, param_groups(model, phase.lr, phase.backbone_lr_mult))
@@ -86,12 +92,21 @@ class PhaseRunner:
         warmup = min(total, max(1, round(cfg.warmup_epochs * steps_per_epoch)))
         self.scheduler = warmup_cosine(self.optimizer, warmup, total)
         self.scaler = torch.amp.GradScaler("cuda") if rt.amp_dtype == torch.float16 else None
-        log.info("phase %s: %d epochs, lr %g (backbone x%g), %d trainable parameters", phase.name, phase.epochs,
-                 phase.lr, phase.backbone_lr_mult, trainable_count(model))
+        log.info(
+            "phase %s: %d epochs, lr %g (backbone x%g), %d trainable parameters",
+            phase.name,
+            phase.epochs,
+            phase.lr,
+            phase.backbone_lr_mult,
+            trainable_count(model),
+        )
 
     def state_dict(self) -> dict[str, Any]:
-        return {"optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(),
-                "scaler": self.scaler.state_dict() if self.scaler else None}
+        return {
+            "optimizer": self.optimizer.state_dict(),
+            "scheduler": self.scheduler.state_dict(),
+            "scaler": self.scaler.state_dict() if self.scaler else None,
+        }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.optimizer.load_state_dict(state["optimizer"])
@@ -100,10 +115,21 @@ class PhaseRunner:
             self.scaler.load_state_dict(state["scaler"])
 
 
-def fit(model: nn.Module, phases: Sequence[Phase], train_set: ImageList, val_set: ImageList, cfg: TrainConfig,
-        pre: Preprocessing, rt: Runtime, dist: DistContext, *, num_classes: int,
-        on_epoch: Callable[[EpochEnd], None] | None = None, resume: dict[str, Any] | None = None,
-        tag: str = "") -> FitState:
+def fit(
+    model: nn.Module,
+    phases: Sequence[Phase],
+    train_set: ImageList,
+    val_set: ImageList,
+    cfg: TrainConfig,
+    pre: Preprocessing,
+    rt: Runtime,
+    dist: DistContext,
+    *,
+    num_classes: int,
+    on_epoch: Callable[[EpochEnd], None] | None = None,
+    resume: dict[str, Any] | None = None,
+    tag: str = "",
+) -> FitState:
     """Train ``model`` in place through ``phases``; returns the final state (best epoch, history)."""
     state = FitState(**resume["state"]) if resume else FitState()
     weights = class_weights(train_set.targets, num_classes).to(rt.device) if cfg.balance == "loss" else None
@@ -120,8 +146,9 @@ def fit(model: nn.Module, phases: Sequence[Phase], train_set: ImageList, val_set
         if state.stopped_early:
             break
         index = bisect.bisect_right(ends, epoch)
-        loader = train_loader(train_set, cfg.batch_size, workers, derive(cfg.seed, epoch), dist,
-                              cfg.balance == "sampler", num_classes)
+        loader = train_loader(
+            train_set, cfg.batch_size, workers, derive(cfg.seed, epoch), dist, cfg.balance == "sampler", num_classes
+        )
         if runner is None or runner.phase is not phases[index]:
             first = runner is None
             runner = PhaseRunner(model, phases[index], cfg, len(loader), rt, dist)
@@ -129,28 +156,68 @@ def fit(model: nn.Module, phases: Sequence[Phase], train_set: ImageList, val_set
                 runner.load_state_dict(resume["runner"])
         seed_everything(derive(cfg.seed, epoch, dist.rank))
         net = runner.net
-        stats = train_epoch(net, loader, runner.optimizer, runner.scheduler, criterion, pre, rt,
-                            prepare=lambda: (net.train(), freeze_batchnorm(model, runner.phase.bn_inference)), scaler=runner.scaler,
-                            grad_clip=cfg.grad_clip, ema=ema,
-                            progress=progress_bar(show_progress(cfg, dist), f"{tag}epoch {epoch + 1}/{ends[-1]}"))
+        stats = train_epoch(
+            net,
+            loader,
+            runner.optimizer,
+            runner.scheduler,
+            criterion,
+            pre,
+            rt,
+            prepare=lambda net=net, runner=runner: (net.train(), freeze_batchnorm(model, runner.phase.bn_inference)),
+            scaler=runner.scaler,
+            grad_clip=cfg.grad_clip,
+            ema=ema,
+            progress=progress_bar(show_progress(cfg, dist), f"{tag}epoch {epoch + 1}/{ends[-1]}"),
+        )
         kept = ema.module if ema is not None else model
         result = evaluate(kept, val_loader, val_criterion, pre, rt)
         improved = result.accuracy > state.best_accuracy
-        state.best_accuracy, state.best_epoch = (result.accuracy, epoch + 1) if improved else \
-            (state.best_accuracy, state.best_epoch)
+        state.best_accuracy, state.best_epoch = (
+            (result.accuracy, epoch + 1) if improved else (state.best_accuracy, state.best_epoch)
+        )
         state.stale = 0 if improved else state.stale + 1
         state.stopped_early = bool(cfg.patience) and state.stale >= cfg.patience
         state.epoch = epoch + 1
-        state.history.append({"epoch": epoch + 1, "phase": runner.phase.name, "train_loss": stats.loss,
-                              "train_accuracy": stats.accuracy, "val_loss": result.loss,
-                              "val_accuracy": result.accuracy, "lr": runner.optimizer.param_groups[0]["lr"],
-                              "images": stats.images * dist.world_size})
+        state.history.append(
+            {
+                "epoch": epoch + 1,
+                "phase": runner.phase.name,
+                "train_loss": stats.loss,
+                "train_accuracy": stats.accuracy,
+                "val_loss": result.loss,
+                "val_accuracy": result.accuracy,
+                "lr": runner.optimizer.param_groups[0]["lr"],
+                "images": stats.images * dist.world_size,
+            }
+        )
         if dist.is_main:
-            log.info("%sepoch %d/%d [%s] train loss %.4f acc %.4f | val loss %.4f acc %.4f%s", tag, epoch + 1,
-                     ends[-1], runner.phase.name, stats.loss, stats.accuracy, result.loss, result.accuracy,
-                     " *" if improved else "")
+            log.info(
+                "%sepoch %d/%d [%s] train loss %.4f acc %.4f | val loss %.4f acc %.4f%s",
+                tag,
+                epoch + 1,
+                ends[-1],
+                runner.phase.name,
+                stats.loss,
+                stats.accuracy,
+                result.loss,
+                result.accuracy,
+                " *" if improved else "",
+            )
         if on_epoch is not None:
-            on_epoch(EpochEnd(kept, state, improved, result, {
-                "state": asdict(state), "phase": index, "model_state": model.state_dict(), "runner": runner.state_dict(),
-                "ema": ema.state_dict() if ema is not None else None}))
+            on_epoch(
+                EpochEnd(
+                    kept,
+                    state,
+                    improved,
+                    result,
+                    {
+                        "state": asdict(state),
+                        "phase": index,
+                        "model_state": model.state_dict(),
+                        "runner": runner.state_dict(),
+                        "ema": ema.state_dict() if ema is not None else None,
+                    },
+                )
+            )
     return state

@@ -5,6 +5,7 @@ cache ($TORCH_HOME/hub/checkpoints) is the one place pretrained files live. The 
 replaced generically: the last ``nn.Linear`` of the network is the classifier, whatever the
 family calls it (``fc``, ``classifier[1]``, ``heads.head``...).
 """
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -40,8 +41,11 @@ def head_name(model: nn.Module) -> str:
 def make_head(in_features: int, num_classes: int, head: str = "linear", dropout: float = 0.0) -> nn.Module:
     """``linear`` or ``mlp:512,512`` (Linear-ReLU-Dropout blocks, then the classifier)."""
     if head == "linear":
-        return nn.Sequential(nn.Dropout(dropout), nn.Linear(in_features, num_classes)) if dropout else \
-            nn.Linear(in_features, num_classes)
+        return (
+            nn.Sequential(nn.Dropout(dropout), nn.Linear(in_features, num_classes))
+            if dropout
+            else nn.Linear(in_features, num_classes)
+        )
     if head.startswith("mlp:"):
         layers: list[nn.Module] = []
         width = in_features
@@ -76,8 +80,14 @@ def _builder_kwargs(arch: str, pretrained: bool, image_size: int | None) -> dict
     return {}
 
 
-def build_model(arch: str, num_classes: int, weights: str | None = None, head: str = "linear",
-                dropout: float = 0.0, image_size: int | None = None) -> nn.Module:
+def build_model(
+    arch: str,
+    num_classes: int,
+    weights: str | None = None,
+    head: str = "linear",
+    dropout: float = 0.0,
+    image_size: int | None = None,
+) -> nn.Module:
     """A torchvision model with (optionally) pretrained weights and a fresh ``num_classes`` head.
 
     Pretrained weights are loaded first, then the head is replaced (torchvision's builders

@@ -1,4 +1,5 @@
 """The eval preprocessing of a run: the weights' own transforms, optionally at another size."""
+
 from __future__ import annotations
 
 from torchvision import models as tvm
@@ -15,13 +16,18 @@ def weights_transform_values(arch: str, weights: str | None = None) -> dict:
         transform = enum.transforms()
     except (ValueError, KeyError, AttributeError):
         return {}
-    return {"input_size": transform.crop_size[0], "resize_size": transform.resize_size[0],
-            "interpolation": transform.interpolation.value, "mean": tuple(transform.mean),
-            "std": tuple(transform.std)}
+    return {
+        "input_size": transform.crop_size[0],
+        "resize_size": transform.resize_size[0],
+        "interpolation": transform.interpolation.value,
+        "mean": tuple(transform.mean),
+        "std": tuple(transform.std),
+    }
 
 
-def preprocessing_for(arch: str, weights: str | None = None, image_size: int | None = None,
-                      resize_size: int | None = None) -> Preprocessing:
+def preprocessing_for(
+    arch: str, weights: str | None = None, image_size: int | None = None, resize_size: int | None = None
+) -> Preprocessing:
     """The weights' preprocessing; ``image_size`` (0/None = theirs) keeps their resize/crop ratio
     unless ``resize_size`` is given."""
     values = weights_transform_values(arch, weights) or {"input_size": 224, "resize_size": 256}

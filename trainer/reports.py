@@ -1,10 +1,12 @@
 """Run reports: metrics.jsonl, loss/accuracy curves, confusion matrix, per-class P/R/F1, report.md."""
+
 from __future__ import annotations
 
 import json
 import os
+from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Any, Mapping, Sequence
+from typing import Any
 
 import matplotlib
 
@@ -53,18 +55,27 @@ def per_class_metrics(matrix: np.ndarray, labels: Sequence[str]) -> dict[str, An
     precision = np.divide(tp, predicted, out=np.zeros_like(tp), where=predicted > 0)
     recall = np.divide(tp, actual, out=np.zeros_like(tp), where=actual > 0)
     f1 = np.divide(2 * precision * recall, precision + recall, out=np.zeros_like(tp), where=precision + recall > 0)
-    classes = {label: {"precision": float(p), "recall": float(r), "f1": float(f), "support": int(s)}
-               for label, p, r, f, s in zip(labels, precision, recall, f1, actual)}
-    return {"accuracy": float(tp.sum() / max(1.0, matrix.sum())), "macro_precision": float(precision.mean()),
-            "macro_recall": float(recall.mean()), "macro_f1": float(f1.mean()), "classes": classes}
+    classes = {
+        label: {"precision": float(p), "recall": float(r), "f1": float(f), "support": int(s)}
+        for label, p, r, f, s in zip(labels, precision, recall, f1, actual)
+    }
+    return {
+        "accuracy": float(tp.sum() / max(1.0, matrix.sum())),
+        "macro_precision": float(precision.mean()),
+        "macro_recall": float(recall.mean()),
+        "macro_f1": float(f1.mean()),
+        "classes": classes,
+    }
 
 
 def per_class_markdown(metrics: Mapping[str, Any]) -> str:
     rows = ["| class | precision | recall | F1 | support |", "|---|---:|---:|---:|---:|"]
     for label, m in metrics["classes"].items():
         rows.append(f"| {label} | {m['precision']:.3f} | {m['recall']:.3f} | {m['f1']:.3f} | {m['support']} |")
-    rows.append(f"| **macro** | {metrics['macro_precision']:.3f} | {metrics['macro_recall']:.3f} | "
-                f"{metrics['macro_f1']:.3f} | {sum(m['support'] for m in metrics['classes'].values())} |")
+    rows.append(
+        f"| **macro** | {metrics['macro_precision']:.3f} | {metrics['macro_recall']:.3f} | "
+        f"{metrics['macro_f1']:.3f} | {sum(m['support'] for m in metrics['classes'].values())} |"
+    )
     return "\n".join(rows) + "\n"
 
 
@@ -79,8 +90,7 @@ def plot_confusion(path: Path, matrix: np.ndarray, labels: Sequence[str], title:
     ax.set_title(title)
     threshold = matrix.max() / 2 if matrix.size else 0
     for (i, j), value in np.ndenumerate(matrix):
-        ax.text(j, i, str(value), ha="center", va="center", fontsize=8,
-                color="white" if value > threshold else "black")
+        ax.text(j, i, str(value), ha="center", va="center", fontsize=8, color="white" if value > threshold else "black")
     fig.tight_layout()
     fig.savefig(path)
     plt.close(fig)
@@ -98,16 +108,28 @@ def write_class_report(run_dir: Path, targets, predictions, labels: Sequence[str
     return metrics
 
 
-def write_report(run_dir: Path, summary: Mapping[str, Any], class_metrics: Mapping[str, Any],
-                 evidence_table: str | None = None) -> None:
+def write_report(
+    run_dir: Path, summary: Mapping[str, Any], class_metrics: Mapping[str, Any], evidence_table: str | None = None
+) -> None:
     """report.md: the run at a glance, linking the curves, the confusion matrix and the tables."""
-    lines = [f"# Training report: {summary['name']}", "",
-             "| | |", "|---|---|"]
+    lines = [f"# Training report: {summary['name']}", "", "| | |", "|---|---|"]
     lines += [f"| {key} | {value} |" for key, value in summary.items()]
     if evidence_table:
         lines += ["", "## Strategy choice (auto)", "", "```", evidence_table, "```"]
-    lines += ["", "## Curves", "", "![loss](loss.png)", "", "![accuracy](accuracy.png)", "",
-              f"## Per class ({class_metrics['split']})", "", per_class_markdown(class_metrics),
-              "![confusion matrix](confusion_matrix.png)", "",
-              "Files: `checkpoint.pt` (best), `last.pt` (resume), `metrics.jsonl`, `per_class.json`, `config.yaml`.", ""]
+    lines += [
+        "",
+        "## Curves",
+        "",
+        "![loss](loss.png)",
+        "",
+        "![accuracy](accuracy.png)",
+        "",
+        f"## Per class ({class_metrics['split']})",
+        "",
+        per_class_markdown(class_metrics),
+        "![confusion matrix](confusion_matrix.png)",
+        "",
+        "Files: `checkpoint.pt` (best), `last.pt` (resume), `metrics.jsonl`, `per_class.json`, `config.yaml`.",
+        "",
+    ]
     write_text_atomic(run_dir / "report.md", "\n".join(lines))

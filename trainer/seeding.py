@@ -1,4 +1,5 @@
 """Deterministic seeding: one seed per (run seed, epoch, rank), so a resumed run replays the same draws."""
+
 from __future__ import annotations
 
 import random

@@ -6,6 +6,7 @@ holds most of the parameters (a trunk such as ViT's ``encoder``); everything els
 block, an inverted residual, a Conv-BN-act unit, an Inception module) is one block. The new head
 (``model.head_name``) and Inception's auxiliary head are not part of the backbone.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -105,8 +106,9 @@ def trainable_count(model: nn.Module) -> int:
     return sum(p.numel() for p in model.parameters() if p.requires_grad)
 
 
-def plan(strategy: str, epochs: int, head_epochs: int, lr: float, finetune_lr: float,
-         backbone_lr_mult: float) -> list[Phase]:
+def plan(
+    strategy: str, epochs: int, head_epochs: int, lr: float, finetune_lr: float, backbone_lr_mult: float
+) -> list[Phase]:
     """The phases a (non-auto) strategy runs."""
     if strategy == "feature-extract":
         return [Phase("head", epochs, lr)]
@@ -119,7 +121,9 @@ def plan(strategy: str, epochs: int, head_epochs: int, lr: float, finetune_lr: f
     if strategy == "two-phase":
         # the Keras fine-tuning recipe: once unfrozen, BatchNorm stays in inference mode, so the
         # statistics the head was trained on do not shift under it
-        phases = [Phase("head", head_epochs, lr),
-                  Phase("full", epochs - head_epochs, finetune_lr, backbone_lr_mult, bn_inference=True)]
+        phases = [
+            Phase("head", head_epochs, lr),
+            Phase("full", epochs - head_epochs, finetune_lr, backbone_lr_mult, bn_inference=True),
+        ]
         return [p for p in phases if p.epochs > 0]
     raise ValueError(f"strategy {strategy!r} has no fixed plan")

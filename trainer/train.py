@@ -4,6 +4,7 @@ The run directory holds ``checkpoint.pt`` (best), ``last.pt`` (resume), ``metric
 ``loss.png``, ``accuracy.png``, ``confusion_matrix.png``, ``per_class.json``/``.md``,
 ``report.md`` and ``config.yaml``. Under torchrun every rank trains; only rank 0 writes.
 """
+
 from __future__ import annotations
 
 import datetime as dt
@@ -48,8 +49,15 @@ def set_threads(cfg: TrainConfig, dist: DistContext) -> None:
 class RunWriter:
     """Everything that touches the run directory (rank 0 only)."""
 
-    def __init__(self, cfg: TrainConfig, strategy: str, splits: Splits, pre: Preprocessing,
-                 evidence: dict[str, Any] | None, dist: DistContext):
+    def __init__(
+        self,
+        cfg: TrainConfig,
+        strategy: str,
+        splits: Splits,
+        pre: Preprocessing,
+        evidence: dict[str, Any] | None,
+        dist: DistContext,
+    ):
         self.cfg, self.strategy, self.splits, self.pre, self.evidence = cfg, strategy, splits, pre, evidence
         self.enabled = dist.is_main
         self.world_size = dist.world_size
@@ -61,36 +69,61 @@ class RunWriter:
 
     def provenance(self, state: FitState, **extra: Any) -> dict[str, Any]:
         best = next((row for row in state.history if row["epoch"] == state.best_epoch), {})
-        prov = {"strategy": self.strategy, "requested_strategy": self.cfg.strategy,
-                "weights": self.cfg.weights if self.strategy != "scratch" else "none", "head": self.cfg.head,
-                "dropout": self.cfg.dropout, "dataset": {"path": str(self.cfg.data), **self.splits.counts()},
-                "val": {"accuracy": best.get("val_accuracy"), "loss": best.get("val_loss")},
-                "epochs": state.epoch, "best_epoch": state.best_epoch, "seed": self.cfg.seed,
-                "augment": self.cfg.augment, "world_size": self.world_size, "created": self.created,
-                "trainer": f"tlserve {__version__}", "torch": torch.__version__}
+        prov = {
+            "strategy": self.strategy,
+            "requested_strategy": self.cfg.strategy,
+            "weights": self.cfg.weights if self.strategy != "scratch" else "none",
+            "head": self.cfg.head,
+            "dropout": self.cfg.dropout,
+            "dataset": {"path": str(self.cfg.data), **self.splits.counts()},
+            "val": {"accuracy": best.get("val_accuracy"), "loss": best.get("val_loss")},
+            "epochs": state.epoch,
+            "best_epoch": state.best_epoch,
+            "seed": self.cfg.seed,
+            "augment": self.cfg.augment,
+            "world_size": self.world_size,
+            "created": self.created,
+            "trainer": f"tlserve {__version__}",
+            "torch": torch.__version__,
+        }
         if self.evidence is not None:
             prov["auto"] = {k: v for k, v in self.evidence.items() if k != "table"}
         prov.update(extra)
         return prov
 
     def manifest(self, state: FitState, **extra: Any) -> Manifest:
-        return Manifest(name=model_name(self.cfg), version="0", architecture=self.cfg.arch,
-                        labels=self.splits.classes, preprocessing=self.pre,
-                        provenance=self.provenance(state, **extra))
+        return Manifest(
+            name=model_name(self.cfg),
+            version="0",
+            architecture=self.cfg.arch,
+            labels=self.splits.classes,
+            preprocessing=self.pre,
+            provenance=self.provenance(state, **extra),
+        )
 
     def checkpoint(self, model: nn.Module, manifest: Manifest, epoch: int) -> dict[str, Any]:
-        return {"format": CHECKPOINT_FORMAT, "arch": self.cfg.arch, "head": self.cfg.head,
-                "dropout": self.cfg.dropout, "image_size": self.pre.input_size, "model_state": model.state_dict(), "manifest": manifest.to_dict(),
-                "epoch": epoch, "config": self.cfg.to_dict()}
+        return {
+            "format": CHECKPOINT_FORMAT,
+            "arch": self.cfg.arch,
+            "head": self.cfg.head,
+            "dropout": self.cfg.dropout,
+            "image_size": self.pre.input_size,
+            "model_state": model.state_dict(),
+            "manifest": manifest.to_dict(),
+            "epoch": epoch,
+            "config": self.cfg.to_dict(),
+        }
 
     def on_epoch(self, end: EpochEnd) -> None:
         if not self.enabled:
             return
         if end.improved:
-            atomic_save(self.checkpoint(end.model, self.manifest(end.state), end.state.epoch),
-                        self.dir / "checkpoint.pt")
-        atomic_save({"format": CHECKPOINT_FORMAT, "kind": "last", "auto": self.evidence, **end.resume},
-                    self.dir / "last.pt")
+            atomic_save(
+                self.checkpoint(end.model, self.manifest(end.state), end.state.epoch), self.dir / "checkpoint.pt"
+            )
+        atomic_save(
+            {"format": CHECKPOINT_FORMAT, "kind": "last", "auto": self.evidence, **end.resume}, self.dir / "last.pt"
+        )
         reports.write_metrics(self.dir, end.state.history)
         reports.plot_curves(self.dir, end.state.history)
 
@@ -107,8 +140,9 @@ def read_resume(cfg: TrainConfig) -> dict[str, Any] | None:
     return state
 
 
-def finish(writer: RunWriter, state: FitState, splits: Splits, cfg: TrainConfig, pre: Preprocessing,
-           rt: Runtime) -> dict[str, Any]:
+def finish(
+    writer: RunWriter, state: FitState, splits: Splits, cfg: TrainConfig, pre: Preprocessing, rt: Runtime
+) -> dict[str, Any]:
     """Evaluate the best checkpoint on test (or val), write the reports, seal the manifest."""
     ckpt = read_checkpoint(writer.dir / "checkpoint.pt")
     model = build_model(cfg.arch, len(splits.classes), None, cfg.head, cfg.dropout, pre.input_size)
@@ -117,16 +151,26 @@ def finish(writer: RunWriter, state: FitState, splits: Splits, cfg: TrainConfig,
     loader = torch.utils.data.DataLoader(ImageList(samples, EvalTransform(pre)), batch_size=cfg.batch_size * 2)
     result = evaluate(model.to(rt.device), loader, nn.CrossEntropyLoss(), pre, rt)
     class_metrics = reports.write_class_report(writer.dir, result.targets, result.predictions, splits.classes, split)
-    extra = {split: {"accuracy": result.accuracy, "loss": result.loss, "macro_f1": class_metrics["macro_f1"]},
-             "stopped_early": state.stopped_early}
+    extra = {
+        split: {"accuracy": result.accuracy, "loss": result.loss, "macro_f1": class_metrics["macro_f1"]},
+        "stopped_early": state.stopped_early,
+    }
     manifest = writer.manifest(state, **extra)
     ckpt["manifest"] = manifest.to_dict()
     atomic_save(ckpt, writer.dir / "checkpoint.pt")
-    summary = {"name": manifest.name, "architecture": cfg.arch, "strategy": writer.strategy,
-               "weights": manifest.provenance["weights"], "epochs": state.epoch, "best_epoch": state.best_epoch,
-               "val_accuracy": round(state.best_accuracy, 4), f"{split}_accuracy": round(result.accuracy, 4),
-               "macro_f1": round(class_metrics["macro_f1"], 4), "image_size": pre.input_size,
-               "train/val/test": "/".join(str(v) for v in splits.counts().values())}
+    summary = {
+        "name": manifest.name,
+        "architecture": cfg.arch,
+        "strategy": writer.strategy,
+        "weights": manifest.provenance["weights"],
+        "epochs": state.epoch,
+        "best_epoch": state.best_epoch,
+        "val_accuracy": round(state.best_accuracy, 4),
+        f"{split}_accuracy": round(result.accuracy, 4),
+        "macro_f1": round(class_metrics["macro_f1"], 4),
+        "image_size": pre.input_size,
+        "train/val/test": "/".join(str(v) for v in splits.counts().values()),
+    }
     table = (writer.evidence or {}).get("table")
     reports.write_report(writer.dir, summary, class_metrics, table)
     return {**summary, "auto_table": table} if table else summary
@@ -159,13 +203,35 @@ def _run(cfg: TrainConfig, dist: DistContext) -> dict[str, Any]:
     model = model.to(rt.device, memory_format=torch.channels_last if rt.channels_last else torch.preserve_format)
     phases = plan(strategy, cfg.epochs, cfg.head_epochs, cfg.lr, cfg.finetune_lr, cfg.backbone_lr_mult)
     writer = RunWriter(cfg, strategy, splits, pre, evidence, dist)
-    log.info("training %s (%s, weights %s) with %s: %d classes, %s, %d px, %d parameters", cfg.arch, cfg.head,
-             weights or "none", strategy, len(splits.classes), splits.counts(), pre.input_size,
-             sum(p.numel() for p in model.parameters()))
-    state = fit(model, phases, ImageList(splits.train, TrainTransform(pre, cfg.augment)),
-                ImageList(splits.val, EvalTransform(pre)), cfg, pre, rt, dist, num_classes=len(splits.classes),
-                on_epoch=writer.on_epoch, resume=resume)
-    log.info("trained: best val accuracy %.4f at epoch %d; %d trainable parameters at the end",
-             state.best_accuracy, state.best_epoch, trainable_count(model))
+    log.info(
+        "training %s (%s, weights %s) with %s: %d classes, %s, %d px, %d parameters",
+        cfg.arch,
+        cfg.head,
+        weights or "none",
+        strategy,
+        len(splits.classes),
+        splits.counts(),
+        pre.input_size,
+        sum(p.numel() for p in model.parameters()),
+    )
+    state = fit(
+        model,
+        phases,
+        ImageList(splits.train, TrainTransform(pre, cfg.augment)),
+        ImageList(splits.val, EvalTransform(pre)),
+        cfg,
+        pre,
+        rt,
+        dist,
+        num_classes=len(splits.classes),
+        on_epoch=writer.on_epoch,
+        resume=resume,
+    )
+    log.info(
+        "trained: best val accuracy %.4f at epoch %d; %d trainable parameters at the end",
+        state.best_accuracy,
+        state.best_epoch,
+        trainable_count(model),
+    )
     dist.barrier()
     return finish(writer, state, splits, cfg, pre, rt) if dist.is_main else {}

@@ -10,6 +10,7 @@ Eval, written down in the manifest's ``Preprocessing``:
 
 Training presets start from the same uint8 output and add augmentation.
 """
+
 from __future__ import annotations
 
 import math
@@ -21,8 +22,11 @@ from torchvision.transforms import v2
 
 from tlserve.manifest import Preprocessing
 
-PIL_RESAMPLE = {"nearest": Image.Resampling.NEAREST, "bilinear": Image.Resampling.BILINEAR,
-                "bicubic": Image.Resampling.BICUBIC}
+PIL_RESAMPLE = {
+    "nearest": Image.Resampling.NEAREST,
+    "bilinear": Image.Resampling.BILINEAR,
+    "bicubic": Image.Resampling.BICUBIC,
+}
 
 
 def resize_shorter(img: Image.Image, size: int, interpolation: str) -> Image.Image:
@@ -69,10 +73,17 @@ class TrainTransform:
         pipelines = {
             "none": [v2.Identity()],
             "light": [v2.RandomCrop(size), flip],
-            "classic": [v2.RandomAffine(degrees=0, shear=(-shear, shear, -shear, shear), scale=(0.8, 1.2)),
-                        v2.CenterCrop(size), flip],
-            "strong": [v2.RandomResizedCrop(size, scale=(0.35, 1.0), antialias=True), flip,
-                       v2.TrivialAugmentWide(), v2.RandomErasing(p=0.25, value=0)],
+            "classic": [
+                v2.RandomAffine(degrees=0, shear=(-shear, shear, -shear, shear), scale=(0.8, 1.2)),
+                v2.CenterCrop(size),
+                flip,
+            ],
+            "strong": [
+                v2.RandomResizedCrop(size, scale=(0.35, 1.0), antialias=True),
+                flip,
+                v2.TrivialAugmentWide(),
+                v2.RandomErasing(p=0.25, value=0),
+            ],
         }
         self.augment = v2.Compose(pipelines[preset])
         self.crop_after = preset == "none"

@@ -2,6 +2,7 @@
 
 Kubernetes uses its native gRPC probes instead; this serves plain `docker run` and compose.
 """
+
 import os
 import sys
 

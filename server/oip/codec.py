@@ -5,26 +5,48 @@ input) or as the typed repeated field that matches the datatype; FP16 has no typ
 travels raw only. Outputs always go back raw, which every client reads and which costs no
 per-element conversion. Every problem is an :class:`InvalidArgument` naming the tensor.
 """
+
 from __future__ import annotations
 
 import math
-
-from typing import Sequence
+from collections.abc import Sequence
 
 import numpy as np
 
 from tlserve.server.errors import InvalidArgument
 from tlserve.server.pb.inference import messages_pb2 as pb
 
-DTYPES: dict[str, np.dtype] = {name: np.dtype(t).newbyteorder("<") for name, t in {
-    "BOOL": np.bool_, "UINT8": np.uint8, "UINT16": np.uint16, "UINT32": np.uint32, "UINT64": np.uint64,
-    "INT8": np.int8, "INT16": np.int16, "INT32": np.int32, "INT64": np.int64,
-    "FP16": np.float16, "FP32": np.float32, "FP64": np.float64}.items()}
+DTYPES: dict[str, np.dtype] = {
+    name: np.dtype(t).newbyteorder("<")
+    for name, t in {
+        "BOOL": np.bool_,
+        "UINT8": np.uint8,
+        "UINT16": np.uint16,
+        "UINT32": np.uint32,
+        "UINT64": np.uint64,
+        "INT8": np.int8,
+        "INT16": np.int16,
+        "INT32": np.int32,
+        "INT64": np.int64,
+        "FP16": np.float16,
+        "FP32": np.float32,
+        "FP64": np.float64,
+    }.items()
+}
 
-TYPED_FIELDS = {"BOOL": "bool_contents", "UINT8": "uint_contents", "UINT16": "uint_contents",
-                "UINT32": "uint_contents", "UINT64": "uint64_contents", "INT8": "int_contents",
-                "INT16": "int_contents", "INT32": "int_contents", "INT64": "int64_contents",
-                "FP32": "fp32_contents", "FP64": "fp64_contents"}
+TYPED_FIELDS = {
+    "BOOL": "bool_contents",
+    "UINT8": "uint_contents",
+    "UINT16": "uint_contents",
+    "UINT32": "uint_contents",
+    "UINT64": "uint64_contents",
+    "INT8": "int_contents",
+    "INT16": "int_contents",
+    "INT32": "int_contents",
+    "INT64": "int64_contents",
+    "FP32": "fp32_contents",
+    "FP64": "fp64_contents",
+}
 
 
 def datatype_of(dtype: np.dtype | str) -> str:
@@ -47,8 +69,9 @@ def decode_raw(name: str, datatype: str, shape: Sequence[int], raw: bytes) -> np
     dtype = _dtype(name, datatype)
     expected = element_count(name, shape) * dtype.itemsize
     if len(raw) != expected:
-        raise InvalidArgument(f"input {name!r}: {len(raw)} raw bytes, but {datatype} shape {list(shape)} "
-                              f"needs {expected}")
+        raise InvalidArgument(
+            f"input {name!r}: {len(raw)} raw bytes, but {datatype} shape {list(shape)} needs {expected}"
+        )
     return np.frombuffer(raw, dtype=dtype).reshape(shape)
 
 
@@ -61,8 +84,7 @@ def decode_typed(name: str, datatype: str, shape: Sequence[int], contents: pb.In
     values = getattr(contents, field)
     count = element_count(name, shape)
     if len(values) != count:
-        raise InvalidArgument(f"input {name!r}: {len(values)} values in {field}, but shape {list(shape)} "
-                              f"needs {count}")
+        raise InvalidArgument(f"input {name!r}: {len(values)} values in {field}, but shape {list(shape)} needs {count}")
     wide = np.asarray(values, dtype=np.float64 if dtype.kind == "f" else None)
     if dtype.kind in "iu" and wide.size:
         info = np.iinfo(dtype)
@@ -75,8 +97,9 @@ def decode_inputs(request: pb.ModelInferRequest) -> dict[str, np.ndarray]:
     """Every input of a request by name, from raw or typed contents (never both)."""
     raws = request.raw_input_contents
     if raws and len(raws) != len(request.inputs):
-        raise InvalidArgument(f"{len(raws)} raw_input_contents for {len(request.inputs)} inputs; "
-                              "send one per input, in order")
+        raise InvalidArgument(
+            f"{len(raws)} raw_input_contents for {len(request.inputs)} inputs; send one per input, in order"
+        )
     arrays: dict[str, np.ndarray] = {}
     for i, tensor in enumerate(request.inputs):
         if tensor.name in arrays:

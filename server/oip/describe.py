@@ -3,6 +3,7 @@
 Shapes come from the ONNX graph itself (a symbolic dimension is -1) and datatypes from the
 session, so the description cannot drift from what ModelInfer accepts and returns.
 """
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -29,16 +30,21 @@ def input_signature(model: ServedModel) -> tuple[str, str, list[int]]:
 
 def output_signatures(model: ServedModel) -> list[tuple[str, str, list[int]]]:
     """(name, datatype, shape) of every graph output, in graph order."""
-    return [(o.name, datatype_of(ORT_DTYPES.get(o.type, "float32")), dims(o.shape))
-            for o in model.runtime.session.get_outputs()]
+    return [
+        (o.name, datatype_of(ORT_DTYPES.get(o.type, "float32")), dims(o.shape))
+        for o in model.runtime.session.get_outputs()
+    ]
 
 
 def model_metadata(model: ServedModel, versions: list[str]) -> pb.ModelMetadataResponse:
     tensor = pb.ModelMetadataResponse.TensorMetadata
     return pb.ModelMetadataResponse(
-        name=model.name, versions=versions, platform=PLATFORM,
+        name=model.name,
+        versions=versions,
+        platform=PLATFORM,
         inputs=[tensor(name=n, datatype=d, shape=s) for n, d, s in [input_signature(model)]],
-        outputs=[tensor(name=n, datatype=d, shape=s) for n, d, s in output_signatures(model)])
+        outputs=[tensor(name=n, datatype=d, shape=s) for n, d, s in output_signatures(model)],
+    )
 
 
 def data_type(datatype: str) -> int:
@@ -51,12 +57,22 @@ def model_config(model: ServedModel, max_images: int) -> config_pb.ModelConfig:
     kind = config_pb.ModelInstanceGroup.KIND_GPU if model.provider == CUDA else config_pb.ModelInstanceGroup.KIND_CPU
     batching = model.batching
     return config_pb.ModelConfig(
-        name=model.name, platform=PLATFORM, backend=BACKEND, max_batch_size=max_images,
-        input=[config_pb.ModelInput(name=name, data_type=data_type(datatype),
-                                    format=config_pb.ModelInput.FORMAT_NCHW, dims=shape[1:])],
-        output=[config_pb.ModelOutput(name=n, data_type=data_type(d), dims=s[1:]) for n, d, s in output_signatures(model)],
+        name=model.name,
+        platform=PLATFORM,
+        backend=BACKEND,
+        max_batch_size=max_images,
+        input=[
+            config_pb.ModelInput(
+                name=name, data_type=data_type(datatype), format=config_pb.ModelInput.FORMAT_NCHW, dims=shape[1:]
+            )
+        ],
+        output=[
+            config_pb.ModelOutput(name=n, data_type=data_type(d), dims=s[1:]) for n, d, s in output_signatures(model)
+        ],
         instance_group=[config_pb.ModelInstanceGroup(name=model.name, count=1, kind=kind)],
         default_model_filename=Path(model.path).name,
         dynamic_batching=config_pb.ModelDynamicBatching(
             preferred_batch_size=[batching.max_batch_size],
-            max_queue_delay_microseconds=round(batching.max_queue_delay * 1e6)))
+            max_queue_delay_microseconds=round(batching.max_queue_delay * 1e6),
+        ),
+    )

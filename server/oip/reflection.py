@@ -6,6 +6,7 @@ pool holds the given files with their dependencies, plus the service's file, rea
 generated module's source without executing it. Pass it to
 ``grpc_reflection.v1alpha.reflection.enable_server_reflection(names, server, pool=...)``.
 """
+
 from __future__ import annotations
 
 import ast
@@ -22,7 +23,10 @@ SERVICE_MODULE = "tlserve.server.pb.inference.grpc_service_pb2"
 
 def service_file() -> bytes:
     """The serialized FileDescriptorProto that the generated service module would register."""
-    source = Path(importlib.util.find_spec(SERVICE_MODULE).origin).read_text()
+    spec = importlib.util.find_spec(SERVICE_MODULE)
+    if spec is None or spec.origin is None:
+        raise RuntimeError(f"{SERVICE_MODULE} is missing: regenerate server/pb")
+    source = Path(spec.origin).read_text()
     for node in ast.walk(ast.parse(source)):
         if isinstance(node, ast.Call) and getattr(node.func, "attr", "") == "AddSerializedFile":
             return ast.literal_eval(node.args[0])

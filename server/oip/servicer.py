@@ -4,6 +4,7 @@ Errors propagate as :mod:`tlserve.server.errors` exceptions and leave through
 :func:`~tlserve.server.rpc.observe_rpc`, which counts, times and maps them to a status; on the
 stream they are answered in-band, as the protocol asks.
 """
+
 from __future__ import annotations
 
 import time
@@ -75,10 +76,12 @@ class OipServicer(grpc_service_pb2_grpc.GRPCInferenceServiceServicer):
         async with observe_rpc(self._metrics, context, "ModelStatistics") as call:
             if request.name:
                 self._resolve(request.name, request.version, call)
-            models = [m for m in self._repository.list() if request.name in ("", m.name)
-                      and request.version in ("", m.version)]
-            return pb.ModelStatisticsResponse(model_stats=[self._statistics.message(m.name, m.version)
-                                                           for m in models])
+            models = [
+                m
+                for m in self._repository.list()
+                if request.name in ("", m.name) and request.version in ("", m.version)
+            ]
+            return pb.ModelStatisticsResponse(model_stats=[self._statistics.message(m.name, m.version) for m in models])
 
     # --- inference ---------------------------------------------------------------------------
     async def ModelInfer(self, request: pb.ModelInferRequest, context) -> pb.ModelInferResponse:
@@ -89,8 +92,9 @@ class OipServicer(grpc_service_pb2_grpc.GRPCInferenceServiceServicer):
         async for request in request_iterator:
             call, started = RpcCall(), time.monotonic()
             try:
-                response = pb.ModelStreamInferResponse(infer_response=await self._infer(request, deadline_of(context),
-                                                                                        call))
+                response = pb.ModelStreamInferResponse(
+                    infer_response=await self._infer(request, deadline_of(context), call)
+                )
                 code = grpc.StatusCode.OK
             except Exception as exc:  # answered in-band; unknown errors are logged by to_status
                 code, message = to_status(exc)
@@ -99,7 +103,9 @@ class OipServicer(grpc_service_pb2_grpc.GRPCInferenceServiceServicer):
             self._metrics.request_duration.labels("ModelStreamInfer", call.model).observe(time.monotonic() - started)
             yield response
 
-    async def _infer(self, request: pb.ModelInferRequest, deadline: float | None, call: RpcCall) -> pb.ModelInferResponse:
+    async def _infer(
+        self, request: pb.ModelInferRequest, deadline: float | None, call: RpcCall
+    ) -> pb.ModelInferResponse:
         model = self._resolve(request.model_name, request.model_version, call)
         started, ok = time.perf_counter_ns(), False
         try:
@@ -132,8 +138,10 @@ class OipServicer(grpc_service_pb2_grpc.GRPCInferenceServiceServicer):
         if got != datatype:
             raise InvalidArgument(f"input {name!r} of model {model.name!r} must be {datatype}, got {got}")
         if batch.ndim != len(shape) or list(batch.shape[1:]) != shape[1:] or batch.shape[0] < 1:
-            raise InvalidArgument(f"input {name!r} of model {model.name!r} must have shape "
-                                  f"[N, {', '.join(map(str, shape[1:]))}], got {list(batch.shape)}")
+            raise InvalidArgument(
+                f"input {name!r} of model {model.name!r} must have shape "
+                f"[N, {', '.join(map(str, shape[1:]))}], got {list(batch.shape)}"
+            )
         if batch.shape[0] > self._max_images:
             raise InvalidArgument(f"{batch.shape[0]} images in one request exceeds the limit of {self._max_images}")
         return batch
@@ -145,8 +153,9 @@ class OipServicer(grpc_service_pb2_grpc.GRPCInferenceServiceServicer):
         wanted = []
         for output in request.outputs:
             if output.name not in model.output_names:
-                raise InvalidArgument(f"model {model.name!r} has no output {output.name!r} "
-                                      f"(outputs: {', '.join(model.output_names)})")
+                raise InvalidArgument(
+                    f"model {model.name!r} has no output {output.name!r} (outputs: {', '.join(model.output_names)})"
+                )
             k = output.parameters[CLASSIFICATION].int64_param if CLASSIFICATION in output.parameters else 0
             if k < 0:
                 raise InvalidArgument(f"output {output.name!r}: classification count must be positive, got {k}")
@@ -160,8 +169,13 @@ def classification(model: ServedModel, scores: np.ndarray, k: int) -> np.ndarray
         raise InvalidArgument("classification is only available on an output with one score per label")
     indices, values = top_k(scores, k)
     labels = model.manifest.labels
-    return np.array([[f"{s:f}:{i}:{labels[i]}".encode() for i, s in zip(row_i, row_s)]
-                     for row_i, row_s in zip(indices.tolist(), values.tolist())], dtype=object)
+    return np.array(
+        [
+            [f"{s:f}:{i}:{labels[i]}".encode() for i, s in zip(row_i, row_s)]
+            for row_i, row_s in zip(indices.tolist(), values.tolist())
+        ],
+        dtype=object,
+    )
 
 
 def add_oip_service(handle: ServerHandle) -> str:

@@ -5,6 +5,7 @@ inference through this protocol. Queue and compute times, executions (batches) a
 (images) come from the batcher's Prometheus histograms, which are per model: with several
 versions of one model loaded, each version reports the model's totals for those.
 """
+
 from __future__ import annotations
 
 import time
@@ -62,10 +63,17 @@ class InferenceStatistics:
         executions, images = self._totals("tlserve_batch_size", name)
         compute = self._duration("tlserve_inference_duration_seconds", name)
         return pb.ModelStatistics(
-            name=name, version=version, last_inference=record.last_inference_ms,
-            inference_count=round(images), execution_count=executions,
+            name=name,
+            version=version,
+            last_inference=record.last_inference_ms,
+            inference_count=round(images),
+            execution_count=executions,
             inference_stats=pb.InferStatistics(
-                success=record.success.message(), fail=record.fail.message(),
+                success=record.success.message(),
+                fail=record.fail.message(),
                 queue=self._duration("tlserve_queue_duration_seconds", name),
-                compute_input=pb.StatisticDuration(count=compute.count), compute_infer=compute,
-                compute_output=pb.StatisticDuration(count=compute.count)))
+                compute_input=pb.StatisticDuration(count=compute.count),
+                compute_infer=compute,
+                compute_output=pb.StatisticDuration(count=compute.count),
+            ),
+        )

@@ -1,4 +1,5 @@
 """Shared helpers of the deployment tests: finding the ops tools, rendering the chart, the metric contract."""
+
 from __future__ import annotations
 
 import re
@@ -36,8 +37,9 @@ def find_tool(name: str) -> str:
     return found
 
 
-def run(cmd: list[str], stdin: str | None = None, cwd: Path | None = None,
-        check: bool = True) -> subprocess.CompletedProcess:
+def run(
+    cmd: list[str], stdin: str | None = None, cwd: Path | None = None, check: bool = True
+) -> subprocess.CompletedProcess:
     """Run a tool; on failure the assertion shows its output."""
     proc = subprocess.run(cmd, input=stdin, cwd=cwd, capture_output=True, text=True, timeout=300)
     if check:

@@ -1,4 +1,5 @@
 """Real processes for the scrape tests: `tlserve serve` as the container runs it, and a Prometheus on 127.0.0.1."""
+
 from __future__ import annotations
 
 import json
@@ -64,15 +65,34 @@ class ServeProcess:
     def __init__(self, repository: Path, workdir: Path, drain_seconds: int = 2, device: str = "cpu") -> None:
         self.port, self.metrics_port = free_port(), free_port()
         self.log = workdir / "serve.log"
-        env = {**os.environ, "TLSERVE_REPOSITORY": str(repository), "TLSERVE_DEVICE": device,
-               "HOME": str(workdir), "TMPDIR": str(workdir)}
+        env = {
+            **os.environ,
+            "TLSERVE_REPOSITORY": str(repository),
+            "TLSERVE_DEVICE": device,
+            "HOME": str(workdir),
+            "TMPDIR": str(workdir),
+        }
         tlserve = Path(sys.executable).with_name("tlserve")
         with self.log.open("wb") as out:
             self.proc = subprocess.Popen(
-                [str(tlserve), "serve", "--host", "127.0.0.1", "--port", str(self.port),
-                 "--metrics-port", str(self.metrics_port), "--drain-seconds", str(drain_seconds),
-                 "--max-queue-delay-ms", "1"],
-                env=env, stdout=out, stderr=subprocess.STDOUT)
+                [
+                    str(tlserve),
+                    "serve",
+                    "--host",
+                    "127.0.0.1",
+                    "--port",
+                    str(self.port),
+                    "--metrics-port",
+                    str(self.metrics_port),
+                    "--drain-seconds",
+                    str(drain_seconds),
+                    "--max-queue-delay-ms",
+                    "1",
+                ],
+                env=env,
+                stdout=out,
+                stderr=subprocess.STDOUT,
+            )
         self.target = f"127.0.0.1:{self.port}"
 
     def wait_serving(self, service: str) -> None:
@@ -83,7 +103,8 @@ class ServeProcess:
             with grpc.insecure_channel(self.target) as channel:
                 try:
                     reply = health_pb2_grpc.HealthStub(channel).Check(
-                        health_pb2.HealthCheckRequest(service=service), timeout=2)
+                        health_pb2.HealthCheckRequest(service=service), timeout=2
+                    )
                 except grpc.RpcError:
                     return False
             return reply.status == health_pb2.HealthCheckResponse.SERVING
@@ -100,19 +121,25 @@ class ServeProcess:
 class PrometheusProcess:
     """A real Prometheus scraping ``targets`` every second, with tmp storage, on a free loopback port."""
 
-    def __init__(self, binary: str, workdir: Path, targets: list[str], namespace: str,
-                 rule_files: list[str]) -> None:
+    def __init__(self, binary: str, workdir: Path, targets: list[str], namespace: str, rule_files: list[str]) -> None:
         config = Template(SCRAPE_TEMPLATE.read_text()).substitute(
-            scrape_interval="1s", targets=json.dumps(targets), namespace=namespace,
-            rule_files=json.dumps(rule_files))
+            scrape_interval="1s", targets=json.dumps(targets), namespace=namespace, rule_files=json.dumps(rule_files)
+        )
         (workdir / "prometheus.yml").write_text(config)
         self.url = f"http://127.0.0.1:{free_port()}"
         self.log = workdir / "prometheus.log"
         with self.log.open("wb") as out:
             self.proc = subprocess.Popen(
-                [binary, f"--config.file={workdir / 'prometheus.yml'}", f"--storage.tsdb.path={workdir / 'data'}",
-                 f"--web.listen-address={self.url.removeprefix('http://')}", "--log.level=warn"],
-                stdout=out, stderr=subprocess.STDOUT)
+                [
+                    binary,
+                    f"--config.file={workdir / 'prometheus.yml'}",
+                    f"--storage.tsdb.path={workdir / 'data'}",
+                    f"--web.listen-address={self.url.removeprefix('http://')}",
+                    "--log.level=warn",
+                ],
+                stdout=out,
+                stderr=subprocess.STDOUT,
+            )
         wait_for(lambda: http_get(f"{self.url}/-/ready"), "prometheus ready", self.proc, self.log)
 
     def api(self, path: str, **params: str) -> dict:

@@ -1,4 +1,5 @@
 """The chart's Prometheus alerts: promtool check rules, promtool test rules (a unit test per alert), names."""
+
 from __future__ import annotations
 
 import shutil
@@ -12,13 +13,19 @@ pytestmark = pytest.mark.tools
 
 RULE_TESTS = REPO / "deploy" / "prometheus" / "alerts_test.yaml"
 # what the alerts must cover: error ratio, p99 latency, queue saturation, model not ready, CUDA fallback
-REQUIRED = {"TlserveHighErrorRatio", "TlserveHighP99Latency", "TlserveQueueSaturated", "TlserveModelNotReady",
-            "TlserveCudaFallback"}
+REQUIRED = {
+    "TlserveHighErrorRatio",
+    "TlserveHighP99Latency",
+    "TlserveQueueSaturated",
+    "TlserveModelNotReady",
+    "TlserveCudaFallback",
+}
 
 
 def render_rules(helm: str, *args: str) -> dict:
-    rendered = helm_template(helm, "--set", "prometheusRule.enabled=true", *args,
-                             "--show-only", "templates/prometheusrule.yaml")
+    rendered = helm_template(
+        helm, "--set", "prometheusRule.enabled=true", *args, "--show-only", "templates/prometheusrule.yaml"
+    )
     return yaml.safe_load(rendered)["spec"]
 
 
@@ -47,7 +54,9 @@ def test_promtool_test_rules(promtool, rules_dir):
 
 def test_thresholds_come_from_values(promtool, helm, tmp_path):
     """A stricter error-ratio threshold than the unit tests assume makes them fail: the tests do bite."""
-    (tmp_path / "alerts.rules.yaml").write_text(yaml.safe_dump(render_rules(helm, "--set", "prometheusRule.errorRatio=0.2")))
+    (tmp_path / "alerts.rules.yaml").write_text(
+        yaml.safe_dump(render_rules(helm, "--set", "prometheusRule.errorRatio=0.2"))
+    )
     shutil.copy(RULE_TESTS, tmp_path / RULE_TESTS.name)
     proc = run([promtool, "test", "rules", RULE_TESTS.name], cwd=tmp_path, check=False)
     assert proc.returncode != 0
@@ -57,11 +66,18 @@ def test_thresholds_come_from_values(promtool, helm, tmp_path):
 def test_every_alert_is_required_or_known_and_unit_tested(helm):
     names = {rule["alert"] for rule in alerts(render_rules(helm))}
     assert REQUIRED <= names
-    tested = {case["alertname"] for test in yaml.safe_load(RULE_TESTS.read_text())["tests"]
-              for case in test.get("alert_rule_test", [])}
+    tested = {
+        case["alertname"]
+        for test in yaml.safe_load(RULE_TESTS.read_text())["tests"]
+        for case in test.get("alert_rule_test", [])
+    }
     assert names == tested
-    firing = {case["alertname"] for test in yaml.safe_load(RULE_TESTS.read_text())["tests"]
-              for case in test.get("alert_rule_test", []) if case["exp_alerts"]}
+    firing = {
+        case["alertname"]
+        for test in yaml.safe_load(RULE_TESTS.read_text())["tests"]
+        for case in test.get("alert_rule_test", [])
+        if case["exp_alerts"]
+    }
     assert firing == names, "each alert has a case where it fires"
 
 

@@ -1,4 +1,5 @@
 """helm/tlserve: lint, render, validate against the Kubernetes schemas, and check what the chart promises."""
+
 from __future__ import annotations
 
 import json
@@ -9,17 +10,34 @@ from deploy_helpers import CHART, GPU_VALUES, helm_template, manifests, run
 
 pytestmark = pytest.mark.tools
 
-FEATURES = ["--set", "service.headless.enabled=true", "--set", "serviceMonitor.enabled=true",
-            "--set", "prometheusRule.enabled=true", "--set", "autoscaling.customMetric.enabled=true"]
+FEATURES = [
+    "--set",
+    "service.headless.enabled=true",
+    "--set",
+    "serviceMonitor.enabled=true",
+    "--set",
+    "prometheusRule.enabled=true",
+    "--set",
+    "autoscaling.customMetric.enabled=true",
+]
 VARIANTS = {
     "defaults": [],
     "gpu": ["-f", str(GPU_VALUES)],
     "gpu-all-features": ["-f", str(GPU_VALUES), *FEATURES],
     "pvc-created": ["--set", "model.pvc.existingClaim=", "--set", "model.pvc.create=true"],
     "baked-image": ["--set", "model.source=image", "--set", "autoscaling.enabled=false"],
-    "network-policy": ["--set", "networkPolicy.enabled=true", "--set", "networkPolicy.metricsFrom[0].podSelector.matchLabels.app=prometheus"],
-    "init-container": ["--set", "model.source=initContainer",
-                       "--set", "model.initContainer.url=https://models.example.com/fashion.onnx"],
+    "network-policy": [
+        "--set",
+        "networkPolicy.enabled=true",
+        "--set",
+        "networkPolicy.metricsFrom[0].podSelector.matchLabels.app=prometheus",
+    ],
+    "init-container": [
+        "--set",
+        "model.source=initContainer",
+        "--set",
+        "model.initContainer.url=https://models.example.com/fashion.onnx",
+    ],
 }
 CRD_KINDS = {"ServiceMonitor", "PrometheusRule"}
 
@@ -128,7 +146,9 @@ def test_pod_runs_non_root_with_read_only_root_and_writable_tmp(helm):
 
 def test_model_sources(helm):
     pvc = deployment(helm_template(helm))["spec"]["template"]["spec"]
-    assert {"name": "models", "persistentVolumeClaim": {"claimName": "tlserve-models", "readOnly": True}} in pvc["volumes"]
+    assert {"name": "models", "persistentVolumeClaim": {"claimName": "tlserve-models", "readOnly": True}} in pvc[
+        "volumes"
+    ]
 
     created = manifests(helm_template(helm, *VARIANTS["pvc-created"]))
     assert "PersistentVolumeClaim/tlserve-models" in created
@@ -169,13 +189,16 @@ def test_services_hpa_pdb_and_monitoring(helm):
     assert "PrometheusRule/tlserve" in docs and "ConfigMap/tlserve-dashboard" in docs
 
 
-@pytest.mark.parametrize("bad,message", [
-    ("typo=1", "Additional property typo is not allowed"),
-    ("server.maxBatchSize=0", "server.maxBatchSize"),
-    ("model.source=s3", "model.source"),
-    ("server.device=tpu", "server.device"),
-    ("prometheusRule.errorRatio=1.5", "prometheusRule.errorRatio"),
-])
+@pytest.mark.parametrize(
+    "bad,message",
+    [
+        ("typo=1", "Additional property typo is not allowed"),
+        ("server.maxBatchSize=0", "server.maxBatchSize"),
+        ("model.source=s3", "model.source"),
+        ("server.device=tpu", "server.device"),
+        ("prometheusRule.errorRatio=1.5", "prometheusRule.errorRatio"),
+    ],
+)
 def test_values_schema_rejects_bad_values(helm, bad, message):
     proc = run([helm, "template", "t", str(CHART), "--set", bad], check=False)
     assert proc.returncode != 0
@@ -187,6 +210,7 @@ def test_default_values_document_every_server_flag():
     import re
 
     from deploy_helpers import CONTRACT
+
     flags = set(re.findall(r"`--([a-z-]+)", CONTRACT.read_text()))
     chart_sets = {"repository", "host", "port", "metrics-port"}
     values = yaml.safe_load((CHART / "values.yaml").read_text())["server"]
@@ -202,14 +226,36 @@ CHECKOV_ACCEPTED = {
 
 def test_checkov_kubernetes_on_hardened_values(helm, checkov, tmp_path):
     """With a digest-pinned image and the NetworkPolicy on, checkov finds nothing but the accepted CPU limit."""
-    rendered = helm_template(helm, "-f", str(GPU_VALUES), *FEATURES, "--set", "networkPolicy.enabled=true",
-                             "--set", "image.digest=sha256:" + "0" * 64)
+    rendered = helm_template(
+        helm,
+        "-f",
+        str(GPU_VALUES),
+        *FEATURES,
+        "--set",
+        "networkPolicy.enabled=true",
+        "--set",
+        "image.digest=sha256:" + "0" * 64,
+    )
     path = tmp_path / "rendered.yaml"
     path.write_text(rendered)
-    proc = run([checkov, "--framework", "kubernetes", "--skip-download", "--quiet", "--output", "json",
-                "--skip-check", ",".join(CHECKOV_ACCEPTED), "--file", str(path)], check=False)
+    proc = run(
+        [
+            checkov,
+            "--framework",
+            "kubernetes",
+            "--skip-download",
+            "--quiet",
+            "--output",
+            "json",
+            "--skip-check",
+            ",".join(CHECKOV_ACCEPTED),
+            "--file",
+            str(path),
+        ],
+        check=False,
+    )
     report = json.loads(proc.stdout)
-    failed = [f'{c["check_id"]} {c["resource"]}' for c in report["results"]["failed_checks"]]
+    failed = [f"{c['check_id']} {c['resource']}" for c in report["results"]["failed_checks"]]
     assert report["summary"]["passed"] > 50 and not failed, failed
     policy = manifests(rendered)["NetworkPolicy/tlserve"]
     assert [rule["ports"][0]["port"] for rule in policy["spec"]["ingress"]] == ["grpc", "metrics"]

@@ -1,4 +1,5 @@
 """The Grafana dashboard shipped in the chart: valid JSON, the panels the issue asks for, contract metrics only."""
+
 from __future__ import annotations
 
 import json
@@ -23,10 +24,18 @@ def test_panels_cover_throughput_latency_batches_queue_and_errors():
     assert "rate(tlserve_requests_total" in all_exprs
     assert 'code!="OK"' in all_exprs
     for quantile in ("0.5", "0.9", "0.99"):
-        assert f"histogram_quantile({quantile}, sum by (model, le) (rate(tlserve_request_duration_seconds_bucket" \
+        assert (
+            f"histogram_quantile({quantile}, sum by (model, le) (rate(tlserve_request_duration_seconds_bucket"
             in all_exprs
-    for metric in ("tlserve_batch_size_bucket", "tlserve_queue_depth", "tlserve_queue_duration_seconds_bucket",
-                   "tlserve_inference_duration_seconds_bucket", "tlserve_inflight_requests", "tlserve_cuda_fallback"):
+        )
+    for metric in (
+        "tlserve_batch_size_bucket",
+        "tlserve_queue_depth",
+        "tlserve_queue_duration_seconds_bucket",
+        "tlserve_inference_duration_seconds_bucket",
+        "tlserve_inflight_requests",
+        "tlserve_cuda_fallback",
+    ):
         assert metric in all_exprs
 
 

@@ -1,4 +1,5 @@
 """The Dockerfile: hadolint, checkov, and what the images promise (no torch to serve, non-root, entrypoint)."""
+
 from __future__ import annotations
 
 import json
@@ -25,12 +26,24 @@ def test_hadolint_clean(hadolint):
 
 @pytest.mark.tools
 def test_checkov_dockerfile_clean(checkov):
-    proc = run([checkov, "--framework", "dockerfile", "--skip-download", "--quiet", "--output", "json",
-                "--file", str(DOCKERFILE)], check=False)
+    proc = run(
+        [
+            checkov,
+            "--framework",
+            "dockerfile",
+            "--skip-download",
+            "--quiet",
+            "--output",
+            "json",
+            "--file",
+            str(DOCKERFILE),
+        ],
+        check=False,
+    )
     report = json.loads(proc.stdout)
     summary = report["summary"]
     assert summary["passed"] > 0
-    failed = [f'{c["check_id"]} {c["check_name"]}' for c in report["results"]["failed_checks"]]
+    failed = [f"{c['check_id']} {c['check_name']}" for c in report["results"]["failed_checks"]]
     assert summary["failed"] == 0 and proc.returncode == 0, failed
 
 

@@ -3,6 +3,7 @@
 The metrics the chart's alerts and dashboard rely on must come out of the real server, under the
 labels the scrape gives them, and evaluate in a real Prometheus.
 """
+
 from __future__ import annotations
 
 import base64
@@ -40,6 +41,7 @@ def photos() -> list[bytes]:
 
 def serving(repository: Path, workdir: Path, device: str = "cpu"):
     from deploy_processes import ServeProcess
+
     server = ServeProcess(repository, workdir, device=device)
     try:
         server.wait_serving(f"tlserve.model.{MODEL}")
@@ -64,6 +66,7 @@ def classify(server, photos: list[bytes], bad: bool = False) -> None:
     import grpc
 
     from tlserve.server.pb.tlserve.v1 import tlserve_pb2, tlserve_pb2_grpc
+
     images = [tlserve_pb2.Image(encoded=b"not an image" if bad else photo) for photo in photos]
     request = tlserve_pb2.ClassifyRequest(model=tlserve_pb2.ModelRef(name=MODEL), images=images, top_k=3)
     with grpc.insecure_channel(server.target) as channel:
@@ -82,8 +85,15 @@ def alert_rules(tmp: Path) -> list[str]:
         helm = find_tool("helm")
     except pytest.skip.Exception:
         return []
-    rendered = helm_template(helm, "--set", "prometheusRule.enabled=true",
-                             "--show-only", "templates/prometheusrule.yaml", namespace=NAMESPACE, release=JOB)
+    rendered = helm_template(
+        helm,
+        "--set",
+        "prometheusRule.enabled=true",
+        "--show-only",
+        "templates/prometheusrule.yaml",
+        namespace=NAMESPACE,
+        release=JOB,
+    )
     path = tmp / "alerts.rules.yaml"
     path.write_text(yaml.safe_dump(yaml.safe_load(rendered)["spec"]))
     return [str(path)]
@@ -93,13 +103,16 @@ def alert_rules(tmp: Path) -> list[str]:
 def scraped(served, cuda_asked, photos, prometheus, tmp_path_factory):
     """Prometheus scraping both servers while calls arrive, until the p99 over the latency histogram is a number."""
     from deploy_processes import PrometheusProcess
+
     work = tmp_path_factory.mktemp("prometheus")
     targets = [f"127.0.0.1:{served.metrics_port}", f"127.0.0.1:{cuda_asked.metrics_port}"]
     prom = PrometheusProcess(prometheus, work, targets, NAMESPACE, alert_rules(work))
     try:
         prom.wait_for(lambda: len(prom.query(f'up{{job="{JOB}"}} == 1')) == 2, "targets up")
         classify(served, photos, bad=True)
-        p99 = f'histogram_quantile(0.99, sum by (le) (rate(tlserve_request_duration_seconds_bucket{{job="{JOB}"}}[1m])))'
+        p99 = (
+            f'histogram_quantile(0.99, sum by (le) (rate(tlserve_request_duration_seconds_bucket{{job="{JOB}"}}[1m])))'
+        )
 
         def quantile_known():
             classify(served, photos)  # keep traffic flowing until rate() has two samples apart
@@ -118,10 +131,15 @@ def sample(prom, promql: str) -> float:
 
 
 def test_prometheus_scrapes_request_counter_and_latency_quantile(scraped):
-    ok = sample(scraped, f'sum(tlserve_requests_total{{job="{JOB}", namespace="{NAMESPACE}", model="{MODEL}", code="OK"}})')
+    ok = sample(
+        scraped, f'sum(tlserve_requests_total{{job="{JOB}", namespace="{NAMESPACE}", model="{MODEL}", code="OK"}})'
+    )
     assert ok >= 2
     assert sample(scraped, f'sum(tlserve_requests_total{{job="{JOB}", code="INVALID_ARGUMENT"}})') >= 1
-    p99 = sample(scraped, f'histogram_quantile(0.99, sum by (le) (rate(tlserve_request_duration_seconds_bucket{{job="{JOB}"}}[1m])))')
+    p99 = sample(
+        scraped,
+        f'histogram_quantile(0.99, sum by (le) (rate(tlserve_request_duration_seconds_bucket{{job="{JOB}"}}[1m])))',
+    )
     assert 0 < p99 < math.inf
     assert sample(scraped, f'max(tlserve_model_ready{{job="{JOB}", model="{MODEL}"}})') == 1
     assert sample(scraped, f'sum(tlserve_batch_size_count{{job="{JOB}", model="{MODEL}"}})') >= 1
@@ -129,10 +147,15 @@ def test_prometheus_scrapes_request_counter_and_latency_quantile(scraped):
 
 def test_dashboard_queries_run_on_the_scraped_series(scraped):
     from test_deploy_dashboard import dashboard, exprs
+
     empty = []
     for expr in exprs(dashboard()):
-        promql = (expr.replace("$__rate_interval", "1m").replace("$__range", "5m")
-                  .replace("$job", ".*").replace("$model", ".*"))
+        promql = (
+            expr.replace("$__rate_interval", "1m")
+            .replace("$__range", "5m")
+            .replace("$job", ".*")
+            .replace("$model", ".*")
+        )
         if not scraped.query(promql):
             empty.append(expr)
     # only what this run cannot produce may come back empty: errors other than INVALID_ARGUMENT's ratio
@@ -160,7 +183,11 @@ def test_chart_alert_rules_evaluate_on_the_scraped_series(scraped, cuda_asked, h
     if fell_back:
         (alert,) = rules["TlserveCudaFallback"]["alerts"]
         assert {k: alert["labels"][k] for k in ("namespace", "job", "model", "severity")} == {
-            "namespace": NAMESPACE, "job": JOB, "model": MODEL, "severity": "warning"}
+            "namespace": NAMESPACE,
+            "job": JOB,
+            "model": MODEL,
+            "severity": "warning",
+        }
     # the rules' selectors match the real series: their left-hand sides come back non-empty
     for name in ("TlserveHighP99Latency", "TlserveModelNotReady"):
         lhs = re.split(r"\)\s*[<>]", rules[name]["query"])[0] + ")"
@@ -180,22 +207,44 @@ def test_promtool_check_metrics_on_our_metrics(served, photos, promtool):
     for name in set(contract) - need_nvml:
         assert re.search(rf"^# TYPE {name} ", text, flags=re.M), f"{name} missing from /metrics"
     # labelled series appear once touched: these are after ordinary traffic
-    for name in ("tlserve_requests_total", "tlserve_request_duration_seconds_bucket", "tlserve_batch_size_bucket",
-                 "tlserve_queue_duration_seconds_bucket", "tlserve_inference_duration_seconds_bucket",
-                 "tlserve_queue_depth", "tlserve_inflight_requests", "tlserve_model_ready", "tlserve_model_info",
-                 "tlserve_cuda_fallback"):
+    for name in (
+        "tlserve_requests_total",
+        "tlserve_request_duration_seconds_bucket",
+        "tlserve_batch_size_bucket",
+        "tlserve_queue_duration_seconds_bucket",
+        "tlserve_inference_duration_seconds_bucket",
+        "tlserve_queue_depth",
+        "tlserve_inflight_requests",
+        "tlserve_model_ready",
+        "tlserve_model_info",
+        "tlserve_cuda_fallback",
+    ):
         assert re.search(rf'^{name}{{.*model="{MODEL}"', text, flags=re.M), f"{name} has no {MODEL} series"
 
 
 def test_grpcurl_through_reflection(served, photos, grpcurl):
     services = run([grpcurl, "-plaintext", served.target, "list"]).stdout.split()
-    assert {"tlserve.v1.Inference", "grpc.health.v1.Health", "grpc.reflection.v1alpha.ServerReflection"} <= set(services)
-    health = run([grpcurl, "-plaintext", "-d", json.dumps({"service": f"tlserve.model.{MODEL}"}),
-                  served.target, "grpc.health.v1.Health/Check"]).stdout
+    assert {"tlserve.v1.Inference", "grpc.health.v1.Health", "grpc.reflection.v1alpha.ServerReflection"} <= set(
+        services
+    )
+    health = run(
+        [
+            grpcurl,
+            "-plaintext",
+            "-d",
+            json.dumps({"service": f"tlserve.model.{MODEL}"}),
+            served.target,
+            "grpc.health.v1.Health/Check",
+        ]
+    ).stdout
     assert json.loads(health) == {"status": "SERVING"}
     request = {"model": {"name": MODEL}, "images": [{"encoded": base64.b64encode(photos[0]).decode()}], "topK": 2}
-    reply = json.loads(run([grpcurl, "-plaintext", "-d", "@", served.target, "tlserve.v1.Inference/Classify"],
-                           stdin=json.dumps(request)).stdout)
+    reply = json.loads(
+        run(
+            [grpcurl, "-plaintext", "-d", "@", served.target, "tlserve.v1.Inference/Classify"],
+            stdin=json.dumps(request),
+        ).stdout
+    )
     (result,) = reply["results"]
     assert reply["model"] == MODEL and len(result["predictions"]) == 2
 
@@ -203,6 +252,7 @@ def test_grpcurl_through_reflection(served, photos, grpcurl):
 def test_sigterm_drains_and_exits_cleanly(repository, tmp_path):
     """The container's PID 1 is `tlserve serve`: SIGTERM must end it with status 0 (no tini needed)."""
     from deploy_processes import ServeProcess
+
     server = ServeProcess(repository, tmp_path, drain_seconds=1)
     try:
         server.wait_serving("")

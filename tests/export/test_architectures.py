@@ -1,9 +1,9 @@
 """Other graphs: inception_v3 at 299 px (no pretrained weights offline) and the stock ImageNet MobileNetV2."""
+
 from __future__ import annotations
 
 from pathlib import Path
 
-import numpy as np
 import pytest
 
 pytestmark = pytest.mark.torch
@@ -32,8 +32,17 @@ def test_inception_v3_at_299_exports_and_verifies(tmp_path):
     assert pre.input_size == 299
     manifest = Manifest("flowers", "0", "inception_v3", ["daisy", "rose", "tulip"], pre)
     ckpt = tmp_path / "checkpoint.pt"
-    atomic_save({"format": CHECKPOINT_FORMAT, "arch": "inception_v3", "head": "linear", "dropout": 0.0,
-                 "model_state": model.state_dict(), "manifest": manifest.to_dict()}, ckpt)
+    atomic_save(
+        {
+            "format": CHECKPOINT_FORMAT,
+            "arch": "inception_v3",
+            "head": "linear",
+            "dropout": 0.0,
+            "model_state": model.state_dict(),
+            "manifest": manifest.to_dict(),
+        },
+        ckpt,
+    )
     path = export_checkpoint(ckpt, tmp_path / "models", verify_images=16)
     assert path == tmp_path / "models" / "flowers" / "1" / "model.onnx"
     session, got = load(path)

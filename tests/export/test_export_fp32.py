@@ -1,4 +1,5 @@
 """fp32 export: parity with PyTorch and the manifest round trip, on the session's exported model."""
+
 from __future__ import annotations
 
 import json
@@ -50,8 +51,9 @@ def test_manifest_round_trip(session, published, fashion_checkpoint):
 def test_recorded_parity_meets_fp32_limits(session):
     from tlserve.manifest import Manifest
 
-    parity = Manifest.from_metadata(session.get_modelmeta().custom_metadata_map).provenance["export"][
-        "verification"]["model.onnx"]
+    parity = Manifest.from_metadata(session.get_modelmeta().custom_metadata_map).provenance["export"]["verification"][
+        "model.onnx"
+    ]
     assert parity["max_abs_prob"] <= 1e-4 and parity["top1_agreement"] == 1.0
     assert len(parity["batch_sizes"]) >= 3 and parity["images"] >= 32
 
@@ -71,7 +73,7 @@ def test_parity_with_pytorch_on_real_photos(session, fashion_checkpoint):
     with torch.no_grad():
         ref_prob, ref_emb = (t.numpy() for t in graph(torch.from_numpy(images)))
     for batch in (1, 3, len(images)):
-        out = [session.run(None, {"images": images[i:i + batch]}) for i in range(0, len(images), batch)]
+        out = [session.run(None, {"images": images[i : i + batch]}) for i in range(0, len(images), batch)]
         prob = np.concatenate([o[0] for o in out])
         emb = np.concatenate([o[1] for o in out])
         assert np.abs(prob - ref_prob).max() <= 1e-4

@@ -1,4 +1,5 @@
 """Atomic publish: versions appear whole or not at all, are never overwritten, and `auto` counts up."""
+
 from __future__ import annotations
 
 import os

@@ -1,4 +1,5 @@
 """Precision variants and options: int8 (gate passing, refusing, forced), fp16 + float input, logits, ORT copy."""
+
 from __future__ import annotations
 
 import numpy as np
@@ -43,7 +44,7 @@ def demo_folder(root, labels, per_class, train_image=None):
     for label in labels:
         for split in ("train", "val"):
             (root / split / label).mkdir(parents=True)
-            for n in np.flatnonzero(arrays[f"{split}_y"] == names.index(label))[:per_class[split]]:
+            for n in np.flatnonzero(arrays[f"{split}_y"] == names.index(label))[: per_class[split]]:
                 image = train_image if split == "train" and train_image is not None else arrays[f"{split}_x"][n]
                 Image.fromarray(image).save(root / split / label / f"{n}.png")
     return root
@@ -65,9 +66,18 @@ def easy_run(tmp_path_factory, head_fitter):
     train, _ = folder_splits(data, manifest, {}, None, None)
     model = build_model("mobilenet_v2", len(EASY), weights="IMAGENET1K_V1").eval()
     head_fitter(model, pre, train.images, train.targets)
-    atomic_save({"format": CHECKPOINT_FORMAT, "arch": "mobilenet_v2", "head": "linear", "dropout": 0.0,
-                 "model_state": model.state_dict(), "manifest": manifest.to_dict(), "config": {"data": str(data)}},
-                root / "checkpoint.pt")
+    atomic_save(
+        {
+            "format": CHECKPOINT_FORMAT,
+            "arch": "mobilenet_v2",
+            "head": "linear",
+            "dropout": 0.0,
+            "model_state": model.state_dict(),
+            "manifest": manifest.to_dict(),
+            "config": {"data": str(data)},
+        },
+        root / "checkpoint.pt",
+    )
     return root
 
 
@@ -75,8 +85,9 @@ def easy_run(tmp_path_factory, head_fitter):
 def int8_version(easy_run, tmp_path_factory):
     from tlserve.export.api import export_checkpoint
 
-    return export_checkpoint(easy_run, tmp_path_factory.mktemp("int8"), precision="int8", optimized=True,
-                             logits=True).parent
+    return export_checkpoint(
+        easy_run, tmp_path_factory.mktemp("int8"), precision="int8", optimized=True, logits=True
+    ).parent
 
 
 def test_int8_passes_the_gate_and_is_published(int8_version):
@@ -109,13 +120,27 @@ def bad_calibration_data(tmp_path_factory):
     from tlserve.trainer.demo_data import folder_name, load_arrays
 
     labels = [folder_name(str(label)) for label in load_arrays()["labels"]]
-    return demo_folder(tmp_path_factory.mktemp("bad-calibration"), labels, {"train": 2, "val": 20},
-                       train_image=np.full((28, 28), 128, np.uint8))
+    return demo_folder(
+        tmp_path_factory.mktemp("bad-calibration"),
+        labels,
+        {"train": 2, "val": 20},
+        train_image=np.full((28, 28), 128, np.uint8),
+    )
 
 
 def test_int8_gate_refuses_then_force_publishes(fashion_checkpoint, bad_calibration_data, tmp_path, capsys):
-    args = ["export", str(fashion_checkpoint), "--repository", str(tmp_path), "--precision", "int8",
-            "--data", str(bad_calibration_data), "--exporter", "torchscript"]
+    args = [
+        "export",
+        str(fashion_checkpoint),
+        "--repository",
+        str(tmp_path),
+        "--precision",
+        "int8",
+        "--data",
+        str(bad_calibration_data),
+        "--exporter",
+        "torchscript",
+    ]
     assert main(args) == 1
     assert "refusing" in capsys.readouterr().out
     assert not (tmp_path / "fashion").exists() or not any((tmp_path / "fashion").iterdir())

@@ -1,5 +1,6 @@
 """In-process servers for the server tests: a real gRPC server on port 0 in a background event
 loop, serving a copy of the session's exported model repository (so tests may add versions)."""
+
 from __future__ import annotations
 
 import shutil
@@ -7,8 +8,6 @@ from pathlib import Path
 
 import pytest
 from serving_helpers import MODEL, LiveServer, server_settings
-
-from tlserve.server.settings import Settings
 
 
 @pytest.fixture(scope="session")
@@ -27,8 +26,9 @@ def repo_copy(exported_version, tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="module")
 def live(repo_copy):
-    server = LiveServer(server_settings(repo_copy, max_images=8, max_image_bytes=2_000_000,
-                                      max_pixels=4_000_000)).start()
+    server = LiveServer(
+        server_settings(repo_copy, max_images=8, max_image_bytes=2_000_000, max_pixels=4_000_000)
+    ).start()
     yield server
     server.close()
 

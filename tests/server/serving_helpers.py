@@ -1,5 +1,6 @@
 """Helpers for the server tests: a live in-process server, and real photos as file bytes
 (scikit-image's bundled images, matplotlib's grace_hopper.jpg)."""
+
 from __future__ import annotations
 
 import asyncio
@@ -56,7 +57,7 @@ class LiveServer:
     def call(self, coro, timeout: float = 120):
         return asyncio.run_coroutine_threadsafe(coro, self.loop).result(timeout)
 
-    def start(self) -> "LiveServer":
+    def start(self) -> LiveServer:
         self.report = self.call(self.handle.start())
         self.channel = grpc.insecure_channel(f"localhost:{self.handle.port}")
         return self
@@ -83,17 +84,25 @@ class LiveServer:
 
 
 def server_settings(repository: Path, **overrides) -> Settings:
-    base = dict(repository=str(repository), host="127.0.0.1", port=0, metrics_port=0, device="cpu",
-                max_queue_delay_ms=2.0, drain_seconds=2.0, decode_threads=2, intra_op_threads=1)
+    base = dict(
+        repository=str(repository),
+        host="127.0.0.1",
+        port=0,
+        metrics_port=0,
+        device="cpu",
+        max_queue_delay_ms=2.0,
+        drain_seconds=2.0,
+        decode_threads=2,
+        intra_op_threads=1,
+    )
     base.update(overrides)
     return Settings(**base)
-
-
 
 
 def copy_version(src: Path, dst: Path) -> Path:
     """Publish a copy of a version folder the way export does: write aside, then rename into place."""
     import shutil
+
     tmp = dst.parent / f".{dst.name}.tmp"
     shutil.copytree(src, tmp)
     tmp.rename(dst)
@@ -104,6 +113,7 @@ def write_with_manifest(src_model: Path, dst_model: Path, **changes) -> Path:
     """A copy of ``src_model`` whose embedded manifest has ``changes`` applied (needs onnx)."""
     onnx = pytest.importorskip("onnx")
     from tlserve.manifest import METADATA_KEY, Manifest
+
     model = onnx.load(str(src_model))
     for prop in model.metadata_props:
         if prop.key == METADATA_KEY:
@@ -116,8 +126,9 @@ def write_with_manifest(src_model: Path, dst_model: Path, **changes) -> Path:
 class Hammer:
     """Keeps classifying from a background thread; collects every status code seen."""
 
-    def __init__(self, server: "LiveServer", images) -> None:
+    def __init__(self, server: LiveServer, images) -> None:
         from tlserve.server.pb.tlserve.v1 import tlserve_pb2 as pb
+
         self._request = pb.ClassifyRequest(images=images, top_k=1)
         self._stub = server.stub
         self._stop = threading.Event()
@@ -133,7 +144,7 @@ class Hammer:
             except grpc.RpcError as exc:
                 self.codes.append(exc.code().name)
 
-    def __enter__(self) -> "Hammer":
+    def __enter__(self) -> Hammer:
         self._thread.start()
         return self
 

@@ -1,4 +1,5 @@
 """Dynamic batching: equivalence, bounded queue, deadlines, and failures confined to their batch."""
+
 from __future__ import annotations
 
 import asyncio
@@ -45,6 +46,7 @@ def run_with(options: BatchingOptions, body, gate=None):
                 if gate is not None:
                     gate.set()
                 await batcher.stop()
+
     return asyncio.run(main())
 
 
@@ -80,8 +82,9 @@ def test_failed_batch_fails_only_its_own_requests():
         later = await batcher.submit(rows([(3, 1)])[0])
         return first.result(), await asyncio.gather(*poisoned, return_exceptions=True), later
 
-    (first, poisoned, later), recorder, _ = run_with(BatchingOptions(max_batch_size=4, max_queue_delay=0.01),
-                                                     body, gate)
+    (first, poisoned, later), recorder, _ = run_with(
+        BatchingOptions(max_batch_size=4, max_queue_delay=0.01), body, gate
+    )
     assert first["sum"].tolist() == [2] and later["sum"].tolist() == [6]
     assert all(isinstance(e, ServingError) for e in poisoned)
     assert "inference failed for this batch" in str(poisoned[0])
@@ -100,8 +103,7 @@ def test_full_queue_is_resource_exhausted_and_counted():
         gate.set()
         return await asyncio.gather(running, *queued)
 
-    results, _, registry = run_with(BatchingOptions(max_batch_size=1, max_queue_delay=0, max_queue_size=3),
-                                    body, gate)
+    results, _, registry = run_with(BatchingOptions(max_batch_size=1, max_queue_delay=0, max_queue_size=3), body, gate)
     assert len(results) == 4
     assert registry.get_sample_value("tlserve_queue_rejections_total", {"model": "m"}) == 1
 

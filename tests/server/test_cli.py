@@ -1,4 +1,5 @@
 """`tlserve serve` and `tlserve predict` as a user runs them: real processes, signals included."""
+
 from __future__ import annotations
 
 import os
@@ -56,9 +57,26 @@ def served(exported_version, tmp_path):
     copy_version(exported_version, repo / MODEL / "1")
     port = free_port()
     log = open(tmp_path / "serve.log", "w+")
-    proc = subprocess.Popen(tlserve("serve", "--repository", str(repo), "--port", str(port), "--host", "127.0.0.1",
-                                    "--metrics-port", "0", "--device", "cpu", "--drain-seconds", "2"),
-                            stdout=log, stderr=subprocess.STDOUT, env={**os.environ, "PYTHONUNBUFFERED": "1"})
+    proc = subprocess.Popen(
+        tlserve(
+            "serve",
+            "--repository",
+            str(repo),
+            "--port",
+            str(port),
+            "--host",
+            "127.0.0.1",
+            "--metrics-port",
+            "0",
+            "--device",
+            "cpu",
+            "--drain-seconds",
+            "2",
+        ),
+        stdout=log,
+        stderr=subprocess.STDOUT,
+        env={**os.environ, "PYTHONUNBUFFERED": "1"},
+    )
     try:
         yield proc, port, repo, log
     finally:
@@ -70,9 +88,24 @@ def served(exported_version, tmp_path):
 
 def test_predict_prints_accuracy_and_rate_for_an_image_folder(served, image_folder):
     _, port, _, _ = served
-    out = subprocess.run(tlserve("predict", "--target", f"127.0.0.1:{port}", "--images", str(image_folder),
-                                 "--wait-ready", "60", "--show", "2", "--batch-size", "7"),
-                         capture_output=True, text=True, timeout=120)
+    out = subprocess.run(
+        tlserve(
+            "predict",
+            "--target",
+            f"127.0.0.1:{port}",
+            "--images",
+            str(image_folder),
+            "--wait-ready",
+            "60",
+            "--show",
+            "2",
+            "--batch-size",
+            "7",
+        ),
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert out.returncode == 0, out.stderr
     lines = out.stdout.strip().splitlines()
     count = sum(1 for _ in image_folder.rglob("*.png"))
@@ -100,6 +133,10 @@ def test_sighup_reloads_and_sigterm_stops_gracefully(served, exported_version):
 
 
 def test_predict_reports_an_unreachable_server():
-    out = subprocess.run(tlserve("predict", "--target", f"127.0.0.1:{free_port()}", str(photo_path("coffee.png"))),
-                         capture_output=True, text=True, timeout=60)
+    out = subprocess.run(
+        tlserve("predict", "--target", f"127.0.0.1:{free_port()}", str(photo_path("coffee.png"))),
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert out.returncode == 1 and "UNAVAILABLE" in out.stderr

@@ -1,5 +1,6 @@
 """Tensor codecs of the Open Inference Protocol front end, fed by tritonclient's own request
 builder (serialised and parsed back, so the wire format is checked too) and real photos."""
+
 import numpy as np
 import pytest
 from PIL import Image
@@ -135,8 +136,9 @@ def test_datatype_names():
 
 
 def test_requested_outputs_parse():
-    request = to_our_request([one_input(np.zeros((1, 3, 2, 2), np.uint8), "UINT8")],
-                             [InferRequestedOutput("embedding")])
+    request = to_our_request(
+        [one_input(np.zeros((1, 3, 2, 2), np.uint8), "UINT8")], [InferRequestedOutput("embedding")]
+    )
     assert [o.name for o in request.outputs] == ["embedding"]
 
 

@@ -1,5 +1,6 @@
 """Our inference.* protos against the public specification as tritonclient ships it: same field
 numbers, types and labels for every message we define, same methods on the same service path."""
+
 from pathlib import Path
 
 import pytest
@@ -19,7 +20,7 @@ THEIRS = "inference."
 
 def _theirs(full_name: str):
     pool = tritonclient_grpc.service_pb2.DESCRIPTOR.pool
-    return pool.FindMessageTypeByName(THEIRS + full_name[len(OURS):])
+    return pool.FindMessageTypeByName(THEIRS + full_name[len(OURS) :])
 
 
 def _all_messages():
@@ -37,10 +38,11 @@ def test_every_field_matches_the_specification(ours):
     for field in ours.fields:
         spec = theirs.fields_by_name.get(field.name)
         assert spec is not None, f"{ours.full_name}.{field.name} is not in the specification"
-        assert (field.number, field.type, field.is_repeated) == (spec.number, spec.type, spec.is_repeated), \
+        assert (field.number, field.type, field.is_repeated) == (spec.number, spec.type, spec.is_repeated), (
             f"{ours.full_name}.{field.name} differs from the specification"
+        )
         if field.message_type is not None:
-            assert field.message_type.full_name[len(OURS):] == spec.message_type.full_name[len(THEIRS):]
+            assert field.message_type.full_name[len(OURS) :] == spec.message_type.full_name[len(THEIRS) :]
         if field.enum_type is not None:
             spec_values = {v.name: v.number for v in spec.enum_type.values}
             assert all(spec_values.get(v.name) == v.number for v in field.enum_type.values)
@@ -51,8 +53,18 @@ def compiled_service(tmp_path):
     share the default pool with tritonclient's (same service name), and the server never imports it."""
     out = tmp_path / "set.pb"
     proto = ROOT / "proto"
-    assert protoc.main(["protoc", f"-Itlserve/server/pb={proto}", f"--descriptor_set_out={out}", "--include_imports",
-                        "tlserve/server/pb/inference/grpc_service.proto"]) == 0
+    assert (
+        protoc.main(
+            [
+                "protoc",
+                f"-Itlserve/server/pb={proto}",
+                f"--descriptor_set_out={out}",
+                "--include_imports",
+                "tlserve/server/pb/inference/grpc_service.proto",
+            ]
+        )
+        == 0
+    )
     pool = descriptor_pool.DescriptorPool()
     for file in descriptor_pb2.FileDescriptorSet.FromString(out.read_bytes()).file:
         pool.Add(file)
@@ -69,5 +81,13 @@ def test_service_keeps_its_public_name_and_methods(tmp_path):
         assert method.output_type.name == spec.output_type.name
         assert (method.client_streaming, method.server_streaming) == (spec.client_streaming, spec.server_streaming)
     names = {m.name for m in ours.methods}
-    assert {"ServerLive", "ServerReady", "ModelReady", "ServerMetadata", "ModelMetadata", "ModelInfer",
-            "ModelConfig", "ModelStatistics"} <= names
+    assert {
+        "ServerLive",
+        "ServerReady",
+        "ModelReady",
+        "ServerMetadata",
+        "ModelMetadata",
+        "ModelInfer",
+        "ModelConfig",
+        "ModelStatistics",
+    } <= names

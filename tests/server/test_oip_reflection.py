@@ -1,5 +1,6 @@
 """Server reflection describes the Open Inference Protocol service from a private pool, while
 tritonclient's stubs stay importable in the same process."""
+
 import grpc
 import pytest
 from google.protobuf.descriptor_pool import DescriptorPool
@@ -37,4 +38,3 @@ def test_tritonclient_still_imports_beside_the_pool():
     from tritonclient.grpc import service_pb2
 
     assert service_pb2.DESCRIPTOR.services_by_name["GRPCInferenceService"].full_name == SERVICE_NAME
-

@@ -2,6 +2,7 @@
 file made by our export: metadata, config, inference equal to the task API's, classification,
 statistics, the stream, and every refusal answered with the right status while the server
 stays ready."""
+
 import queue
 import shutil
 
@@ -89,8 +90,9 @@ def test_model_config_for_perf_analyzer(client, model):
     config = client.get_model_config("fashion").config
     size = model.manifest.preprocessing.input_size
     assert (config.name, config.platform, config.max_batch_size) == ("fashion", "onnxruntime_onnx", MAX_IMAGES)
-    assert [(i.name, i.data_type, list(i.dims)) for i in config.input] == [("images", tc.model_config_pb2.TYPE_UINT8,
-                                                                           [3, size, size])]
+    assert [(i.name, i.data_type, list(i.dims)) for i in config.input] == [
+        ("images", tc.model_config_pb2.TYPE_UINT8, [3, size, size])
+    ]
     dims = {o.name: list(o.dims) for o in config.output}
     assert dims["probabilities"] == [model.manifest.num_classes]
     assert config.dynamic_batching.max_queue_delay_microseconds == 1000
@@ -126,8 +128,9 @@ def test_every_output_when_none_is_named(client, tensors):
 
 def test_classification_extension(client, model, tensors):
     probabilities = client.infer("fashion", [images_input(tensors)]).as_numpy("probabilities")
-    result = client.infer("fashion", [images_input(tensors)],
-                          outputs=[tc.InferRequestedOutput("probabilities", class_count=3)])
+    result = client.infer(
+        "fashion", [images_input(tensors)], outputs=[tc.InferRequestedOutput("probabilities", class_count=3)]
+    )
     assert result.get_output("probabilities").datatype == "BYTES"
     top3 = result.as_numpy("probabilities")
     assert top3.shape == (len(PHOTOS), 3)
@@ -158,16 +161,19 @@ def test_statistics_count_what_happened(client, tensors):
     assert after.last_inference > 0
 
 
-@pytest.mark.parametrize("case, code, message", [
-    ("fp32", "StatusCode.INVALID_ARGUMENT", "input 'images' of model 'fashion' must be UINT8, got FP32"),
-    ("shape", "StatusCode.INVALID_ARGUMENT", "must have shape [N, 3,"),
-    ("bytes", "StatusCode.INVALID_ARGUMENT", "raw bytes, but UINT8 shape"),
-    ("too_many", "StatusCode.INVALID_ARGUMENT", f"exceeds the limit of {MAX_IMAGES}"),
-    ("output", "StatusCode.INVALID_ARGUMENT", "has no output 'logits_nope'"),
-    ("input_name", "StatusCode.INVALID_ARGUMENT", "takes one input 'images'"),
-    ("model", "StatusCode.NOT_FOUND", "model 'no-such-model' not found"),
-    ("version", "StatusCode.NOT_FOUND", "has no version '99'"),
-])
+@pytest.mark.parametrize(
+    "case, code, message",
+    [
+        ("fp32", "StatusCode.INVALID_ARGUMENT", "input 'images' of model 'fashion' must be UINT8, got FP32"),
+        ("shape", "StatusCode.INVALID_ARGUMENT", "must have shape [N, 3,"),
+        ("bytes", "StatusCode.INVALID_ARGUMENT", "raw bytes, but UINT8 shape"),
+        ("too_many", "StatusCode.INVALID_ARGUMENT", f"exceeds the limit of {MAX_IMAGES}"),
+        ("output", "StatusCode.INVALID_ARGUMENT", "has no output 'logits_nope'"),
+        ("input_name", "StatusCode.INVALID_ARGUMENT", "takes one input 'images'"),
+        ("model", "StatusCode.NOT_FOUND", "model 'no-such-model' not found"),
+        ("version", "StatusCode.NOT_FOUND", "has no version '99'"),
+    ],
+)
 def test_refusals_keep_the_server_serving(client, tensors, case, code, message):
     one = tensors[:1]
     calls = {
@@ -175,7 +181,9 @@ def test_refusals_keep_the_server_serving(client, tensors, case, code, message):
         "shape": lambda: client.infer("fashion", [images_input(np.ascontiguousarray(one[:, :, 1:, :]))]),
         "bytes": lambda: client.infer("fashion", [_short_input(one)]),
         "too_many": lambda: client.infer("fashion", [images_input(np.repeat(one, MAX_IMAGES + 1, axis=0))]),
-        "output": lambda: client.infer("fashion", [images_input(one)], outputs=[tc.InferRequestedOutput("logits_nope")]),
+        "output": lambda: client.infer(
+            "fashion", [images_input(one)], outputs=[tc.InferRequestedOutput("logits_nope")]
+        ),
         "input_name": lambda: client.infer("fashion", [_renamed_input(one)]),
         "model": lambda: client.infer("no-such-model", [images_input(one)]),
         "version": lambda: client.infer("fashion", [images_input(one)], model_version="99"),
@@ -218,8 +226,9 @@ def test_stream_answers_errors_in_band(served, tensors):
     with tc.InferenceServerClient(address(served)) as streaming:
         streaming.start_stream(callback=lambda result, error: results.put((result, error)))
         streaming.async_stream_infer("fashion", [images_input(tensors[:1])], request_id="good")
-        streaming.async_stream_infer("fashion", [images_input(tensors[:1].astype(np.float32), "FP32")],
-                                     request_id="bad")
+        streaming.async_stream_infer(
+            "fashion", [images_input(tensors[:1].astype(np.float32), "FP32")], request_id="bad"
+        )
         streaming.async_stream_infer("fashion", [images_input(tensors[:2])], request_id="good again")
         answers = [results.get(timeout=60) for _ in range(3)]
         streaming.stop_stream()

@@ -1,5 +1,6 @@
 """Triton's perf_analyzer, unmodified, measuring an in-process server through the Open Inference
 Protocol: it needs ModelMetadata, ModelConfig, ModelInfer and ModelStatistics to agree."""
+
 import os
 import re
 import shutil
@@ -30,9 +31,27 @@ def test_perf_analyzer_reports_throughput_and_server_statistics(served):
     binary = perf_analyzer()
     if binary is None:
         pytest.skip(INSTALL_HINT)
-    command = [binary, "-i", "grpc", "-u", f"127.0.0.1:{served.handle.port}", "-m", MODEL, "-b", "2",
-               "--concurrency-range", "1:2", "--measurement-mode", "count_windows",
-               "--measurement-request-count", "40", "--max-trials", "4", "--stability-percentage", "100"]
+    command = [
+        binary,
+        "-i",
+        "grpc",
+        "-u",
+        f"127.0.0.1:{served.handle.port}",
+        "-m",
+        MODEL,
+        "-b",
+        "2",
+        "--concurrency-range",
+        "1:2",
+        "--measurement-mode",
+        "count_windows",
+        "--measurement-request-count",
+        "40",
+        "--max-trials",
+        "4",
+        "--stability-percentage",
+        "100",
+    ]
     result = subprocess.run(command, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stdout + result.stderr
     throughputs = [float(t) for t in re.findall(r"Concurrency: \d+, throughput: ([\d.]+) infer/sec", result.stdout)]

@@ -1,5 +1,6 @@
 """Server preprocessing: pixel-exact against the trainer's eval transform and torchvision's own
 Resize + CenterCrop, and every limit refused before decoding."""
+
 from __future__ import annotations
 
 import io
@@ -13,8 +14,7 @@ from serving_helpers import PHOTOS, photo_bytes, photo_path, png_bytes
 
 from tlserve.manifest import Preprocessing
 from tlserve.server.errors import InvalidArgument
-from tlserve.server.preprocess import (ImageLimits, center_crop_box, decode, from_tensor, resized_size,
-                                       to_model_input)
+from tlserve.server.preprocess import ImageLimits, center_crop_box, decode, from_tensor, resized_size, to_model_input
 
 LIMITS = ImageLimits(max_image_bytes=4_000_000, max_pixels=2_000_000)
 CASES = [(64, 73, "bilinear"), (56, 64, "bicubic"), (32, 32, "nearest"), (48, 55, "bilinear")]
@@ -22,11 +22,14 @@ CASES = [(64, 73, "bilinear"), (56, 64, "bicubic"), (32, 32, "nearest"), (48, 55
 
 def pixel_bomb_png(width: int, height: int) -> bytes:
     """A valid PNG header announcing width x height, with almost no data: a decompression bomb."""
+
     def chunk(kind: bytes, body: bytes) -> bytes:
         return struct.pack(">I", len(body)) + kind + body + struct.pack(">I", zlib.crc32(kind + body))
+
     header = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
-    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", zlib.compress(b"\0" * 64)) + \
-        chunk(b"IEND", b"")
+    return (
+        b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", zlib.compress(b"\0" * 64)) + chunk(b"IEND", b"")
+    )
 
 
 @pytest.mark.parametrize("width,height,size", [(640, 480, 73), (480, 640, 73), (100, 100, 64), (333, 97, 32)])
@@ -48,13 +51,17 @@ def test_pixels_equal_trainer_and_torchvision_eval_transform(name, input_size, r
     pytest.importorskip("torch")
     tv = pytest.importorskip("torchvision.transforms.v2")
     from tlserve.trainer.transforms import EvalTransform
+
     pre = Preprocessing(input_size=input_size, resize_size=resize_size, interpolation=interpolation)
     ours = decode(photo_bytes(name), pre, LIMITS)
     assert ours.shape == (3, input_size, input_size) and ours.dtype == np.uint8
     pil = Image.open(photo_path(name)).convert("RGB")
     trainer = EvalTransform(pre)(Image.open(photo_path(name))).numpy()
-    torchvision = tv.Compose([tv.PILToTensor(), ])(tv.CenterCrop(input_size)(
-        tv.Resize(resize_size, interpolation=tv.InterpolationMode(interpolation))(pil))).numpy()
+    torchvision = tv.Compose(
+        [
+            tv.PILToTensor(),
+        ]
+    )(tv.CenterCrop(input_size)(tv.Resize(resize_size, interpolation=tv.InterpolationMode(interpolation))(pil))).numpy()
     np.testing.assert_array_equal(ours, trainer)
     np.testing.assert_array_equal(ours, torchvision)
 
@@ -66,8 +73,9 @@ def test_grey_and_rgba_become_rgb():
     np.testing.assert_array_equal(grey[0], grey[1])
     rgba = Image.open(photo_path("logo.png"))
     assert rgba.mode == "RGBA"
-    np.testing.assert_array_equal(decode(photo_bytes("logo.png"), pre, LIMITS),
-                                  decode(png_bytes(rgba.convert("RGB")), pre, LIMITS))
+    np.testing.assert_array_equal(
+        decode(photo_bytes("logo.png"), pre, LIMITS), decode(png_bytes(rgba.convert("RGB")), pre, LIMITS)
+    )
 
 
 def test_corrupt_truncated_and_empty_images_name_the_image():

@@ -1,5 +1,6 @@
 """The model repository through a live server: hot reload, broken versions, manifest mismatch,
 version policy, polling, and CUDA fallback detection on this CPU-only machine."""
+
 from __future__ import annotations
 
 import shutil
@@ -18,8 +19,11 @@ SERVING, NOT_SERVING = health_pb2.HealthCheckResponse.SERVING, health_pb2.Health
 
 
 def status(server, service: str) -> int:
-    return health_pb2_grpc.HealthStub(server.channel).Check(
-        health_pb2.HealthCheckRequest(service=service), timeout=5).status
+    return (
+        health_pb2_grpc.HealthStub(server.channel)
+        .Check(health_pb2.HealthCheckRequest(service=service), timeout=5)
+        .status
+    )
 
 
 def served_version(server, **ref) -> str:
@@ -128,7 +132,8 @@ def test_reload_rpc_reports_what_changed(fresh_repo, exported_version, make_serv
 def test_stop_turns_health_not_serving_before_closing(fresh_repo, make_server):
     server = make_server(fresh_repo)
     watch = health_pb2_grpc.HealthStub(server.channel).Watch(
-        health_pb2.HealthCheckRequest(service="tlserve.v1.Inference"), timeout=30)
+        health_pb2.HealthCheckRequest(service="tlserve.v1.Inference"), timeout=30
+    )
     assert next(watch).status == SERVING
     server.loop.call_soon_threadsafe(lambda: server.loop.create_task(server.handle.stop(grace=1)))
     assert next(watch).status == NOT_SERVING

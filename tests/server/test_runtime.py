@@ -1,4 +1,5 @@
 """ONNX Runtime sessions on the exported model: I/O binding path, thread settings, provider choice."""
+
 from __future__ import annotations
 
 import numpy as np

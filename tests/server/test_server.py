@@ -1,14 +1,14 @@
 """The task API end to end: a real gRPC server on port 0 serving a model made by our export."""
+
 from __future__ import annotations
 
 import grpc
 import numpy as np
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
+from serving_helpers import MODEL, PHOTOS, photo_bytes, photo_path, png_bytes
 
 from tlserve.server.pb.tlserve.v1 import tlserve_pb2 as pb
-
-from serving_helpers import MODEL, PHOTOS, photo_bytes, photo_path, png_bytes
 
 
 def health(live, service: str) -> int:
@@ -62,11 +62,12 @@ def test_model_info_and_list_models(live):
 
 def test_raw_tensor_equals_encoded_image_of_same_pixels(live):
     from PIL import Image
+
     info = live.stub.GetModelInfo(pb.GetModelInfoRequest(), timeout=10)
     # A square photo already at resize_size is only centre-cropped, so both paths see the same pixels.
     rgb = np.asarray(Image.open(photo_path("chelsea.png")).convert("RGB").resize((info.resize_size,) * 2))
     off = int(round((info.resize_size - info.input_size) / 2.0))
-    crop = rgb[off:off + info.input_size, off:off + info.input_size].transpose(2, 0, 1)
+    crop = rgb[off : off + info.input_size, off : off + info.input_size].transpose(2, 0, 1)
     tensor = pb.Image(tensor=pb.Tensor(shape=list(crop.shape), data=crop.tobytes()))
     png = pb.Image(encoded=png_bytes(Image.fromarray(rgb)))
     a, b = classify(live, [tensor, png], top_k=5).results
@@ -118,8 +119,7 @@ def test_unknown_model_and_version_are_not_found(live):
 
 def test_embed_returns_one_vector_per_image(live):
     size = live.stub.GetModelInfo(pb.GetModelInfoRequest(), timeout=10).embedding_size
-    response = live.stub.Embed(pb.EmbedRequest(images=encoded("chelsea.png", "coffee.png", "chelsea.png")),
-                               timeout=30)
+    response = live.stub.Embed(pb.EmbedRequest(images=encoded("chelsea.png", "coffee.png", "chelsea.png")), timeout=30)
     vectors = np.array([e.values for e in response.embeddings])
     assert vectors.shape == (3, size)
     np.testing.assert_allclose(vectors[0], vectors[2], rtol=1e-5, atol=0)
@@ -136,14 +136,17 @@ def test_classify_stream_answers_each_request_in_order(live):
 
 def test_metrics_recorded_and_served_over_http(live):
     import urllib.request
+
     classify(live, encoded("coffee.png", "chelsea.png"))
     assert live.metric("tlserve_requests_total", rpc="Classify", model=MODEL, code="OK") >= 1
     assert live.metric("tlserve_request_duration_seconds_count", rpc="Classify", model=MODEL) >= 1
     assert live.metric("tlserve_batch_size_sum", model=MODEL) >= 2
     assert live.metric("tlserve_inference_duration_seconds_count", model=MODEL) >= 1
     assert live.metric("tlserve_model_ready", model=MODEL, version="1") == 1
-    assert live.metric("tlserve_model_info", model=MODEL, version="1", provider="CPUExecutionProvider",
-                       precision="fp32") == 1
+    assert (
+        live.metric("tlserve_model_info", model=MODEL, version="1", provider="CPUExecutionProvider", precision="fp32")
+        == 1
+    )
     assert live.metric("tlserve_cuda_fallback", model=MODEL) == 0
     assert live.metric("tlserve_queue_duration_seconds_count", model=MODEL) >= 1
     assert live.metric("tlserve_queue_depth", model=MODEL) == 0
@@ -154,6 +157,7 @@ def test_metrics_recorded_and_served_over_http(live):
 
 def test_reflection_lists_services(live):
     from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
+
     stub = reflection_pb2_grpc.ServerReflectionStub(live.channel)
     request = reflection_pb2.ServerReflectionRequest(list_services="")
     response = next(iter(stub.ServerReflectionInfo(iter([request]), timeout=10)))
@@ -170,6 +174,7 @@ def test_served_scores_equal_trainer_transform_plus_onnxruntime(live, exported_v
 
     from tlserve.manifest import Manifest
     from tlserve.trainer.transforms import EvalTransform
+
     session = ort.InferenceSession(str(exported_version / "model.onnx"), providers=["CPUExecutionProvider"])
     manifest = Manifest.from_metadata(session.get_modelmeta().custom_metadata_map)
     names = PHOTOS + ("grace_hopper.jpg",)
@@ -187,6 +192,7 @@ def test_metrics_pass_promtool_lint(live):
     import shutil
     import subprocess
     import urllib.request
+
     promtool = shutil.which("promtool") or pytest.skip("promtool not installed (make tools)")
     classify(live, encoded("coffee.png"))
     text = urllib.request.urlopen(f"http://127.0.0.1:{live.handle.metrics_port}/metrics", timeout=5).read()
@@ -200,7 +206,9 @@ def test_request_larger_than_max_batch_is_split_and_kept_in_order(repo_copy, mak
     together = classify(server, encoded(*names), top_k=1).results
     alone = [classify(server, encoded(n), top_k=1).results[0] for n in names]
     assert [r.predictions[0].index for r in together] == [r.predictions[0].index for r in alone]
-    np.testing.assert_allclose([r.predictions[0].score for r in together],
-                               [r.predictions[0].score for r in alone], rtol=1e-4)
-    assert server.metric("tlserve_batch_size_bucket", model=MODEL, le="2.0") == \
-        server.metric("tlserve_batch_size_count", model=MODEL)
+    np.testing.assert_allclose(
+        [r.predictions[0].score for r in together], [r.predictions[0].score for r in alone], rtol=1e-4
+    )
+    assert server.metric("tlserve_batch_size_bucket", model=MODEL, le="2.0") == server.metric(
+        "tlserve_batch_size_count", model=MODEL
+    )

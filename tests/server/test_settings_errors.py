@@ -1,4 +1,5 @@
 """Settings from flags and environment; the error hierarchy's status mapping."""
+
 from __future__ import annotations
 
 import argparse
@@ -26,8 +27,13 @@ def test_defaults_match_the_server_contract():
 
 
 def test_environment_sets_defaults_and_flags_win():
-    env = {"TLSERVE_PORT": "6000", "TLSERVE_DEVICE": "cuda:1", "TLSERVE_REQUIRE_GPU": "true",
-           "TLSERVE_VERSION_POLICY": "specific:1,3", "TLSERVE_MAX_QUEUE_DELAY_MS": "0.5"}
+    env = {
+        "TLSERVE_PORT": "6000",
+        "TLSERVE_DEVICE": "cuda:1",
+        "TLSERVE_REQUIRE_GPU": "true",
+        "TLSERVE_VERSION_POLICY": "specific:1,3",
+        "TLSERVE_MAX_QUEUE_DELAY_MS": "0.5",
+    }
     s = parse(["--port", "7000"], env)
     assert s.port == 7000 and s.device == "cuda:1" and s.require_gpu and s.max_queue_delay == 0.0005
     assert s.version_policy.select(["1", "2", "3", "10"]) == ["3", "1"]
@@ -45,11 +51,18 @@ def test_version_policy_orders_numerically():
     assert VersionPolicy.parse("all").select(versions) == ["10", "9", "2", "1"]
 
 
-@pytest.mark.parametrize("cls,code", [
-    (errors.InvalidArgument, grpc.StatusCode.INVALID_ARGUMENT), (errors.NotFound, grpc.StatusCode.NOT_FOUND),
-    (errors.ResourceExhausted, grpc.StatusCode.RESOURCE_EXHAUSTED), (errors.Unavailable, grpc.StatusCode.UNAVAILABLE),
-    (errors.DeadlineExceeded, grpc.StatusCode.DEADLINE_EXCEEDED),
-    (errors.FailedPrecondition, grpc.StatusCode.FAILED_PRECONDITION), (errors.ServingError, grpc.StatusCode.INTERNAL)])
+@pytest.mark.parametrize(
+    "cls,code",
+    [
+        (errors.InvalidArgument, grpc.StatusCode.INVALID_ARGUMENT),
+        (errors.NotFound, grpc.StatusCode.NOT_FOUND),
+        (errors.ResourceExhausted, grpc.StatusCode.RESOURCE_EXHAUSTED),
+        (errors.Unavailable, grpc.StatusCode.UNAVAILABLE),
+        (errors.DeadlineExceeded, grpc.StatusCode.DEADLINE_EXCEEDED),
+        (errors.FailedPrecondition, grpc.StatusCode.FAILED_PRECONDITION),
+        (errors.ServingError, grpc.StatusCode.INTERNAL),
+    ],
+)
 def test_serving_errors_map_to_their_status_with_their_message(cls, code):
     assert errors.to_status(cls("image 3: broken")) == (code, "image 3: broken")
 

@@ -1,4 +1,5 @@
 """Shared fixtures: a tiny ImageFolder tree made from the embedded demo data (real Fashion-MNIST images)."""
+
 from __future__ import annotations
 
 import os

@@ -1,4 +1,5 @@
 """Backbones: generic heads, Inception's auxiliary logits, weights from files."""
+
 from __future__ import annotations
 
 import pytest
@@ -21,8 +22,16 @@ def test_inception_v3_trains_a_step_at_299_with_aux_logits(torch_modules):
     images = torch.randint(0, 256, (2, 3, 299, 299), dtype=torch.uint8)
     before = model.fc.weight.detach().clone()
     optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
-    stats = train_epoch(model, [(images, torch.tensor([0, 2]))], optimizer, warmup_cosine(optimizer, 1, 1),
-                        torch.nn.CrossEntropyLoss(), pre, Runtime(torch.device("cpu")), prepare=model.train)
+    stats = train_epoch(
+        model,
+        [(images, torch.tensor([0, 2]))],
+        optimizer,
+        warmup_cosine(optimizer, 1, 1),
+        torch.nn.CrossEntropyLoss(),
+        pre,
+        Runtime(torch.device("cpu")),
+        prepare=model.train,
+    )
     assert stats.images == 2 and stats.loss > 0
     assert not torch.equal(before, model.fc.weight)
     model.eval()
@@ -31,8 +40,9 @@ def test_inception_v3_trains_a_step_at_299_with_aux_logits(torch_modules):
     assert isinstance(out, torch.Tensor) and out.shape == (1, 3)  # aux logits dropped at eval
 
 
-@pytest.mark.parametrize("arch", ["resnet50", "vgg16", "mobilenet_v2", "mobilenet_v3_large", "efficientnet_b0",
-                                  "convnext_tiny", "vit_b_16"])
+@pytest.mark.parametrize(
+    "arch", ["resnet50", "vgg16", "mobilenet_v2", "mobilenet_v3_large", "efficientnet_b0", "convnext_tiny", "vit_b_16"]
+)
 def test_listed_backbones_take_a_generic_mlp_head(torch_modules, arch):
     import torch
 

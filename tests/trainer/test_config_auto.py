@@ -1,4 +1,5 @@
 """The resolved config (defaults < YAML < flags) and the evidence-based `auto` strategy."""
+
 from __future__ import annotations
 
 import pytest
@@ -19,12 +20,15 @@ def test_yaml_config_with_cli_overrides(tmp_path):
         TrainConfig(strategy="magic")
 
 
-@pytest.mark.parametrize("per_class,probe,tuned,expected", [
-    (10, 0.70, 0.69, ("small and similar", "feature-extract")),
-    (10, 0.50, 0.70, ("small and different", "two-phase")),
-    (500, 0.90, 0.91, ("large and similar", "two-phase")),
-    (500, 0.60, 0.90, ("large and different", "finetune")),
-])
+@pytest.mark.parametrize(
+    "per_class,probe,tuned,expected",
+    [
+        (10, 0.70, 0.69, ("small and similar", "feature-extract")),
+        (10, 0.50, 0.70, ("small and different", "two-phase")),
+        (500, 0.90, 0.91, ("large and similar", "two-phase")),
+        (500, 0.60, 0.90, ("large and different", "finetune")),
+    ],
+)
 def test_auto_decides_the_scenario_from_the_evidence(per_class, probe, tuned, expected):
     pytest.importorskip("torch")
     from tlserve.trainer.auto import decide
@@ -37,9 +41,32 @@ def test_auto_run_records_its_evidence_in_the_manifest(tiny_data, tmp_path, torc
     from tlserve.cli import main
     from tlserve.trainer.checkpoint import load_model
 
-    assert main(["train", "--data", str(tiny_data), "--out", str(tmp_path), "--strategy", "auto", "--image-size", "32",
-                 "--epochs", "1", "--head-epochs", "0", "--auto-epochs", "1", "--batch-size", "8",
-                 "--progress", "off"]) == 0
+    assert (
+        main(
+            [
+                "train",
+                "--data",
+                str(tiny_data),
+                "--out",
+                str(tmp_path),
+                "--strategy",
+                "auto",
+                "--image-size",
+                "32",
+                "--epochs",
+                "1",
+                "--head-epochs",
+                "0",
+                "--auto-epochs",
+                "1",
+                "--batch-size",
+                "8",
+                "--progress",
+                "off",
+            ]
+        )
+        == 0
+    )
     _, manifest, _ = load_model(tmp_path / "checkpoint.pt")
     auto = manifest.provenance["auto"]
     assert auto["choice"] == manifest.provenance["strategy"] != "auto"

@@ -1,4 +1,5 @@
 """Data: stratified splits, grey/RGBA conversion, balance, augmentation presets, the eval transform."""
+
 from __future__ import annotations
 
 from collections import Counter

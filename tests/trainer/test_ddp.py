@@ -1,4 +1,5 @@
 """`torchrun --nproc_per_node 2 tlserve train` on CPU: DistributedDataParallel over gloo, rank 0 writes."""
+
 from __future__ import annotations
 
 import json
@@ -13,9 +14,35 @@ pytestmark = [pytest.mark.torch, pytest.mark.slow]
 
 def test_two_process_ddp_run_on_cpu(tiny_data, tmp_path, torch_modules):
     out = tmp_path / "ddp"
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "-m", "tlserve",
-           "train", "--data", str(tiny_data), "--out", str(out), "--weights", "none", "--image-size", "32",
-           "--epochs", "2", "--head-epochs", "1", "--batch-size", "4", "--progress", "off", "--device", "cpu"]
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nproc_per_node",
+        "2",
+        "-m",
+        "tlserve",
+        "train",
+        "--data",
+        str(tiny_data),
+        "--out",
+        str(out),
+        "--weights",
+        "none",
+        "--image-size",
+        "32",
+        "--epochs",
+        "2",
+        "--head-epochs",
+        "1",
+        "--batch-size",
+        "4",
+        "--progress",
+        "off",
+        "--device",
+        "cpu",
+    ]
     env = {**os.environ, "OMP_WAIT_POLICY": "PASSIVE", "OMP_NUM_THREADS": "1"}
     result = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]

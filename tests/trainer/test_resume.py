@@ -1,4 +1,5 @@
 """`kill -9` mid-run, then `--resume`: the same final metrics as an uninterrupted run."""
+
 from __future__ import annotations
 
 import json
@@ -11,8 +12,26 @@ import time
 import pytest
 
 pytestmark = [pytest.mark.torch, pytest.mark.slow]
-ARGS = ["--weights", "none", "--image-size", "32", "--epochs", "4", "--head-epochs", "1", "--batch-size", "8",
-        "--threads", "1", "--workers", "0", "--progress", "off", "--seed", "3"]
+ARGS = [
+    "--weights",
+    "none",
+    "--image-size",
+    "32",
+    "--epochs",
+    "4",
+    "--head-epochs",
+    "1",
+    "--batch-size",
+    "8",
+    "--threads",
+    "1",
+    "--workers",
+    "0",
+    "--progress",
+    "off",
+    "--seed",
+    "3",
+]
 
 
 def _cmd(data, out, *extra):

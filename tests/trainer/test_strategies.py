@@ -1,4 +1,5 @@
 """Every strategy freezes exactly what it claims; frozen BatchNorm stays in eval mode."""
+
 from __future__ import annotations
 
 import pytest
@@ -78,10 +79,15 @@ def test_two_phase_keeps_bn_in_inference_once_unfrozen(mnv2):
     assert all(p.requires_grad for p in mnv2.parameters())
 
 
-@pytest.mark.parametrize("arch,top", [("resnet18", ["layer4.0", "layer4.1"]),
-                                      ("vgg11", ["classifier.0", "classifier.3"]),
-                                      ("vit_b_16", ["encoder.layers.encoder_layer_11", "encoder.ln"]),
-                                      ("efficientnet_b0", ["features.7.0", "features.8"])])
+@pytest.mark.parametrize(
+    "arch,top",
+    [
+        ("resnet18", ["layer4.0", "layer4.1"]),
+        ("vgg11", ["classifier.0", "classifier.3"]),
+        ("vit_b_16", ["encoder.layers.encoder_layer_11", "encoder.ln"]),
+        ("efficientnet_b0", ["features.7.0", "features.8"]),
+    ],
+)
 def test_partial_is_generic_across_families(torch_modules, arch, top):
     from tlserve.trainer.models import build_model
     from tlserve.trainer.strategies import backbone_blocks, head_parameters, set_trainable, trainable_count

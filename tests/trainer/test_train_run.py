@@ -1,4 +1,5 @@
 """A tiny real training run through `tlserve train`: loadable checkpoint, manifest, report files."""
+
 from __future__ import annotations
 
 import json
@@ -13,15 +14,46 @@ def tiny_run(tiny_data, tmp_path_factory, torch_modules):
     from tlserve.cli import main
 
     out = tmp_path_factory.mktemp("run")
-    rc = main(["train", "--data", str(tiny_data), "--out", str(out), "--weights", "none", "--image-size", "32",
-               "--epochs", "2", "--head-epochs", "1", "--batch-size", "8", "--progress", "off", "--name", "tiny"])
+    rc = main(
+        [
+            "train",
+            "--data",
+            str(tiny_data),
+            "--out",
+            str(out),
+            "--weights",
+            "none",
+            "--image-size",
+            "32",
+            "--epochs",
+            "2",
+            "--head-epochs",
+            "1",
+            "--batch-size",
+            "8",
+            "--progress",
+            "off",
+            "--name",
+            "tiny",
+        ]
+    )
     assert rc == 0
     return out
 
 
 def test_run_directory_holds_every_file(tiny_run):
-    for name in ("checkpoint.pt", "last.pt", "metrics.jsonl", "loss.png", "accuracy.png", "config.yaml",
-                 "confusion_matrix.png", "per_class.json", "per_class.md", "report.md"):
+    for name in (
+        "checkpoint.pt",
+        "last.pt",
+        "metrics.jsonl",
+        "loss.png",
+        "accuracy.png",
+        "config.yaml",
+        "confusion_matrix.png",
+        "per_class.json",
+        "per_class.md",
+        "report.md",
+    ):
         assert (tiny_run / name).stat().st_size > 0, name
 
 
@@ -41,7 +73,12 @@ def test_checkpoint_loads_with_its_manifest(tiny_run, tiny_data):
     assert manifest.name == "tiny" and manifest.version == "0" and manifest.architecture == "mobilenet_v2"
     assert manifest.labels == tuple(sorted(p.name for p in (tiny_data / "train").iterdir()))
     pre = manifest.preprocessing
-    assert (pre.input_size, pre.interpolation, pre.input_dtype, pre.normalize_in_graph) == (32, "bilinear", "uint8", True)
+    assert (pre.input_size, pre.interpolation, pre.input_dtype, pre.normalize_in_graph) == (
+        32,
+        "bilinear",
+        "uint8",
+        True,
+    )
     from torchvision.models import MobileNet_V2_Weights
 
     own = MobileNet_V2_Weights.DEFAULT.transforms()  # weights none: the arch's DEFAULT transforms
