@@ -20,18 +20,16 @@ from grpc_reflection.v1alpha import reflection, reflection_pb2
 from PIL import Image
 from prometheus_client import CollectorRegistry, start_http_server
 
-from tlserve.server.batcher import BatchingOptions
 from tlserve.server.gpu import register_gpu_metrics
 from tlserve.server.health import HealthReporter
 from tlserve.server.images import ImageDecoder
-from tlserve.server.loader import LoadOptions
 from tlserve.server.metrics import Metrics
 from tlserve.server.oip.reflection import reflection_pool
 from tlserve.server.oip.servicer import add_oip_service
 from tlserve.server.pb.tlserve.v1 import tlserve_pb2, tlserve_pb2_grpc
 from tlserve.server.preprocess import ImageLimits
-from tlserve.server.repository import ModelRepository, ReloadReport
-from tlserve.server.runtime import GPUUnavailable, RuntimeOptions
+from tlserve.server.repository import ModelRepository, ReloadReport, RepositoryOptions
+from tlserve.server.runtime import GPUUnavailable
 from tlserve.server.servicer import InferenceServicer
 from tlserve.server.settings import Settings
 
@@ -50,21 +48,13 @@ class ServerHandle:
         self._decode_pool = ThreadPoolExecutor(max_workers=threads, thread_name_prefix="decode")
         self._infer_pool = ThreadPoolExecutor(max_workers=4, thread_name_prefix="infer")
         self.repository = ModelRepository(
-            settings.repository,
-            LoadOptions(
-                RuntimeOptions(
-                    settings.device, settings.require_gpu, settings.intra_op_threads, settings.inter_op_threads
-                ),
-                BatchingOptions(settings.max_batch_size, settings.max_queue_delay, settings.max_queue_size),
-            ),
-            settings.version_policy,
-            self._infer_pool,
-            self.metrics,
-            settings.drain_seconds,
+            RepositoryOptions.from_settings(settings),
+            executor=self._infer_pool,
+            metrics=self.metrics,
             on_change=self.health.update,
         )
         self.decoder = ImageDecoder(
-            ImageLimits(settings.max_image_bytes, settings.max_pixels), settings.max_images, self._decode_pool
+            limits=ImageLimits.from_settings(settings), max_images=settings.max_images, executor=self._decode_pool
         )
         limit = settings.max_message_bytes
         self.server = grpc.aio.server(

@@ -11,12 +11,16 @@ from __future__ import annotations
 import io
 import warnings
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 
 from tlserve.manifest import Preprocessing
 from tlserve.server.errors import InvalidArgument
+
+if TYPE_CHECKING:
+    from tlserve.server.settings import Settings
 
 RESAMPLE = {
     "nearest": Image.Resampling.NEAREST,
@@ -28,12 +32,16 @@ RESAMPLE = {
 FORMATS = ("PNG", "JPEG")  # what the API promises; Pillow would otherwise try every format it knows
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class ImageLimits:
-    """Refuse before decoding: encoded size and decoded pixel count."""
+    """Refuse before decoding: encoded size and decoded pixel count (the defaults are Settings')."""
 
-    max_image_bytes: int = 8 * 1024 * 1024
-    max_pixels: int = 40_000_000
+    max_image_bytes: int
+    max_pixels: int
+
+    @classmethod
+    def from_settings(cls, settings: Settings) -> ImageLimits:
+        return cls(max_image_bytes=settings.max_image_bytes, max_pixels=settings.max_pixels)
 
 
 def resized_size(width: int, height: int, size: int) -> tuple[int, int]:

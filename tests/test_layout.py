@@ -1,4 +1,4 @@
-"""House rules that keep the parts apart: generated stubs never drift, the server never imports torch."""
+"""House rules that keep the parts apart: generated stubs and docs never drift, the server never imports torch."""
 
 import subprocess
 import sys
@@ -12,6 +12,13 @@ def test_generated_stubs_match_the_protos():
         [sys.executable, str(ROOT / "scripts" / "gen_proto.py"), "--check"], capture_output=True, text=True
     )
     assert result.returncode == 0, f"server/pb is stale: run `make proto`\n{result.stderr}"
+
+
+def test_settings_table_matches_the_settings():
+    result = subprocess.run(
+        [sys.executable, str(ROOT / "scripts" / "gen_settings_doc.py"), "--check"], capture_output=True, text=True
+    )
+    assert result.returncode == 0, f"docs/server-contract.md is stale: run `make docs`\n{result.stderr}"
 
 
 def test_server_never_imports_torch_trainer_or_export():
