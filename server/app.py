@@ -20,6 +20,7 @@ from grpc_reflection.v1alpha import reflection, reflection_pb2
 from PIL import Image
 from prometheus_client import CollectorRegistry, start_http_server
 
+from tlserve.server.dataplane import DataPlane
 from tlserve.server.gpu import register_gpu_metrics
 from tlserve.server.health import HealthReporter
 from tlserve.server.images import ImageDecoder
@@ -60,16 +61,15 @@ class ServerHandle:
         self.server = grpc.aio.server(
             options=[("grpc.max_receive_message_length", limit), ("grpc.max_send_message_length", limit)]
         )
-        tlserve_pb2_grpc.add_InferenceServicer_to_server(
-            InferenceServicer(self.repository, self.decoder, self.metrics), self.server
-        )
+        self.dataplane = DataPlane(self.repository, self.decoder)
+        tlserve_pb2_grpc.add_InferenceServicer_to_server(InferenceServicer(self.dataplane, self.metrics), self.server)
         health_pb2_grpc.add_HealthServicer_to_server(self.health.servicer, self.server)
         self.service_names = [
             tlserve_pb2.DESCRIPTOR.services_by_name["Inference"].full_name,
             health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
         ]
         # further APIs register here (one import + one call each)
-        self.service_names.append(add_oip_service(self))
+        self.service_names.append(add_oip_service(self.server, self.dataplane, self.metrics, self.health))
         # a private pool, so reflection describes the OIP service too (see tlserve.server.oip.reflection)
         pool = reflection_pool(tlserve_pb2.DESCRIPTOR, health_pb2.DESCRIPTOR, reflection_pb2.DESCRIPTOR)
         reflection.enable_server_reflection([*self.service_names, reflection.SERVICE_NAME], self.server, pool=pool)
