@@ -17,20 +17,13 @@ from typing import Any
 import numpy as np
 import onnxruntime as ort
 
+from tlserve.contract import ORT_DTYPES
 from tlserve.server.errors import FailedPrecondition
 
 log = logging.getLogger(__name__)
 
 CPU = "CPUExecutionProvider"
 CUDA = "CUDAExecutionProvider"
-ORT_DTYPES = {
-    "tensor(uint8)": "uint8",
-    "tensor(float)": "float32",
-    "tensor(float16)": "float16",
-    "tensor(double)": "float64",
-    "tensor(int64)": "int64",
-    "tensor(int32)": "int32",
-}
 
 
 class GPUUnavailable(FailedPrecondition):
