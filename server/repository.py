@@ -15,10 +15,11 @@ from concurrent.futures import Executor
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from tlserve.contract import FP16_FILE, MODEL_FILE
 from tlserve.manifest import ManifestError
 from tlserve.server.batcher import BatchingOptions
 from tlserve.server.errors import InvalidArgument, NotFound, Unavailable
-from tlserve.server.loader import FP16_FILE, MODEL_FILE, LoadOptions, load_version
+from tlserve.server.loader import LoadOptions, load_version
 from tlserve.server.metrics import Metrics
 from tlserve.server.model import ServedModel
 from tlserve.server.runtime import RuntimeOptions

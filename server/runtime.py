@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import onnxruntime as ort
 
+from tlserve.contract import ORT_DTYPES
 from tlserve.server.errors import FailedPrecondition
 
 if TYPE_CHECKING:
@@ -26,14 +27,6 @@ log = logging.getLogger(__name__)
 
 CPU = "CPUExecutionProvider"
 CUDA = "CUDAExecutionProvider"
-ORT_DTYPES = {
-    "tensor(uint8)": "uint8",
-    "tensor(float)": "float32",
-    "tensor(float16)": "float16",
-    "tensor(double)": "float64",
-    "tensor(int64)": "int64",
-    "tensor(int32)": "int32",
-}
 
 
 class GPUUnavailable(FailedPrecondition):

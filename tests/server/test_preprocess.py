@@ -15,7 +15,7 @@ from serving_helpers import PHOTOS, photo_bytes, photo_path, png_bytes
 
 from tlserve.manifest import Preprocessing
 from tlserve.server.errors import InvalidArgument
-from tlserve.server.preprocess import ImageLimits, center_crop_box, decode, from_tensor, resized_size, to_model_input
+from tlserve.server.preprocess import ImageLimits, decode, from_tensor, to_model_input
 from tlserve.server.settings import Settings
 
 LIMITS = ImageLimits(max_image_bytes=4_000_000, max_pixels=2_000_000)
@@ -32,18 +32,6 @@ def pixel_bomb_png(width: int, height: int) -> bytes:
     return (
         b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", zlib.compress(b"\0" * 64)) + chunk(b"IEND", b"")
     )
-
-
-@pytest.mark.parametrize("width,height,size", [(640, 480, 73), (480, 640, 73), (100, 100, 64), (333, 97, 32)])
-def test_resized_size_keeps_aspect_with_torchvision_rounding(width, height, size):
-    w, h = resized_size(width, height, size)
-    assert min(w, h) == size
-    assert (w, h) == ((size, int(size * height / width)) if width <= height else (int(size * width / height), size))
-
-
-def test_center_crop_box_is_centred():
-    assert center_crop_box(73, 73, 64) == (4, 4, 68, 68)  # round(4.5) == 4, as torchvision computes it
-    assert center_crop_box(97, 73, 64) == (16, 4, 80, 68)
 
 
 @pytest.mark.torch
