@@ -19,6 +19,7 @@ from tlserve.server.preprocess import ImageLimits, decode
 from tlserve.server.settings import Settings
 
 MAX_IMAGES = 8  # the live fixture's limit
+LIMITS = ImageLimits.from_settings(Settings())
 
 
 @pytest.fixture(scope="module")
@@ -34,7 +35,7 @@ def model(plane):
 @pytest.fixture(scope="module")
 def photos(model) -> np.ndarray:
     """uint8 [N, 3, S, S]: the photos preprocessed as the server does, for the tensor path."""
-    return np.stack([decode(photo_bytes(n), model.manifest.preprocessing, ImageLimits.from_settings(Settings())) for n in PHOTOS])
+    return np.stack([decode(photo_bytes(n), model.manifest.preprocessing, LIMITS) for n in PHOTOS])
 
 
 def test_lookup_names_the_model_or_refuses(plane, model):
@@ -128,7 +129,7 @@ def test_unloading_refuses_new_leases_while_the_request_in_flight_finishes(repo_
     gate = threading.Event()
     with ThreadPoolExecutor(max_workers=1) as pool:
         pool.submit(gate.wait)  # the decoder's one worker is busy until the gate opens
-        plane = DataPlane(server.handle.repository, ImageDecoder(ImageLimits.from_settings(Settings()), MAX_IMAGES, pool))
+        plane = DataPlane(server.handle.repository, ImageDecoder(LIMITS, MAX_IMAGES, pool))
 
         async def scenario():
             model = plane.model(MODEL)
