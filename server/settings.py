@@ -15,6 +15,10 @@ from dataclasses import dataclass, field
 from typing import Any
 
 
+def setting(default: Any, help: str) -> Any:  # merged with the settings refactor
+    return field(default=default, metadata={"help": help})  # merged with the settings refactor
+
+
 @dataclass(frozen=True)
 class VersionPolicy:
     """Which versions of a model to serve: the latest N, all, or a fixed list."""
@@ -75,6 +79,14 @@ class Settings:
     max_images: int = 64
     drain_seconds: float = 10.0
     decode_threads: int = 0
+    tls_cert: str = setting("", "PEM server certificate chain; enables TLS")
+    tls_key: str = setting("", "PEM private key of --tls-cert")
+    tls_client_ca: str = setting("", "PEM CA bundle; clients must present a certificate it signed (mTLS)")
+    metrics_tls: bool = setting(False, "serve /metrics over HTTPS with --tls-cert and --tls-key")
+    token_file: str = setting("", "bearer tokens, one '<token> <scope>[,<scope>]' a line (infer, admin); enables auth")
+    reflection: bool = setting(True, "serve gRPC server reflection")
+    public_reflection: bool = setting(False, "with --token-file, reflection answers without a token")
+    health_port: int = setting(-1, "plaintext port serving only grpc.health.v1, for probes under TLS (-1 off, 0 any)")
 
     def __post_init__(self) -> None:
         if isinstance(self.version_policy, str):
@@ -130,11 +142,28 @@ def add_arguments(parser: argparse.ArgumentParser, env: Mapping[str, str] | None
         "max_images": "most images per request",
         "drain_seconds": "graceful-shutdown grace period after SIGTERM",
         "decode_threads": "image decoding threads (0 = one per CPU)",
+        "tls_cert": "PEM server certificate chain; enables TLS",
+        "tls_key": "PEM private key of --tls-cert",
+        "tls_client_ca": "PEM CA bundle; clients must present a certificate it signed (mTLS)",
+        "metrics_tls": "serve /metrics over HTTPS with --tls-cert and --tls-key",
+        "token_file": "bearer tokens, one '<token> <scope>[,<scope>]' a line (infer, admin); enables auth",
+        "reflection": "serve gRPC server reflection",
+        "public_reflection": "with --token-file, reflection answers without a token",
+        "health_port": "plaintext port serving only grpc.health.v1, for probes under TLS (-1 off, 0 any)",
     }
     for f in dataclasses.fields(Settings):
         if f.name == "require_gpu":
             continue
         default = getattr(d, f.name)
+        if isinstance(default, bool):
+            parser.add_argument(
+                f"--{f.name.replace('_', '-')}",
+                dest=f.name,
+                action=argparse.BooleanOptionalAction,
+                default=_truthy(_flag_env(f.name, env, default)),
+                help=f"{help_of[f.name]} (default: %(default)s)",
+            )
+            continue
         kind = type(default) if isinstance(default, (int, float)) else str
         if f.name == "version_policy":
             default = "latest:1"
