@@ -62,6 +62,7 @@ class CertificateFiles:
         self._clock = clock
         self._lock = threading.Lock()
         self._signature = self._stat()
+        self._rejected: tuple | None = None  # files looked at and found unusable: not retried until they change
         self.current = self._load()  # raises TLSConfigError: refuse to start
         self.generation = 0
         self._next_check = clock() + check_interval
@@ -113,10 +114,11 @@ class CertificateFiles:
         try:
             self._next_check = now + self._check_interval
             signature = self._stat()
-            if signature != self._signature:
+            if signature not in (self._signature, self._rejected):
                 try:
                     self.current = self._load()
                 except TLSConfigError as exc:
+                    self._rejected = signature
                     log.warning("TLS files changed but cannot be used yet, keeping the previous ones: %s", exc)
                 else:
                     self._signature = signature

@@ -345,3 +345,35 @@ def test_predict_over_mtls(mtls_server, pki, capsys):
     assert "coffee.png: " in capsys.readouterr().out
     assert main([*base, "--tls-server-name", "localhost", str(photo_path("coffee.png"))]) == 1
     assert "UNAVAILABLE" in capsys.readouterr().err
+
+
+def test_security_flags_come_from_the_command_line_and_the_environment():
+    import argparse
+
+    from tlserve.server.settings import Settings, add_arguments
+
+    def parse(argv, env):
+        parser = argparse.ArgumentParser()
+        add_arguments(parser, env)
+        return Settings.from_args(parser.parse_args(argv))
+
+    defaults = parse([], {})
+    assert (defaults.tls_cert, defaults.token_file, defaults.metrics_tls) == ("", "", False)
+    assert (defaults.reflection, defaults.public_reflection, defaults.health_port) == (True, False, -1)
+    flags = parse(["--tls-cert=c", "--tls-key=k", "--tls-client-ca=ca", "--metrics-tls", "--no-reflection"], {})
+    assert (flags.tls_cert, flags.tls_key, flags.tls_client_ca, flags.metrics_tls, flags.reflection) == (
+        "c",
+        "k",
+        "ca",
+        True,
+        False,
+    )
+    env = {"TLSERVE_TOKEN_FILE": "/t", "TLSERVE_REFLECTION": "false", "TLSERVE_METRICS_TLS": "1"}
+    from_env = parse(["--health-port", "8081"], env)
+    assert (from_env.token_file, from_env.reflection, from_env.metrics_tls, from_env.health_port) == (
+        "/t",
+        False,
+        True,
+        8081,
+    )
+    assert parse(["--reflection"], env).reflection is True, "a flag beats the environment"
