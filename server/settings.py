@@ -139,6 +139,34 @@ class Settings:
     max_images: int = setting(64, "most images per request")
     drain_seconds: float = setting(10.0, "graceful-shutdown grace period after SIGTERM")
     decode_threads: int = setting(0, "image decoding threads (0 = one per CPU)")
+    tls_cert: str = setting(
+        "",
+        "PEM server certificate chain; enables TLS on the gRPC port. Re-read when the file changes (checked at most "
+        "once a second, at a new connection): new connections get the new certificate, open ones keep theirs",
+        metavar="FILE",
+    )
+    tls_key: str = setting("", "PEM (unencrypted) private key of `--tls-cert`", metavar="FILE")
+    tls_client_ca: str = setting(
+        "",
+        "PEM CA bundle: clients must present a certificate it signed (mTLS); reloaded like the certificate",
+        metavar="FILE",
+    )
+    metrics_tls: bool = setting(
+        False, "serve `/metrics` over HTTPS with `--tls-cert`/`--tls-key` (no client certificate asked)"
+    )
+    token_file: str = setting(
+        "",
+        "bearer tokens and their scopes, one `<token> <scope>[,<scope>]` a line (`infer`, `admin`); enables token "
+        "auth; re-read within a second of a change",
+        metavar="FILE",
+    )
+    reflection: bool = setting(True, "serve gRPC server reflection (`--no-reflection` turns it off)")
+    public_reflection: bool = setting(False, "with `--token-file`, reflection answers without a token")
+    health_port: int = setting(
+        -1,
+        "an extra plaintext port serving only `grpc.health.v1.Health`, for kubelet gRPC probes (they cannot speak "
+        "TLS); -1 off, 0 picks a free port",
+    )
 
     def __post_init__(self) -> None:
         if isinstance(self.version_policy, str):
@@ -241,13 +269,13 @@ def _converter(spec: SettingSpec) -> Callable[[str], Any]:
 
 
 class _Switch(argparse.Action):
-    """``store_true`` that also converts a string default (from the environment) with its ``type``."""
+    """``--x`` / ``--no-x`` that also converts a string default (from the environment) with its ``type``."""
 
     def __init__(self, option_strings: list[str], dest: str, **kwargs: Any) -> None:
         super().__init__(option_strings, dest, nargs=0, **kwargs)
 
     def __call__(self, parser: Any, namespace: Any, values: Any, option_string: str | None = None) -> None:
-        setattr(namespace, self.dest, True)
+        setattr(namespace, self.dest, not (option_string or "").startswith("--no-"))
 
 
 def add_arguments(
@@ -263,6 +291,6 @@ def add_arguments(
         help = f"{spec.help.replace('`', '')} (default: {shown}; {source})".replace("%", "%%")
         common: dict[str, Any] = dict(dest=spec.name, type=_converter(spec), default=default, help=help)
         if spec.kind is bool:
-            parser.add_argument(spec.flag, action=_Switch, **common)
+            parser.add_argument(spec.flag, f"--no-{spec.flag.removeprefix('--')}", action=_Switch, **common)
         else:
             parser.add_argument(spec.flag, choices=spec.choices, metavar=spec.metavar, **common)
