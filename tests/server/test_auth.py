@@ -302,7 +302,9 @@ def test_a_malformed_token_file_refuses_to_start(repo_copy, tmp_path, caplog):
 @pytest.fixture(scope="module")
 def tensor(served):
     model = served.handle.repository.get(MODEL)
-    return decode(photo_bytes("coffee.png"), model.manifest.preprocessing, ImageLimits.from_settings(served.handle.settings))[None]
+    return decode(
+        photo_bytes("coffee.png"), model.manifest.preprocessing, ImageLimits.from_settings(served.handle.settings)
+    )[None]
 
 
 def test_tritonclient_over_tls_with_token_headers(served, pki, tensor):
