@@ -1,8 +1,9 @@
 """Assemble the server: repository, servicers, health, reflection and metrics on one gRPC port.
 
 ``create_server(settings, registry)`` builds everything without starting it (tests bind port 0
-and read the bound ports from the handle); ``serve(settings)`` runs it until SIGTERM/SIGINT,
-rescans the repository on SIGHUP, and shuts down gracefully.
+and read the bound ports from the handle); ``serve(settings)`` runs it through the lifecycle of
+server/lifecycle.py: SIGHUP rescans the repository while serving, SIGTERM/SIGINT drain (new calls
+refused with UNAVAILABLE, in-flight ones finished, streams ended) and stop, a second one forces exit.
 """
 
 from __future__ import annotations
@@ -10,7 +11,6 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
-import signal
 from concurrent.futures import ThreadPoolExecutor
 from wsgiref.simple_server import WSGIServer
 
@@ -21,13 +21,16 @@ from PIL import Image
 from prometheus_client import CollectorRegistry, start_http_server
 
 from tlserve.server.dataplane import DataPlane
+from tlserve.server.drain import DrainGate
 from tlserve.server.gpu import register_gpu_metrics
 from tlserve.server.health import HealthReporter
 from tlserve.server.images import ImageDecoder
+from tlserve.server.lifecycle import Action, Lifecycle, State, force_exit, install_signal_handlers
 from tlserve.server.metrics import Metrics
 from tlserve.server.oip.reflection import reflection_pool
 from tlserve.server.oip.servicer import add_oip_service
 from tlserve.server.pb.tlserve.v1 import tlserve_pb2, tlserve_pb2_grpc
+from tlserve.server.ports import GRPC_OPTIONS, bind_port
 from tlserve.server.preprocess import ImageLimits
 from tlserve.server.repository import ModelRepository, ReloadReport, RepositoryOptions
 from tlserve.server.runtime import GPUUnavailable
@@ -35,6 +38,7 @@ from tlserve.server.servicer import InferenceServicer
 from tlserve.server.settings import Settings
 
 log = logging.getLogger(__name__)
+REFUSAL_GRACE = 1.0  # seconds stop() gives the calls refused in its last instants to finish
 
 
 class ServerHandle:
@@ -45,6 +49,8 @@ class ServerHandle:
         self.registry = registry
         self.metrics = Metrics(registry)
         self.health = HealthReporter()
+        self.lifecycle = Lifecycle()
+        self.gate = DrainGate(self.lifecycle, self.metrics)
         threads = settings.decode_threads or (os.cpu_count() or 1)
         self._decode_pool = ThreadPoolExecutor(max_workers=threads, thread_name_prefix="decode")
         self._infer_pool = ThreadPoolExecutor(max_workers=4, thread_name_prefix="infer")
@@ -59,7 +65,9 @@ class ServerHandle:
         )
         limit = settings.max_message_bytes
         self.server = grpc.aio.server(
+            interceptors=[self.gate],
             options=[("grpc.max_receive_message_length", limit), ("grpc.max_send_message_length", limit)]
+            + GRPC_OPTIONS,
         )
         self.dataplane = DataPlane(self.repository, self.decoder)
         tlserve_pb2_grpc.add_InferenceServicer_to_server(InferenceServicer(self.dataplane, self.metrics), self.server)
@@ -73,18 +81,26 @@ class ServerHandle:
         # a private pool, so reflection describes the OIP service too (see tlserve.server.oip.reflection)
         pool = reflection_pool(tlserve_pb2.DESCRIPTOR, health_pb2.DESCRIPTOR, reflection_pb2.DESCRIPTOR)
         reflection.enable_server_reflection([*self.service_names, reflection.SERVICE_NAME], self.server, pool=pool)
-        self.port = self.server.add_insecure_port(f"{settings.host}:{settings.port}")
+        self.port = bind_port(self.server.add_insecure_port, settings.host, settings.port)
         self.metrics_port = 0
         self._metrics_http: WSGIServer | None = None
         self._poller: asyncio.Task | None = None
+        self._starting = asyncio.Lock()
         self._stopped = False
 
     async def start(self) -> ReloadReport:
         """Load the repository, then open the gRPC and metrics ports; returns the first load's report.
+        When the drain begins during the first load, the ports are never opened.
 
         Raises :class:`GPUUnavailable` when ``require_gpu`` is set and a model fell back to the CPU.
         """
-        report = await self.repository.reload()
+        async with self._starting:
+            report = await self.repository.reload()
+            if self.lifecycle.accepting:
+                await self._open(report)
+            return report
+
+    async def _open(self, report: ReloadReport) -> None:
         try:
             refused = [str(e) for e in report.failed.values() if isinstance(e, GPUUnavailable)]
             if refused:
@@ -98,6 +114,7 @@ class ServerHandle:
         except BaseException:  # a refused GPU, a metrics port in use...: release what is loaded
             await self.repository.close()
             raise
+        self.lifecycle.to(State.SERVING)
         if self.settings.poll_interval > 0:
             self._poller = asyncio.get_running_loop().create_task(self.repository.poll(self.settings.poll_interval))
         log.info(
@@ -107,24 +124,34 @@ class ServerHandle:
             self.metrics_port,
             [f"{m.name}/{m.version}" for m in self.repository.list()] or "none",
         )
-        return report
 
     async def stop(self, grace: float | None = None) -> None:
-        """Health NOT_SERVING, stop taking calls and finish in-flight ones, drain models, close."""
+        """Drain, then close: health NOT_SERVING, new calls refused (UNAVAILABLE), open streams ended,
+        in-flight calls finished (up to ``grace`` s); only then the gRPC server stops (it has nothing
+        received-but-unhandled left to cancel, grpc/grpc#41785); models drain; ports close."""
         if self._stopped:
             return
         self._stopped = True
         grace = self.settings.drain_seconds if grace is None else grace
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + grace
         await self.health.shutdown()
+        self.lifecycle.begin_drain()
+        self.repository.stop_loading()
         if self._poller is not None:
             self._poller.cancel()
-        await self.server.stop(grace)
+        async with self._starting:  # a first load in progress stops after its current version
+            pass
+        if not await self.gate.wait_idle(deadline - loop.time()):
+            log.warning("drain: %d calls still running after %.1fs; they are cancelled", self.gate.active, grace)
+        await self.server.stop(max(deadline - loop.time(), REFUSAL_GRACE))
         await self.repository.close()
         if self._metrics_http is not None:
             self._metrics_http.shutdown()
             self._metrics_http.server_close()
         self._decode_pool.shutdown(wait=False)
         self._infer_pool.shutdown(wait=False)
+        self.lifecycle.to(State.STOPPED)
 
 
 def create_server(settings: Settings, registry: CollectorRegistry) -> ServerHandle:
@@ -134,23 +161,57 @@ def create_server(settings: Settings, registry: CollectorRegistry) -> ServerHand
 
 
 async def run(settings: Settings) -> int:
-    """Run until SIGTERM/SIGINT; SIGHUP rescans the repository."""
-    handle = create_server(settings, CollectorRegistry())
+    """Run through the lifecycle (server/lifecycle.py) until drained; the exit status (2: refused to start)."""
     try:
-        await handle.start()
-    except (GPUUnavailable, OSError) as exc:  # OSError: e.g. the metrics port is taken
+        handle = create_server(settings, CollectorRegistry())
+    except OSError as exc:  # the gRPC port is taken
         log.error("refusing to start: %s", exc)
         return 2
     loop = asyncio.get_running_loop()
-    stopping = asyncio.Event()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, stopping.set)
-    loop.add_signal_handler(signal.SIGHUP, lambda: loop.create_task(handle.repository.reload()))
-    await stopping.wait()
-    loop.remove_signal_handler(signal.SIGHUP)  # no rescans while draining
-    log.info("shutting down: health NOT_SERVING, draining for up to %.1fs", settings.drain_seconds)
-    await handle.stop()
+    reloads: set[asyncio.Task] = set()
+
+    def on_signal(signum: int) -> None:
+        action = handle.lifecycle.on_signal(signum)
+        if action is Action.RELOAD:
+            task = loop.create_task(reload_logged(handle))
+            reloads.add(task)
+            task.add_done_callback(reloads.discard)
+        elif action is Action.FORCE_EXIT:
+            force_exit(signum)
+
+    install_signal_handlers(loop, on_signal)  # before the first load: SIGHUP never kills
+    log.info("starting: loading the model repository %s", settings.repository)
+    starting = loop.create_task(handle.start())
+    draining = loop.create_task(handle.lifecycle.draining.wait())
+    try:
+        await asyncio.wait({starting, draining}, return_when=asyncio.FIRST_COMPLETED)
+        failure = starting.exception() if starting.done() else None
+        if failure is not None:
+            if isinstance(failure, (GPUUnavailable, OSError)):  # OSError: e.g. the metrics port is taken
+                log.error("refusing to start: %s", failure)
+                return 2
+            raise failure
+        await draining
+        log.info("shutting down: health NOT_SERVING, new calls refused, draining up to %.1fs", settings.drain_seconds)
+        await handle.stop()
+        outcome: object = (await asyncio.gather(starting, return_exceptions=True))[0]
+        if isinstance(outcome, BaseException):
+            log.error("the first load failed during shutdown", exc_info=outcome)
+    finally:
+        draining.cancel()
+    if handle.repository.abandoned_runs:
+        log.error("%d stuck inference runs never returned; exiting without them", handle.repository.abandoned_runs)
+        logging.shutdown()
+        os._exit(0)
+    log.info("stopped")
     return 0
+
+
+async def reload_logged(handle: ServerHandle) -> None:
+    try:
+        await handle.repository.reload()
+    except Exception:
+        log.exception("repository rescan failed")
 
 
 def serve(settings: Settings) -> int:

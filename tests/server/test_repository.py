@@ -69,7 +69,8 @@ def test_manifest_mismatch_never_reports_serving(exported_version, tmp_path, mak
     assert status(server, f"tlserve.model.{MODEL}") == NOT_SERVING
     with pytest.raises(grpc.RpcError) as err:
         server.stub.Classify(pb.ClassifyRequest(images=[pb.Image(encoded=photo_bytes("coffee.png"))]), timeout=10)
-    assert err.value.code() == grpc.StatusCode.UNAVAILABLE and "11 labels" in err.value.details()
+    # permanent until the file changes: FAILED_PRECONDITION (UNAVAILABLE would invite retries)
+    assert err.value.code() == grpc.StatusCode.FAILED_PRECONDITION and "11 labels" in err.value.details()
     assert server.metric("tlserve_model_load_failures_total", model=MODEL) == 1
 
 
