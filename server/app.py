@@ -38,7 +38,10 @@ from tlserve.server.servicer import InferenceServicer
 from tlserve.server.settings import Settings
 
 log = logging.getLogger(__name__)
-REFUSAL_GRACE = 1.0  # seconds stop() gives the calls refused in its last instants to finish
+# the drain's last step (server/drain.py): hold new calls until none came for QUIET_SECONDS (at most
+# HOLD_LIMIT_SECONDS), begin stop(), refuse the held calls RELEASE_DELAY_SECONDS later; stop() gives
+# them at least REFUSAL_GRACE seconds to go out
+QUIET_SECONDS, HOLD_LIMIT_SECONDS, RELEASE_DELAY_SECONDS, REFUSAL_GRACE = 0.05, 1.0, 0.2, 1.0
 
 
 class ServerHandle:
@@ -144,7 +147,12 @@ class ServerHandle:
             pass
         if not await self.gate.wait_idle(deadline - loop.time()):
             log.warning("drain: %d calls still running after %.1fs; they are cancelled", self.gate.active, grace)
-        await self.server.stop(max(deadline - loop.time(), REFUSAL_GRACE))
+        held = await self.gate.hold_new_calls(QUIET_SECONDS, HOLD_LIMIT_SECONDS)
+        stopping = loop.create_task(self.server.stop(max(deadline - loop.time(), REFUSAL_GRACE)))
+        await asyncio.sleep(RELEASE_DELAY_SECONDS)  # stop() has begun and told the callers (GOAWAY)
+        self.gate.release()
+        log.info("drain: in-flight calls done; %d calls held until stop() began, now refused", held)
+        await stopping
         await self.repository.close()
         if self._metrics_http is not None:
             self._metrics_http.shutdown()

@@ -2,8 +2,12 @@
 refuses new ones with UNAVAILABLE and ends open streams after the message they are answering.
 
 It exists because ``grpc.aio.Server.stop()`` cancels calls that were received but not yet handed to
-a handler (grpc/grpc#41785): shutdown first refuses here, waits for :meth:`DrainGate.wait_idle`,
-and only then calls ``stop()``, when there is nothing received-but-unhandled left to cancel.
+a handler, and calls that reach it after it began (grpc/grpc#41785: the caller sees CANCELLED).
+So shutdown goes: refuse here and wait until the calls in flight are done (:meth:`DrainGate.wait_idle`);
+then *hold* each new call in its handler until no new one has come for a moment
+(:meth:`DrainGate.hold_new_calls`): every caller now waits on a call we hold, none is on the wire;
+then ``stop()`` begins, and the held calls are refused (:meth:`DrainGate.release`) once it has
+(their callers' retries then find the port closed: UNAVAILABLE). Nothing is left to be cancelled.
 Health and reflection pass through untouched (health answers NOT_SERVING during the drain).
 """
 
@@ -34,6 +38,10 @@ class DrainGate(grpc.aio.ServerInterceptor):
         self._active = 0
         self._idle = asyncio.Event()
         self._idle.set()
+        self._holding = False
+        self._released = asyncio.Event()
+        self._held_calls = 0
+        self._last_arrival = 0.0
 
     @property
     def active(self) -> int:
@@ -47,6 +55,21 @@ class DrainGate(grpc.aio.ServerInterceptor):
         except asyncio.TimeoutError:
             return self._active == 0
         return True
+
+    async def hold_new_calls(self, quiet: float, limit: float) -> int:
+        """From now on hold new calls (until :meth:`release`); return once none has arrived for ``quiet``
+        seconds, or after ``limit`` seconds; the number held so far."""
+        loop = asyncio.get_running_loop()
+        self._holding = True
+        self._last_arrival = started = loop.time()
+        while (now := loop.time()) - self._last_arrival < quiet and now - started < limit:
+            await asyncio.sleep(min(quiet - (now - self._last_arrival), limit - (now - started)))
+        return self._held_calls
+
+    def release(self) -> None:
+        """Refuse the held calls (UNAVAILABLE), and every later one at once."""
+        self._holding = False
+        self._released.set()
 
     async def intercept_service(
         self, continuation: Callable[[grpc.HandlerCallDetails], Any], handler_call_details: grpc.HandlerCallDetails
@@ -70,7 +93,12 @@ class DrainGate(grpc.aio.ServerInterceptor):
                 self._idle.set()
 
     async def _refuse(self, context: grpc.aio.ServicerContext, rpc: str) -> None:
-        record_rpc(self._metrics, rpc, RpcCall(), grpc.StatusCode.UNAVAILABLE)
+        call = RpcCall()
+        if self._holding:
+            self._held_calls += 1
+            self._last_arrival = asyncio.get_running_loop().time()
+            await self._released.wait()
+        record_rpc(self._metrics, rpc, call, grpc.StatusCode.UNAVAILABLE)
         await context.abort(grpc.StatusCode.UNAVAILABLE, SHUTTING_DOWN)
 
     def _gated(self, handler: grpc.RpcMethodHandler, rpc: str) -> grpc.RpcMethodHandler:
