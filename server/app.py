@@ -89,7 +89,7 @@ class ServerHandle:
         self._metrics_http: WSGIServer | None = None
         self._poller: asyncio.Task | None = None
         self._starting = asyncio.Lock()
-        self._stopped = False
+        self._stopping: asyncio.Task | None = None
 
     async def start(self) -> ReloadReport:
         """Load the repository, then open the gRPC and metrics ports; returns the first load's report.
@@ -131,10 +131,13 @@ class ServerHandle:
     async def stop(self, grace: float | None = None) -> None:
         """Drain, then close: health NOT_SERVING, new calls refused (UNAVAILABLE), open streams ended,
         in-flight calls finished (up to ``grace`` s); only then the gRPC server stops (it has nothing
-        received-but-unhandled left to cancel, grpc/grpc#41785); models drain; ports close."""
-        if self._stopped:
-            return
-        self._stopped = True
+        received-but-unhandled left to cancel, grpc/grpc#41785); models drain; ports close.
+        A second call waits for the first one's end."""
+        if self._stopping is None:
+            self._stopping = asyncio.get_running_loop().create_task(self._stop(grace))
+        await asyncio.shield(self._stopping)
+
+    async def _stop(self, grace: float | None) -> None:
         grace = self.settings.drain_seconds if grace is None else grace
         loop = asyncio.get_running_loop()
         deadline = loop.time() + grace
