@@ -1,9 +1,13 @@
 """The model repository: every ``ROOT/<name>/<version>/model.onnx``, loaded per the version policy.
 
-``reload()`` rescans the folder: versions the policy wants are loaded, validated and warmed up
-off the event loop before they take traffic; a version that fails is logged, counted, and
-never displaces a working one (the policy is applied to the loadable versions only); versions
-no longer wanted are unloaded after draining. A failed file is retried once it changes.
+``reload()`` rescans the folder (off the event loop): versions the policy wants are loaded,
+validated and warmed up off the event loop before they take traffic; a version that fails is
+logged, counted, and never displaces a working one (the policy is applied to the loadable versions
+only); versions no longer wanted are unloaded after draining. A failed file is retried once it
+changes; a loaded version whose file changes is reloaded aside and swapped in, or, if the new file
+fails, refused loudly while the old copy serves on. Version folders are plain integers ("0", "12";
+not "01", "1a" or "²"). A rescan runs as the repository's own task, so a cancelled caller never
+leaves a version half unloaded.
 """
 
 from __future__ import annotations
