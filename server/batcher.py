@@ -118,12 +118,11 @@ class Batcher:
         self._wakeup.set()
         if self._worker is None:
             return False
-        abandoned = self._stuck
-        if abandoned:  # waiting for it could take forever
+        if self._stuck:  # waiting for it could take forever (a run that gets stuck later stops by itself)
             self._worker.cancel()
         with contextlib.suppress(asyncio.CancelledError):
             await self._worker
-        return abandoned
+        return self._stuck
 
     async def submit(self, batch: np.ndarray, deadline: float | None = None) -> Outputs:
         """Queue ``batch`` (at most ``max_batch_size`` rows) and wait for its outputs."""
@@ -259,6 +258,8 @@ class Batcher:
         self._queue.clear()
         self._metrics.queue_depth.labels(self.model).set(0)
         run.add_done_callback(lambda f: f.cancelled() or f.exception())  # its outcome no longer matters
+        if self._closed:  # stopping: leave the run behind (stop() reports it abandoned)
+            return
         waited = time.monotonic()
         await asyncio.wait({run})
         self._stuck = False

@@ -190,3 +190,16 @@ def test_a_model_whose_batches_keep_failing_is_reported_not_serving(exported_ver
     with pytest.raises(grpc.RpcError) as err:
         server.stub.Classify(request, timeout=30)
     assert err.value.code() == grpc.StatusCode.UNAVAILABLE
+
+
+def test_unloading_while_a_run_hangs_returns_once_the_watchdog_gives_up_on_it(exported_version):
+    async def body(model, runtime, registry, changes):
+        runtime.mode = "hang"
+        request = asyncio.ensure_future(infer(model))
+        await asyncio.sleep(0.05)
+        await model.unload(0.01)  # stops the batcher before the run is known to be stuck
+        assert model.unloaded and model.abandoned_run
+        with pytest.raises(Unavailable):
+            await request
+
+    run_model(exported_version, HealthOptions(inference_timeout=0.3, probe_interval=3600), body)
