@@ -35,6 +35,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def run_serve(args: argparse.Namespace) -> int:
+    import signal
+
+    signal.signal(signal.SIGHUP, signal.SIG_IGN)  # while the server's modules import; the lifecycle takes over
     from tlserve.server.app import serve
     from tlserve.server.settings import Settings
 
