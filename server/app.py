@@ -2,16 +2,17 @@
 behind the transport and call security of :mod:`tlserve.server.security`.
 
 ``create_server(settings, registry)`` builds everything without starting it (tests bind port 0
-and read the bound ports from the handle); ``serve(settings)`` runs it until SIGTERM/SIGINT,
-rescans the repository on SIGHUP, and shuts down gracefully.
+and read the bound ports from the handle); ``serve(settings)`` runs it through the lifecycle of
+server/lifecycle.py: SIGHUP rescans the repository while serving, SIGTERM/SIGINT drain (new calls
+refused with UNAVAILABLE, in-flight ones finished, streams ended) and stop, a second one forces exit.
 """
 
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import os
-import signal
 from concurrent.futures import ThreadPoolExecutor
 
 import grpc
@@ -21,14 +22,17 @@ from PIL import Image
 from prometheus_client import CollectorRegistry
 
 from tlserve.server.dataplane import DataPlane
+from tlserve.server.drain import DrainGate
 from tlserve.server.gpu import register_gpu_metrics
 from tlserve.server.health import HealthReporter
 from tlserve.server.images import ImageDecoder
+from tlserve.server.lifecycle import Action, Lifecycle, State, force_exit, install_signal_handlers
 from tlserve.server.metrics import Metrics
 from tlserve.server.metrics_http import MetricsServer
 from tlserve.server.oip.reflection import reflection_pool
 from tlserve.server.oip.servicer import add_oip_service
 from tlserve.server.pb.tlserve.v1 import tlserve_pb2, tlserve_pb2_grpc
+from tlserve.server.ports import GRPC_OPTIONS, bind_port
 from tlserve.server.preprocess import ImageLimits
 from tlserve.server.repository import ModelRepository, ReloadReport, RepositoryOptions
 from tlserve.server.runtime import GPUUnavailable
@@ -37,6 +41,10 @@ from tlserve.server.servicer import InferenceServicer
 from tlserve.server.settings import Settings
 
 log = logging.getLogger(__name__)
+# the drain's last step (server/drain.py): hold new calls until none came for QUIET_SECONDS (at most
+# HOLD_LIMIT_SECONDS), begin stop(), refuse the held calls RELEASE_DELAY_SECONDS later; stop() gives
+# them at least REFUSAL_GRACE seconds to go out
+QUIET_SECONDS, HOLD_LIMIT_SECONDS, RELEASE_DELAY_SECONDS, REFUSAL_GRACE = 0.05, 1.0, 0.2, 1.0
 
 
 class ServerHandle:
@@ -48,6 +56,8 @@ class ServerHandle:
         self.metrics = Metrics(registry)
         self.security = Security(settings)  # raises one of CONFIG_ERRORS on unusable TLS or token files
         self.health = HealthReporter()
+        self.lifecycle = Lifecycle()
+        self.gate = DrainGate(self.lifecycle, self.metrics)
         threads = settings.decode_threads or (os.cpu_count() or 1)
         self._decode_pool = ThreadPoolExecutor(max_workers=threads, thread_name_prefix="decode")
         self._infer_pool = ThreadPoolExecutor(max_workers=4, thread_name_prefix="infer")
@@ -62,8 +72,9 @@ class ServerHandle:
         )
         limit = settings.max_message_bytes
         self.server = grpc.aio.server(
-            interceptors=self.security.interceptors(self.metrics),
-            options=[("grpc.max_receive_message_length", limit), ("grpc.max_send_message_length", limit)],
+            interceptors=[*self.security.interceptors(self.metrics), self.gate],
+            options=[("grpc.max_receive_message_length", limit), ("grpc.max_send_message_length", limit)]
+            + GRPC_OPTIONS,
         )
         self.dataplane = DataPlane(self.repository, self.decoder)
         tlserve_pb2_grpc.add_InferenceServicer_to_server(InferenceServicer(self.dataplane, self.metrics), self.server)
@@ -78,27 +89,35 @@ class ServerHandle:
         pool = reflection_pool(tlserve_pb2.DESCRIPTOR, health_pb2.DESCRIPTOR, reflection_pb2.DESCRIPTOR)
         if settings.reflection:
             reflection.enable_server_reflection([*self.service_names, reflection.SERVICE_NAME], self.server, pool=pool)
-        self.port = self.security.add_port(self.server, f"{settings.host}:{settings.port}")
+        self.port = bind_port(functools.partial(self.security.add_port, self.server), settings.host, settings.port)
         self._health_server: grpc.aio.Server | None = None
         self.health_port = -1
         if settings.health_port >= 0:  # plaintext, health only: kubelet gRPC probes speak no TLS
-            self._health_server = grpc.aio.server()
+            self._health_server = grpc.aio.server(options=GRPC_OPTIONS)
             health_pb2_grpc.add_HealthServicer_to_server(self.health.servicer, self._health_server)
-            self.health_port = self._health_server.add_insecure_port(f"{settings.host}:{settings.health_port}")
+            self.health_port = bind_port(self._health_server.add_insecure_port, settings.host, settings.health_port)
         self._metrics_http = MetricsServer(
             registry, settings.host, settings.metrics_port, ssl_context=self.security.metrics_ssl()
         )
         self.metrics_port = 0
         self._token_watch: asyncio.Task | None = None
         self._poller: asyncio.Task | None = None
-        self._stopped = False
+        self._starting = asyncio.Lock()
+        self._stopping: asyncio.Task | None = None
 
     async def start(self) -> ReloadReport:
         """Load the repository, then open the gRPC and metrics ports; returns the first load's report.
+        When the drain begins during the first load, the ports are never opened.
 
         Raises :class:`GPUUnavailable` when ``require_gpu`` is set and a model fell back to the CPU.
         """
-        report = await self.repository.reload()
+        async with self._starting:
+            report = await self.repository.reload()
+            if self.lifecycle.accepting:
+                await self._open(report)
+            return report
+
+    async def _open(self, report: ReloadReport) -> None:
         try:
             refused = [str(e) for e in report.failed.values() if isinstance(e, GPUUnavailable)]
             if refused:
@@ -114,6 +133,7 @@ class ServerHandle:
             await self._metrics_http.stop()
             await self.repository.close()
             raise
+        self.lifecycle.to(State.SERVING)
         if self.settings.poll_interval > 0:
             self._poller = asyncio.get_running_loop().create_task(self.repository.poll(self.settings.poll_interval))
         if self.security.tokens is not None:
@@ -127,25 +147,43 @@ class ServerHandle:
             self.metrics_port,
             [f"{m.name}/{m.version}" for m in self.repository.list()] or "none",
         )
-        return report
 
     async def stop(self, grace: float | None = None) -> None:
-        """Health NOT_SERVING, stop taking calls and finish in-flight ones, drain models, close."""
-        if self._stopped:
-            return
-        self._stopped = True
+        """Drain, then close: health NOT_SERVING, new calls refused (UNAVAILABLE), open streams ended,
+        in-flight calls finished (up to ``grace`` s); only then the gRPC server stops (it has nothing
+        received-but-unhandled left to cancel, grpc/grpc#41785); models drain; ports close.
+        A second call waits for the first one's end."""
+        if self._stopping is None:
+            self._stopping = asyncio.get_running_loop().create_task(self._stop(grace))
+        await asyncio.shield(self._stopping)
+
+    async def _stop(self, grace: float | None) -> None:
         grace = self.settings.drain_seconds if grace is None else grace
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + grace
         await self.health.shutdown()
+        self.lifecycle.begin_drain()
+        self.repository.stop_loading()
         for task in (self._poller, self._token_watch):
             if task is not None:
                 task.cancel()
-        await self.server.stop(grace)
+        async with self._starting:  # a first load in progress stops after its current version
+            pass
+        if not await self.gate.wait_idle(deadline - loop.time()):
+            log.warning("drain: %d calls still running after %.1fs; they are cancelled", self.gate.active, grace)
+        held = await self.gate.hold_new_calls(QUIET_SECONDS, HOLD_LIMIT_SECONDS)
+        stopping = loop.create_task(self.server.stop(max(deadline - loop.time(), REFUSAL_GRACE)))
+        await asyncio.sleep(RELEASE_DELAY_SECONDS)  # stop() has begun and told the callers (GOAWAY)
+        self.gate.release()
+        log.info("drain: in-flight calls done; %d calls held until stop() began, now refused", held)
+        await stopping
         if self._health_server is not None:
             await self._health_server.stop(0)
         await self.repository.close()
         await self._metrics_http.stop()
         self._decode_pool.shutdown(wait=False)
         self._infer_pool.shutdown(wait=False)
+        self.lifecycle.to(State.STOPPED)
 
 
 def create_server(settings: Settings, registry: CollectorRegistry) -> ServerHandle:
@@ -155,27 +193,60 @@ def create_server(settings: Settings, registry: CollectorRegistry) -> ServerHand
 
 
 async def run(settings: Settings) -> int:
-    """Run until SIGTERM/SIGINT; SIGHUP rescans the repository."""
+    """Run through the lifecycle (server/lifecycle.py) until drained; the exit status (2: refused to start)."""
     try:
         handle = create_server(settings, CollectorRegistry())
-    except CONFIG_ERRORS as exc:  # unusable TLS or token files; the message names the file, never a secret
-        log.error("refusing to start: %s", exc)
-        return 2
-    try:
-        await handle.start()
-    except (GPUUnavailable, OSError) as exc:  # OSError: e.g. the metrics port is taken
+    except (
+        OSError,
+        *CONFIG_ERRORS,
+    ) as exc:  # the gRPC port is taken; unusable TLS or token files (named, never a secret)
         log.error("refusing to start: %s", exc)
         return 2
     loop = asyncio.get_running_loop()
-    stopping = asyncio.Event()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, stopping.set)
-    loop.add_signal_handler(signal.SIGHUP, lambda: loop.create_task(handle.repository.reload()))
-    await stopping.wait()
-    loop.remove_signal_handler(signal.SIGHUP)  # no rescans while draining
-    log.info("shutting down: health NOT_SERVING, draining for up to %.1fs", settings.drain_seconds)
-    await handle.stop()
+    reloads: set[asyncio.Task] = set()
+
+    def on_signal(signum: int) -> None:
+        action = handle.lifecycle.on_signal(signum)
+        if action is Action.RELOAD:
+            task = loop.create_task(reload_logged(handle))
+            reloads.add(task)
+            task.add_done_callback(reloads.discard)
+        elif action is Action.FORCE_EXIT:
+            force_exit(signum)
+
+    install_signal_handlers(loop, on_signal)  # before the first load: SIGHUP never kills
+    log.info("starting: loading the model repository %s", settings.repository)
+    starting = loop.create_task(handle.start())
+    draining = loop.create_task(handle.lifecycle.draining.wait())
+    try:
+        await asyncio.wait({starting, draining}, return_when=asyncio.FIRST_COMPLETED)
+        failure = starting.exception() if starting.done() else None
+        if failure is not None:
+            if isinstance(failure, (GPUUnavailable, OSError)):  # OSError: e.g. the metrics port is taken
+                log.error("refusing to start: %s", failure)
+                return 2
+            raise failure
+        await draining
+        log.info("shutting down: health NOT_SERVING, new calls refused, draining up to %.1fs", settings.drain_seconds)
+        await handle.stop()
+        outcome: object = (await asyncio.gather(starting, return_exceptions=True))[0]
+        if isinstance(outcome, BaseException):
+            log.error("the first load failed during shutdown", exc_info=outcome)
+    finally:
+        draining.cancel()
+    if handle.repository.abandoned_runs:
+        log.error("%d stuck inference runs never returned; exiting without them", handle.repository.abandoned_runs)
+        logging.shutdown()
+        os._exit(0)
+    log.info("stopped")
     return 0
+
+
+async def reload_logged(handle: ServerHandle) -> None:
+    try:
+        await handle.repository.reload()
+    except Exception:
+        log.exception("repository rescan failed")
 
 
 def serve(settings: Settings) -> int:

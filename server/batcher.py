@@ -7,18 +7,21 @@ says callers overlap, the batcher waits for company; a lone caller pays no batch
 (under load, requests also pile up while the previous batch computes). Requests whose deadline
 (``time.monotonic()`` seconds) has passed, or whose caller went away, are dropped before compute.
 A failed batch fails only its own requests. ``stop()`` refuses new work and drains what is queued first.
+A ``monitor`` hears how each batch went; a run that outlasts its ``inference_timeout`` is *stuck*: its
+requests and the queued ones get UNAVAILABLE, and new work is refused until the run returns.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
 from collections import deque
 from collections.abc import Callable
 from concurrent.futures import Executor
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Protocol
 
 import numpy as np
 
@@ -51,6 +54,16 @@ class BatchingOptions:
         )
 
 
+class BatchMonitor(Protocol):
+    """Hears the outcome of every batch (tlserve.server.model_health.ModelHealth)."""
+
+    @property
+    def inference_timeout(self) -> float: ...  # seconds; 0 = wait forever
+    def succeeded(self) -> None: ...
+    def failed(self) -> None: ...
+    def stuck(self, seconds: float) -> None: ...
+
+
 @dataclass
 class _Request:
     batch: np.ndarray
@@ -73,6 +86,8 @@ class Batcher:
         options: BatchingOptions,
         executor: Executor,
         metrics: Metrics,
+        *,
+        monitor: BatchMonitor | None = None,
     ) -> None:
         self.model = model
         self.options = options
@@ -85,21 +100,36 @@ class Batcher:
         self._worker: asyncio.Task | None = None
         self._computing = 0
         self._mean_overlap = 0.0
+        self._monitor = monitor
+        self._stuck = False
 
     def start(self) -> None:
         self._worker = asyncio.get_running_loop().create_task(self._loop(), name=f"batcher-{self.model}")
 
-    async def stop(self) -> None:
-        """Refuse new requests, finish everything already queued, then return."""
+    @property
+    def stopped(self) -> bool:
+        """Whether the worker has finished (after ``stop()``)."""
+        return self._worker is None or self._worker.done()
+
+    async def stop(self) -> bool:
+        """Refuse new requests, finish everything already queued, then return; True when a stuck run
+        was abandoned (its thread still runs)."""
         self._closed = True
         self._wakeup.set()
-        if self._worker is not None:
+        if self._worker is None:
+            return False
+        if self._stuck:  # waiting for it could take forever (a run that gets stuck later stops by itself)
+            self._worker.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
             await self._worker
+        return self._stuck
 
     async def submit(self, batch: np.ndarray, deadline: float | None = None) -> Outputs:
         """Queue ``batch`` (at most ``max_batch_size`` rows) and wait for its outputs."""
         if self._closed:
             raise Unavailable(f"model {self.model!r} is unloading")
+        if self._stuck:
+            raise Unavailable(f"model {self.model!r}: an inference run is stuck; retry later")
         if len(self._queue) >= self.options.max_queue_size:
             self._metrics.queue_rejections.labels(self.model).inc()
             raise ResourceExhausted(
@@ -181,10 +211,14 @@ class Batcher:
         self._metrics.batch_size.labels(self.model).observe(rows)
         started = time.monotonic()
         self._computing = len(batch)
+        run = asyncio.get_running_loop().run_in_executor(self._executor, self._run_parts, [r.batch for r in batch])
         try:
-            outputs = await asyncio.get_running_loop().run_in_executor(
-                self._executor, self._run_parts, [r.batch for r in batch]
-            )
+            timeout = self._monitor.inference_timeout if self._monitor is not None else 0.0
+            done, _ = await asyncio.wait({run}, timeout=timeout if timeout > 0 else None)
+            if not done:
+                await self._stuck_run(run, batch, timeout)
+                return
+            outputs = run.result()
         except Exception as exc:
             log.error("model %r: batch of %d requests (%d rows) failed", self.model, len(batch), rows, exc_info=exc)
             error = (
@@ -192,16 +226,41 @@ class Batcher:
                 if isinstance(exc, ServingError)
                 else ServingError(f"model {self.model!r}: inference failed for this batch")
             )
-            for request in batch:
-                if not request.future.done():
-                    request.future.set_exception(error)
+            self._fail(batch, error)
+            if self._monitor is not None:
+                self._monitor.failed()
             return
         finally:
             self._computing = 0
             self._metrics.inference_duration.labels(self.model).observe(time.monotonic() - started)
+        if self._monitor is not None:
+            self._monitor.succeeded()
         offset = 0
         for request in batch:
             end = offset + request.rows
             if not request.future.done():
                 request.future.set_result({name: value[offset:end] for name, value in outputs.items()})
             offset = end
+
+    def _fail(self, requests: list[_Request], error: Exception) -> None:
+        for request in requests:
+            if not request.future.done():
+                request.future.set_exception(error)
+
+    async def _stuck_run(self, run: asyncio.Future, batch: list[_Request], timeout: float) -> None:
+        """The watchdog: answer the batch and the queue UNAVAILABLE, refuse new work, wait the run out."""
+        self._stuck = True
+        if self._monitor is not None:
+            self._monitor.stuck(timeout)
+        error = Unavailable(f"model {self.model!r}: inference did not finish within {timeout:g}s; retry later")
+        self._fail(batch, error)
+        self._fail(list(self._queue), error)
+        self._queue.clear()
+        self._metrics.queue_depth.labels(self.model).set(0)
+        run.add_done_callback(lambda f: f.cancelled() or f.exception())  # its outcome no longer matters
+        if self._closed:  # stopping: leave the run behind (stop() reports it abandoned)
+            return
+        waited = time.monotonic()
+        await asyncio.wait({run})
+        self._stuck = False
+        log.warning("model %r: the stuck run returned after %.1fs", self.model, timeout + time.monotonic() - waited)

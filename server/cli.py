@@ -58,6 +58,9 @@ def channel_security(args: argparse.Namespace):
 
 
 def run_serve(args: argparse.Namespace) -> int:
+    import signal
+
+    signal.signal(signal.SIGHUP, signal.SIG_IGN)  # while the server's modules import; the lifecycle takes over
     from tlserve.server.app import serve
     from tlserve.server.settings import Settings
 

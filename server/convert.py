@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import grpc
 import numpy as np
 
 from tlserve.server.dataplane import TopK
 from tlserve.server.errors import InvalidArgument
 from tlserve.server.images import ImageInput
+from tlserve.server.loader import public_reason
 from tlserve.server.model import ServedModel
 from tlserve.server.pb.tlserve.v1 import tlserve_pb2 as pb
 from tlserve.server.repository import ReloadReport
@@ -43,8 +45,13 @@ def reload_response(report: ReloadReport) -> pb.ReloadRepositoryResponse:
     return pb.ReloadRepositoryResponse(
         loaded=report.loaded,
         unloaded=report.unloaded,
-        failed={key: f"{type(exc).__name__}: {exc}" for key, exc in report.failed.items()},
+        failed={key: public_reason(exc) for key, exc in report.failed.items()},
     )
+
+
+def stream_error(code: grpc.StatusCode, message: str) -> pb.Status:
+    """A failed stream request's in-band status (google.rpc.Status's fields)."""
+    return pb.Status(code=code.value[0], message=message)
 
 
 def model_info(model: ServedModel) -> pb.ModelInfo:

@@ -9,14 +9,15 @@ from __future__ import annotations
 
 import logging
 from concurrent.futures import Executor
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from tlserve.contract import FP16_FILE, MODEL_FILE
-from tlserve.manifest import Manifest
+from tlserve.manifest import Manifest, ManifestError
 from tlserve.server.batcher import BatchingOptions
 from tlserve.server.metrics import Metrics
 from tlserve.server.model import ServedModel
+from tlserve.server.model_health import HealthOptions
 from tlserve.server.runtime import CUDA, Runtime, RuntimeOptions
 
 log = logging.getLogger(__name__)
@@ -26,6 +27,13 @@ log = logging.getLogger(__name__)
 class LoadOptions:
     runtime: RuntimeOptions
     batching: BatchingOptions
+    health: HealthOptions = field(default_factory=HealthOptions)
+
+
+def public_reason(exc: BaseException) -> str:
+    """Why a version did not load, as callers may see it: our own manifest checks verbatim, anything
+    else (ONNX Runtime's text names files and internals) only by type."""
+    return str(exc) if isinstance(exc, ManifestError) else f"{type(exc).__name__} (see the server log)"
 
 
 def open_runtime(version_dir: Path, options: RuntimeOptions) -> Runtime:
@@ -61,6 +69,6 @@ def load_version(
             name,
             version,
         )
-    model = ServedModel(name, version, runtime, manifest, options.batching, executor, metrics)
+    model = ServedModel(name, version, runtime, manifest, options.batching, executor, metrics, options.health)
     model.warm_up()
     return model

@@ -63,6 +63,18 @@ class Metrics:
             ("model", "version", "provider", "precision"),
             registry=registry,
         )
+        self.inference_stuck = Counter(
+            "tlserve_inference_stuck",
+            "session.run calls that outlasted --inference-timeout-seconds (the model turns NOT_SERVING)",
+            ("model",),
+            registry=registry,
+        )
+        self.model_file_changed = Counter(
+            "tlserve_model_file_changed",
+            "Files of a loaded version that changed on disk, by what was done (reloaded, refused)",
+            ("model", "version", "action"),
+            registry=registry,
+        )
         self.cuda_fallback = Gauge(
             "tlserve_cuda_fallback", "1 when CUDA was asked for and the CPU is in use", ("model",), registry=registry
         )

@@ -2,7 +2,7 @@
 
 Each request holds one *lease* while it works (the data plane takes it, decoding included), so
 unloading a version first refuses new leases, then waits for the in-flight ones to finish, then
-drains the batcher.
+drains the batcher. ``ready`` means started, not unloading, and healthy (see model_health.py).
 """
 
 from __future__ import annotations
@@ -11,7 +11,7 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from concurrent.futures import Executor
 
 import numpy as np
@@ -20,6 +20,7 @@ from tlserve.manifest import Manifest
 from tlserve.server.batcher import Batcher, BatchingOptions, Outputs
 from tlserve.server.errors import DeadlineExceeded, Unavailable
 from tlserve.server.metrics import Metrics
+from tlserve.server.model_health import HealthOptions, ModelHealth
 from tlserve.server.runtime import Runtime
 
 log = logging.getLogger(__name__)
@@ -37,6 +38,7 @@ class ServedModel:
         batching: BatchingOptions,
         executor: Executor,
         metrics: Metrics,
+        health: HealthOptions | None = None,
     ) -> None:
         self.name = name
         self.version = version
@@ -44,11 +46,23 @@ class ServedModel:
         self.runtime = runtime
         self.batching = batching
         self._metrics = metrics
-        self._batcher = Batcher(name, self._run, batching, executor, metrics)
+        self.health = ModelHealth(name, version, health or HealthOptions(), self._probe, metrics)
+        self._batcher = Batcher(name, self._run, batching, executor, metrics, monitor=self.health)
         self._leases = 0
         self._idle = asyncio.Event()
         self._idle.set()
-        self.ready = False
+        self._accepting = False
+        self.abandoned_run = False  # unload gave up on a stuck session.run (its thread still runs)
+
+    @property
+    def ready(self) -> bool:
+        """Started, not unloading, and healthy: new requests are taken."""
+        return self._accepting and self.health.healthy
+
+    @property
+    def unloaded(self) -> bool:
+        """Whether :meth:`unload` has finished (the batcher is stopped)."""
+        return not self._accepting and self._batcher.stopped
 
     # --- what callers read -------------------------------------------------------------
     @property
@@ -82,18 +96,33 @@ class ServedModel:
         return shape[1] if shape and len(shape) == 2 and isinstance(shape[1], int) else 0
 
     # --- lifecycle -----------------------------------------------------------------------
+    def _warm_input(self) -> np.ndarray:
+        size = self.manifest.preprocessing.input_size
+        return np.zeros((1, 3, size, size), dtype=self.input_dtype)
+
     def warm_up(self) -> None:
         """Run the graph once (blocking) so the first request does not pay for lazy init."""
-        size = self.manifest.preprocessing.input_size
-        self._run(np.zeros((1, 3, size, size), dtype=self.input_dtype))
+        self._run(self._warm_input())
 
-    def start(self) -> None:
+    async def _probe(self) -> Outputs:
+        """The warm-up input through the batcher (while unhealthy: its outcome decides the health)."""
+        return await self._batcher.submit(self._warm_input())
+
+    def start(self, on_health_change: Callable[[ServedModel], None] | None = None) -> None:
+        """Start batching and take requests; ``on_health_change(model)`` hears each change of health."""
+        if on_health_change is not None:
+            self.health.on_change = lambda: on_health_change(self)
         self._batcher.start()
-        self.ready = True
+        self._accepting = True
+
+    def stop_accepting(self) -> None:
+        """Refuse new leases from now on (the first step of unloading)."""
+        self._accepting = False
 
     async def unload(self, grace: float) -> None:
         """Stop taking requests, wait (up to ``grace`` s) for in-flight ones, drain the queue."""
-        self.ready = False
+        self._accepting = False
+        self.health.close()
         try:
             await asyncio.wait_for(self._idle.wait(), grace)
         except asyncio.TimeoutError:
@@ -104,13 +133,17 @@ class ServedModel:
                 self._leases,
                 grace,
             )
-        await self._batcher.stop()
+        self.abandoned_run = await self._batcher.stop()
 
     @contextlib.contextmanager
     def lease(self) -> Iterator[ServedModel]:
         """Hold the model for one request. Once unloading has begun, new leases are refused
         (UNAVAILABLE) while the ones already held run to their end."""
         if not self.ready:
+            if self._accepting:
+                raise Unavailable(
+                    f"model {self.name!r} version {self.version} is unhealthy (its inference failed); retry later"
+                )
             raise Unavailable(f"model {self.name!r} version {self.version} is not ready")
         self._leases += 1
         self._idle.clear()

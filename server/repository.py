@@ -1,33 +1,42 @@
 """The model repository: every ``ROOT/<name>/<version>/model.onnx``, loaded per the version policy.
 
-``reload()`` rescans the folder: versions the policy wants are loaded, validated and warmed up
-off the event loop before they take traffic; a version that fails is logged, counted, and
-never displaces a working one (the policy is applied to the loadable versions only); versions
-no longer wanted are unloaded after draining. A failed file is retried once it changes.
+``reload()`` rescans the folder (off the event loop): versions the policy wants are loaded,
+validated and warmed up off the event loop before they take traffic; a version that fails is
+logged, counted, and never displaces a working one (the policy is applied to the loadable versions
+only); versions no longer wanted are unloaded after draining. A failed file is retried once it
+changes; a loaded version whose file changes is reloaded aside and swapped in, or, if the new file
+fails, refused loudly while the old copy serves on. Version folders are plain integers ("0", "12";
+not "01", "1a" or "²"). A rescan runs as the repository's own task, so a cancelled caller never
+leaves a version half unloaded.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Awaitable, Callable
+import re
+from collections.abc import Awaitable, Callable, Coroutine, Iterable
 from concurrent.futures import Executor
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any, TypeVar
 
 from tlserve.contract import FP16_FILE, MODEL_FILE
-from tlserve.manifest import ManifestError
 from tlserve.server.batcher import BatchingOptions
-from tlserve.server.errors import InvalidArgument, NotFound, Unavailable
-from tlserve.server.loader import LoadOptions, load_version
+from tlserve.server.errors import FailedPrecondition, InvalidArgument, NotFound, Unavailable
+from tlserve.server.loader import LoadOptions, load_version, public_reason
 from tlserve.server.metrics import Metrics
 from tlserve.server.model import ServedModel
+from tlserve.server.model_health import HealthOptions
 from tlserve.server.runtime import RuntimeOptions
 from tlserve.server.settings import Settings, VersionPolicy, version_key
 
 log = logging.getLogger(__name__)
+T = TypeVar("T")
 
-Signature = tuple[int, int]
+# (file name, inode, size, mtime_ns) of model.onnx and, when present, the fp16 variant
+Signature = tuple[tuple[str, int, int, int], ...]
+VERSION_NAME = re.compile(r"0|[1-9][0-9]*")  # plain ASCII integers, no leading zeros ("01" would equal "1")
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -44,7 +53,9 @@ class RepositoryOptions:
         return cls(
             root=Path(settings.repository),
             load=LoadOptions(
-                runtime=RuntimeOptions.from_settings(settings), batching=BatchingOptions.from_settings(settings)
+                runtime=RuntimeOptions.from_settings(settings),
+                batching=BatchingOptions.from_settings(settings),
+                health=HealthOptions.from_settings(settings),
             ),
             policy=settings.version_policy,
             drain_seconds=settings.drain_seconds,
@@ -53,26 +64,54 @@ class RepositoryOptions:
 
 @dataclass
 class ReloadReport:
-    loaded: list[str] = field(default_factory=list)
+    loaded: list[str] = field(default_factory=list)  # "name/version", a changed file reloaded included
     unloaded: list[str] = field(default_factory=list)
     failed: dict[str, Exception] = field(default_factory=dict)
 
 
+@dataclass(frozen=True)
+class VersionDir:
+    path: Path
+    signature: Signature
+
+
+@dataclass
+class Scan:
+    """What a scan of the repository folder found (blocking to make: run :func:`scan` in an executor)."""
+
+    exists: bool = False
+    models: dict[str, dict[str, VersionDir]] = field(default_factory=dict)
+    skipped: list[Path] = field(default_factory=list)  # version folders whose names are not plain integers
+
+
+def is_version_name(name: str) -> bool:
+    return VERSION_NAME.fullmatch(name) is not None
+
+
 def file_signature(version_dir: Path) -> Signature:
-    stats = [(version_dir / f).stat() for f in (MODEL_FILE, FP16_FILE) if (version_dir / f).is_file()]
-    return (max(s.st_mtime_ns for s in stats), sum(s.st_size for s in stats))
+    """Identity of the files a version loads from; it changes when one is replaced or rewritten."""
+    files = [(f, version_dir / f) for f in (MODEL_FILE, FP16_FILE)]
+    return tuple((f, s.st_ino, s.st_size, s.st_mtime_ns) for f, s in ((f, p.stat()) for f, p in files if p.is_file()))
 
 
-def scan(root: Path) -> dict[str, dict[str, Path]]:
-    """{name: {version: version_dir}} for every version folder holding a model.onnx."""
-    found: dict[str, dict[str, Path]] = {}
-    if not root.is_dir():
+def scan(root: Path) -> Scan:
+    """Every ``root/<name>/<version>/model.onnx`` with its signature; hidden folders are skipped quietly
+    (a version being written aside), other non-integer version folders are reported in ``skipped``."""
+    found = Scan(exists=root.is_dir())
+    if not found.exists:
         return found
-    for model_file in root.glob(f"*/*/{MODEL_FILE}"):
+    for model_file in sorted(root.glob(f"*/*/{MODEL_FILE}")):
         version_dir = model_file.parent
         if version_dir.name.startswith(".") or version_dir.parent.name.startswith("."):
             continue
-        found.setdefault(version_dir.parent.name, {})[version_dir.name] = version_dir
+        if not is_version_name(version_dir.name):
+            found.skipped.append(version_dir)
+            continue
+        try:
+            signature = file_signature(version_dir)
+        except OSError:  # removed while we looked: the next scan sees what is left
+            continue
+        found.models.setdefault(version_dir.parent.name, {})[version_dir.name] = VersionDir(version_dir, signature)
     return found
 
 
@@ -92,9 +131,15 @@ class ModelRepository:
         self._metrics = metrics
         self._on_change = on_change
         self._models: dict[str, dict[str, ServedModel]] = {}
-        self._failed: dict[tuple[str, str], tuple[Signature, str]] = {}
+        self._signatures: dict[tuple[str, str], Signature] = {}  # of the files each loaded version came from
+        self._failed: dict[tuple[str, str], tuple[Signature, str]] = {}  # never loaded: signature, public reason
+        self._refused: dict[tuple[str, str], Signature] = {}  # changed files that failed; the old copy serves
+        self._warned: set[Path] = set()  # skipped folders already warned about
         self._lock = asyncio.Lock()
+        self._queued: asyncio.Task | None = None  # the rescan that waits for the lock (callers share it)
+        self._background: set[asyncio.Task] = set()
         self._closed = False  # once closed, a late reload (SIGHUP, poll) loads nothing again
+        self.abandoned_runs = 0  # stuck session.run calls left running by unloads
 
     # --- lookup ----------------------------------------------------------------------------
     def names(self) -> list[str]:
@@ -114,8 +159,8 @@ class ModelRepository:
         versions = self._models.get(name)
         if not versions:
             failures = [msg for (n, _), (_, msg) in self._failed.items() if n == name]
-            if failures:
-                raise Unavailable(f"model {name!r} is not loaded: {failures[0]}")
+            if failures:  # permanent until the files change: FAILED_PRECONDITION, not a retry invitation
+                raise FailedPrecondition(f"model {name!r} is not loaded: {failures[0]}")
             raise NotFound(f"model {name!r} not found (serving: {', '.join(sorted(self._models)) or 'nothing'})")
         if version:
             model = versions.get(version)
@@ -145,90 +190,198 @@ class ModelRepository:
 
     # --- lifecycle -------------------------------------------------------------------------
     async def reload(self) -> ReloadReport:
-        """Rescan the folder and converge on what the version policy wants."""
-        async with self._lock:
-            report = ReloadReport()
-            if self._closed:
-                return report
-            if not self.options.root.is_dir():
-                log.warning("model repository %s does not exist (yet): serving nothing", self.options.root)
-            found = scan(self.options.root)
-            for name in sorted(set(found) | set(self._models) | {n for n, _ in self._failed}):
-                await self._reconcile(name, found.get(name, {}), report)
-            await self._notify()
-            if report.loaded or report.unloaded or report.failed:
-                log.info(
-                    "repository %s: loaded %s, unloaded %s, failed %s",
-                    self.options.root,
-                    report.loaded or "-",
-                    report.unloaded or "-",
-                    list(report.failed) or "-",
-                )
-            return report
+        """Rescan the folder and converge on what the version policy wants.
 
-    async def _reconcile(self, name: str, on_disk: dict[str, Path], report: ReloadReport) -> None:
+        The rescan is a task the repository owns: a caller that goes away (a cancelled RPC) does not
+        stop it halfway, so a version being unloaded is always unloaded to the end. Callers that ask
+        while a rescan waits for its turn share that rescan (a SIGHUP storm costs one or two scans).
+        """
+        if self._queued is None:
+            self._queued = self._spawn(self._reload_when_free())
+        return await asyncio.shield(self._queued)
+
+    def stop_loading(self) -> None:
+        """Load nothing more from now on (shutdown: a rescan in progress stops after its current version)."""
+        self._closed = True
+
+    async def _reload_when_free(self) -> ReloadReport:
+        async with self._lock:
+            self._queued = None  # a request from now on needs a scan of its own
+            return await self._reload()
+
+    async def _reload(self) -> ReloadReport:
+        report = ReloadReport()
+        if self._closed:
+            return report
+        found = await asyncio.get_running_loop().run_in_executor(None, scan, self.options.root)
+        if not found.exists:
+            log.warning("model repository %s does not exist (yet): serving nothing", self.options.root)
+        self._warn_skipped(found.skipped)
+        for name in sorted(set(found.models) | set(self._models) | {n for n, _ in self._failed}):
+            if self._closed:
+                break
+            await self._reconcile(name, found.models.get(name, {}), report)
+        await self._notify()
+        if report.loaded or report.unloaded or report.failed:
+            log.info(
+                "repository %s: loaded %s, unloaded %s, failed %s",
+                self.options.root,
+                report.loaded or "-",
+                report.unloaded or "-",
+                list(report.failed) or "-",
+            )
+        return report
+
+    def _warn_skipped(self, skipped: Iterable[Path]) -> None:
+        for folder in skipped:
+            if folder not in self._warned:
+                self._warned.add(folder)
+                log.warning(
+                    "skipping %s: a version folder must be named by a plain integer (0, 1, 2, ... no leading zeros)",
+                    folder,
+                )
+
+    async def _reconcile(self, name: str, on_disk: dict[str, VersionDir], report: ReloadReport) -> None:
         loaded = self._models.setdefault(name, {})
-        for key in list(self._failed):
-            if key[0] == name and key[1] not in on_disk:
-                del self._failed[key]
-        while True:
+        for known in (self._failed, self._refused):
+            for key in [k for k in known if k[0] == name and k[1] not in on_disk]:
+                del known[key]
+        for version in list(loaded):
+            if version in on_disk and self._changed(name, version, on_disk[version].signature):
+                await self._replace(name, version, on_disk[version], report)
+        wanted: list[str] = []
+        while not self._closed:
             candidates = [v for v, d in on_disk.items() if not self._known_bad(name, v, d)]
             wanted = self.options.policy.select(candidates)
             missing = [v for v in wanted if v not in loaded]
             if not missing:
                 break
             await self._load(name, missing[0], on_disk[missing[0]], report)
+        if self._closed:
+            return
         for version in [v for v in loaded if v not in wanted]:
             await self._unload(name, version)
             report.unloaded.append(f"{name}/{version}")
         if not loaded:
             del self._models[name]
 
+    def _changed(self, name: str, version: str, signature: Signature) -> bool:
+        """Whether a loaded version's files differ from those it was loaded from (and were not refused already)."""
+        key = (name, version)
+        if signature == self._signatures.get(key):
+            self._refused.pop(key, None)  # back to the file that is serving
+            return False
+        return self._refused.get(key) != signature
+
+    def _known_bad(self, name: str, version: str, version_dir: VersionDir) -> bool:
+        failure = self._failed.get((name, version))
+        return failure is not None and failure[0] == version_dir.signature
+
+    async def _open(self, name: str, version: str, version_dir: VersionDir) -> ServedModel:
+        loop = asyncio.get_running_loop()
+        return await loop.run_in_executor(
+            None, load_version, name, version, version_dir.path, self.options.load, self._executor, self._metrics
+        )
+
+    async def _load(self, name: str, version: str, version_dir: VersionDir, report: ReloadReport) -> None:
+        try:
+            model = await self._open(name, version, version_dir)
+        except Exception as exc:
+            log.error(
+                "model %s/%s (%s) failed to load and will not serve: %s: %s",
+                name,
+                version,
+                version_dir.path,
+                type(exc).__name__,
+                exc,
+            )
+            self._metrics.model_load_failures.labels(name).inc()
+            self._metrics.model_ready.labels(name, version).set(0)
+            self._failed[(name, version)] = (version_dir.signature, public_reason(exc))
+            report.failed[f"{name}/{version}"] = exc
+            return
+        self._failed.pop((name, version), None)
+        self._serve(model, version_dir.signature)
+        report.loaded.append(f"{name}/{version}")
+        log.info("model %s/%s ready on %s (%s)", name, version, model.provider, model.path)
+
+    async def _replace(self, name: str, version: str, version_dir: VersionDir, report: ReloadReport) -> None:
+        """A loaded version's file changed on disk: load the new one aside, swap it in, drain the old one;
+        if the new file does not load, keep serving the old copy and say so loudly."""
+        try:
+            model = await self._open(name, version, version_dir)
+        except Exception as exc:
+            log.error(
+                "!!! model %s/%s: %s changed on disk and the new file failed to load (%s: %s); "
+                "still serving the copy loaded before !!!",
+                name,
+                version,
+                version_dir.path,
+                type(exc).__name__,
+                exc,
+            )
+            self._metrics.model_file_changed.labels(name, version, "refused").inc()
+            self._refused[(name, version)] = version_dir.signature
+            report.failed[f"{name}/{version}"] = exc
+            return
+        old = self._models[name][version]
+        self._metrics.model_info.remove(name, version, old.provider, old.manifest.precision)
+        self._serve(model, version_dir.signature)
+        self._refused.pop((name, version), None)
+        self._metrics.model_file_changed.labels(name, version, "reloaded").inc()
+        report.loaded.append(f"{name}/{version}")
+        log.warning("model %s/%s: %s changed on disk; the new file is serving", name, version, version_dir.path)
+        await self._drain(old)
+
+    def _serve(self, model: ServedModel, signature: Signature) -> None:
+        name, version = model.name, model.version
+        model.start(self._health_changed)
+        self._models.setdefault(name, {})[version] = model
+        self._signatures[(name, version)] = signature
+        self._metrics.model_ready.labels(name, version).set(1)
+        self._metrics.model_info.labels(name, version, model.provider, model.manifest.precision).set(1)
+        self._metrics.cuda_fallback.labels(name).set(1 if model.runtime.fallback else 0)
+
+    def _serving(self, model: ServedModel) -> bool:
+        """Whether ``model`` is the copy of its version that takes requests (not an old one draining)."""
+        return self._models.get(model.name, {}).get(model.version) is model
+
+    def _health_changed(self, model: ServedModel) -> None:
+        if not self._serving(model):
+            return
+        self._metrics.model_ready.labels(model.name, model.version).set(1 if model.ready else 0)
+        self._spawn(self._notify())
+
+    async def _unload(self, name: str, version: str) -> None:
+        model = self._models[name].pop(version)
+        self._signatures.pop((name, version), None)
+        self._refused.pop((name, version), None)
+        self._metrics.model_ready.labels(name, version).set(0)
+        self._metrics.model_info.remove(name, version, model.provider, model.manifest.precision)
+        await self._notify()
+        await self._drain(model)
+        log.info("model %s/%s unloaded", name, version)
+
+    async def _drain(self, model: ServedModel) -> None:
+        await model.unload(self.options.drain_seconds)
+        if model.abandoned_run:
+            self.abandoned_runs += 1
+
     async def _notify(self) -> None:
         if self._on_change is not None:
             await self._on_change(self)
 
-    def _known_bad(self, name: str, version: str, version_dir: Path) -> bool:
-        failure = self._failed.get((name, version))
-        try:
-            return failure is not None and failure[0] == file_signature(version_dir)
-        except OSError:
-            return True
+    def _spawn(self, coro: Coroutine[Any, Any, T]) -> asyncio.Task[T]:
+        task = asyncio.get_running_loop().create_task(coro)
+        self._background.add(task)
+        task.add_done_callback(self._finished)
+        return task
 
-    async def _load(self, name: str, version: str, version_dir: Path, report: ReloadReport) -> None:
-        loop = asyncio.get_running_loop()
-        signature: Signature = (0, 0)
-        try:
-            signature = file_signature(version_dir)
-            model = await loop.run_in_executor(
-                None, load_version, name, version, version_dir, self.options.load, self._executor, self._metrics
-            )
-        except Exception as exc:
-            message = f"{type(exc).__name__}: {exc}"
-            log.error("model %s/%s (%s) failed to load and will not serve: %s", name, version, version_dir, message)
-            self._metrics.model_load_failures.labels(name).inc()
-            self._metrics.model_ready.labels(name, version).set(0)
-            # callers see our own manifest checks, never runtime internals such as file paths
-            public = str(exc) if isinstance(exc, ManifestError) else f"{type(exc).__name__} (see the server log)"
-            self._failed[(name, version)] = (signature, public)
-            report.failed[f"{name}/{version}"] = exc
-            return
-        self._failed.pop((name, version), None)
-        model.start()
-        self._models.setdefault(name, {})[version] = model
-        self._metrics.model_ready.labels(name, version).set(1)
-        self._metrics.model_info.labels(name, version, model.provider, model.manifest.precision).set(1)
-        self._metrics.cuda_fallback.labels(name).set(1 if model.runtime.fallback else 0)
-        report.loaded.append(f"{name}/{version}")
-        log.info("model %s/%s ready on %s (%s)", name, version, model.provider, model.path)
-
-    async def _unload(self, name: str, version: str) -> None:
-        model = self._models[name].pop(version)
-        self._metrics.model_ready.labels(name, version).set(0)
-        self._metrics.model_info.remove(name, version, model.provider, model.manifest.precision)
-        await self._notify()
-        await model.unload(self.options.drain_seconds)
-        log.info("model %s/%s unloaded", name, version)
+    def _finished(self, task: asyncio.Task) -> None:
+        self._background.discard(task)
+        failure = None if task.cancelled() else task.exception()
+        if failure is not None:
+            log.error("repository task failed", exc_info=failure)
 
     async def poll(self, interval: float) -> None:
         """Rescan every ``interval`` seconds until cancelled."""
@@ -240,11 +393,11 @@ class ModelRepository:
                 log.exception("repository scan failed")
 
     async def close(self) -> None:
-        """Unload everything, draining in-flight requests."""
+        """Unload everything, draining in-flight requests (a rescan in progress finishes its version first)."""
+        self._closed = True
         async with self._lock:
-            self._closed = True
             for model in self.list():
-                model.ready = False
+                model.stop_accepting()
             for model in self.list():
                 await self._unload(model.name, model.version)
             self._models.clear()

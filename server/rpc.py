@@ -26,6 +26,7 @@ class RpcCall:
     def __init__(self) -> None:
         self.model = ""
         self.error: str | None = None
+        self.code = grpc.StatusCode.OK
         self.started = time.monotonic()
 
     def serves(self, model: ServedModel) -> ServedModel:
@@ -64,6 +65,7 @@ async def observe_rpc(
         raise
     except Exception as exc:
         code, call.error = to_status(exc)
+        call.code = code
         record_rpc(metrics, rpc, call, code)
         if not in_band:
             await context.abort(code, call.error)

@@ -4,7 +4,14 @@ from __future__ import annotations
 
 import grpc
 
-from tlserve.server.convert import classifications, embeddings, model_info, reload_response, request_images
+from tlserve.server.convert import (
+    classifications,
+    embeddings,
+    model_info,
+    reload_response,
+    request_images,
+    stream_error,
+)
 from tlserve.server.dataplane import DataPlane
 from tlserve.server.metrics import Metrics
 from tlserve.server.pb.tlserve.v1 import tlserve_pb2 as pb
@@ -28,9 +35,9 @@ class InferenceServicer(tlserve_pb2_grpc.InferenceServicer):
 
     async def ClassifyStream(self, request_iterator, context: grpc.aio.ServicerContext):
         async for request in request_iterator:
-            async with observe_rpc(self._metrics, context, "ClassifyStream") as call:
+            async with observe_rpc(self._metrics, context, "ClassifyStream", in_band=True) as call:
                 response = await self._classify(request, context, call)
-            yield response
+            yield response if call.error is None else pb.ClassifyResponse(error=stream_error(call.code, call.error))
 
     async def Embed(self, request: pb.EmbedRequest, context: grpc.aio.ServicerContext) -> pb.EmbedResponse:
         async with observe_rpc(self._metrics, context, "Embed") as call:

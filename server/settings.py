@@ -113,7 +113,7 @@ class VersionPolicy:
 
 def version_key(version: str) -> tuple[int, int, str]:
     """Sort key: integer versions numerically, and after any non-integer names."""
-    return (1, int(version), "") if version.isdigit() else (0, 0, version)
+    return (1, int(version), "") if version.isascii() and version.isdigit() else (0, 0, version)
 
 
 @dataclass(frozen=True)
@@ -138,6 +138,13 @@ class Settings:
     max_pixels: int = setting(40_000_000, "largest decoded image (width x height), checked before decoding")
     max_images: int = setting(64, "most images per request")
     drain_seconds: float = setting(10.0, "graceful-shutdown grace period after SIGTERM")
+    unhealthy_after_failures: int = setting(
+        5, "consecutive failed batches that turn a model NOT_SERVING until a probe succeeds (0 = never)"
+    )
+    inference_timeout_seconds: float = setting(
+        30.0, "a session.run taking longer is stuck: its requests get UNAVAILABLE, the model NOT_SERVING (0 = off)"
+    )
+    health_probe_seconds: float = setting(5.0, "seconds between warm-up probes of an unhealthy model")
     decode_threads: int = setting(0, "image decoding threads (0 = one per CPU)")
     tls_cert: str = setting(
         "",
@@ -177,6 +184,11 @@ class Settings:
         for name in ("max_batch_size", "max_queue_size", "max_images"):
             if getattr(self, name) < 1:
                 raise ValueError(f"--{name.replace('_', '-')} must be >= 1; got {getattr(self, name)}")
+        for name in ("unhealthy_after_failures", "inference_timeout_seconds", "drain_seconds"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"--{name.replace('_', '-')} must be >= 0; got {getattr(self, name)}")
+        if self.health_probe_seconds <= 0:
+            raise ValueError(f"--health-probe-seconds must be > 0; got {self.health_probe_seconds}")
 
     @property
     def max_queue_delay(self) -> float:

@@ -151,3 +151,57 @@ class Hammer:
     def __exit__(self, *exc) -> None:
         self._stop.set()
         self._thread.join(30)
+
+
+class Callers:
+    """``workers`` threads, each on its own channel to ``address``, classifying ``images`` back to back
+    until stopped (a client retries at once after UNAVAILABLE); every status code is counted."""
+
+    def __init__(self, address: str, images, workers: int = 4) -> None:
+        from collections import Counter
+
+        from tlserve.server.pb.tlserve.v1 import tlserve_pb2 as pb
+
+        self._request = pb.ClassifyRequest(images=images, top_k=1)
+        self._address = address
+        self._stop = threading.Event()
+        self._lock = threading.Lock()
+        self.codes: Counter[str] = Counter()
+        self.details: set[str] = set()
+        self._threads = [threading.Thread(target=self._run, daemon=True) for _ in range(workers)]
+
+    def _run(self) -> None:
+        with grpc.insecure_channel(self._address) as channel:
+            classify = tlserve_pb2_grpc.InferenceStub(channel).Classify
+            while not self._stop.is_set():
+                try:
+                    classify(self._request, timeout=30)
+                    code, detail = "OK", ""
+                except grpc.RpcError as exc:
+                    code, detail = exc.code().name, exc.details() or ""
+                with self._lock:
+                    self.codes[code] += 1
+                    if code != "OK":
+                        self.details.add(f"{code}: {detail}")
+
+    def count(self) -> int:
+        with self._lock:
+            return sum(self.codes.values())
+
+    def wait_for(self, calls: int, timeout: float = 60) -> None:
+        """Wait until ``calls`` more calls have been answered (or ``timeout`` s)."""
+        import time
+
+        target, give_up = self.count() + calls, time.monotonic() + timeout
+        while self.count() < target and time.monotonic() < give_up:
+            time.sleep(0.02)
+
+    def __enter__(self) -> Callers:
+        for thread in self._threads:
+            thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        for thread in self._threads:
+            thread.join(60)

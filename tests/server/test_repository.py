@@ -3,6 +3,7 @@ version policy, polling, and CUDA fallback detection on this CPU-only machine.""
 
 from __future__ import annotations
 
+import logging
 import shutil
 import socket
 import time
@@ -14,6 +15,7 @@ from serving_helpers import MODEL, Hammer, copy_version, photo_bytes, write_with
 
 from tlserve.server.pb.tlserve.v1 import tlserve_pb2 as pb
 from tlserve.server.runtime import GPUUnavailable
+from tlserve.server.settings import version_key
 
 SERVING, NOT_SERVING = health_pb2.HealthCheckResponse.SERVING, health_pb2.HealthCheckResponse.NOT_SERVING
 
@@ -69,7 +71,8 @@ def test_manifest_mismatch_never_reports_serving(exported_version, tmp_path, mak
     assert status(server, f"tlserve.model.{MODEL}") == NOT_SERVING
     with pytest.raises(grpc.RpcError) as err:
         server.stub.Classify(pb.ClassifyRequest(images=[pb.Image(encoded=photo_bytes("coffee.png"))]), timeout=10)
-    assert err.value.code() == grpc.StatusCode.UNAVAILABLE and "11 labels" in err.value.details()
+    # permanent until the file changes: FAILED_PRECONDITION (UNAVAILABLE would invite retries)
+    assert err.value.code() == grpc.StatusCode.FAILED_PRECONDITION and "11 labels" in err.value.details()
     assert server.metric("tlserve_model_load_failures_total", model=MODEL) == 1
 
 
@@ -120,6 +123,8 @@ def test_reload_rpc_reports_what_changed(fresh_repo, exported_version, make_serv
     response = server.stub.ReloadRepository(pb.ReloadRepositoryRequest(), timeout=60)
     assert list(response.loaded) == [f"{MODEL}/2"] and list(response.unloaded) == [f"{MODEL}/1"]
     assert list(response.failed) == ["other/1"]
+    reason = response.failed["other/1"]  # the type only: ONNX Runtime's text names files
+    assert reason.endswith(" (see the server log)") and "/" not in reason and str(fresh_repo) not in reason
     assert status(server, "tlserve.model.other") == NOT_SERVING
     assert status(server, "tlserve.v1.Inference") == SERVING
     # with two names the model must be named
@@ -175,3 +180,88 @@ def test_failed_start_releases_models_and_a_late_reload_loads_nothing(repo_copy,
     assert server.handle.repository.list() == [], "a start that fails must unload what it loaded"
     report = server.reload()  # e.g. a SIGHUP that arrives during shutdown
     assert not report.loaded and server.handle.repository.list() == []
+
+
+@pytest.mark.parametrize("name", ["²", "1a", "01", " 1", "-1"])
+def test_a_version_folder_must_be_a_plain_integer(fresh_repo, exported_version, make_server, caplog, name):
+    copy_version(exported_version, fresh_repo / MODEL / name)
+    copy_version(exported_version, fresh_repo / MODEL / ".2")  # hidden: work in progress, skipped quietly
+    with caplog.at_level(logging.WARNING, logger="tlserve.server.repository"):
+        server = make_server(fresh_repo, version_policy="all")
+        again = server.reload()
+    assert [m.version for m in server.handle.repository.list()] == ["1"]
+    assert not server.report.failed and not again.failed and not again.loaded
+    warnings = [r.getMessage() for r in caplog.records if "must be named by a plain integer" in r.getMessage()]
+    assert len(warnings) == 1 and str(fresh_repo / MODEL / name) in warnings[0]  # once per folder, not per scan
+
+
+def test_version_names_sort_as_integers_only_when_plain_ascii_digits():
+    assert sorted(["10", "9", "²", "b"], key=version_key) == ["b", "²", "9", "10"]
+
+
+class HeldLease:
+    """A lease on a model, held from the server's loop as a request would hold it."""
+
+    def __init__(self, server, model) -> None:
+        self._server, self._lease = server, model.lease()
+
+    async def _enter(self):
+        self._lease.__enter__()
+
+    async def _exit(self):
+        self._lease.__exit__(None, None, None)
+
+    def __enter__(self):
+        self._server.call(self._enter())
+        return self
+
+    def __exit__(self, *exc):
+        self._server.call(self._exit())
+
+
+def test_a_cancelled_reload_still_unloads_the_old_version_to_the_end(fresh_repo, exported_version, make_server):
+    server = make_server(fresh_repo, drain_seconds=120)
+    old = server.handle.repository.get(MODEL)
+    copy_version(exported_version, fresh_repo / MODEL / "2")
+    with HeldLease(server, old):  # a request in flight on version 1: its drain waits for it
+        call = server.stub.ReloadRepository.future(pb.ReloadRepositoryRequest(), timeout=120)
+        while server.metric("tlserve_model_ready", model=MODEL, version="1") != 0:
+            time.sleep(0.01)  # the reload is draining version 1
+        call.cancel()  # the caller goes away mid-reload
+        while not server.metric("tlserve_requests_total", rpc="ReloadRepository", model="", code="CANCELLED"):
+            time.sleep(0.01)  # the server saw the RPC cancelled
+        assert not old.unloaded
+    assert server.reload() is not None  # queued behind the first: returns once that one has finished
+    assert old.unloaded, "the old version's batcher must be stopped even though its caller left"
+    assert [m.version for m in server.handle.repository.list()] == ["2"]
+    assert server.metric("tlserve_model_ready", model=MODEL, version="1") == 0
+    assert served_version(server) == "2"
+
+
+def test_a_changed_file_under_a_loaded_version_is_reloaded_or_refused_loudly(
+    fresh_repo, exported_version, make_server, caplog
+):
+    server = make_server(fresh_repo)
+    served = fresh_repo / MODEL / "1" / "model.onnx"
+    before = server.stub.GetModelInfo(pb.GetModelInfoRequest(), timeout=10)
+    images = [pb.Image(encoded=photo_bytes("coffee.png"))]
+    renamed = [f"{label}-v2" for label in before.labels]
+    with Hammer(server, images) as hammer:
+        write_with_manifest(exported_version / "model.onnx", served, labels=renamed)  # in place, still valid
+        report = server.reload()
+        assert report.loaded == [f"{MODEL}/1"] and not report.unloaded and not report.failed
+        assert list(server.stub.GetModelInfo(pb.GetModelInfoRequest(), timeout=10).labels) == renamed
+        served.write_bytes(b"\x08\x07 garbage written over a served model")
+        with caplog.at_level(logging.ERROR, logger="tlserve.server.repository"):
+            report = server.reload()
+        assert list(report.failed) == [f"{MODEL}/1"] and not report.loaded
+        assert any("changed on disk and the new file failed to load" in r.getMessage() for r in caplog.records)
+        assert server.reload().failed == {}  # refused once, not again until it changes again
+        while len(hammer.codes) < 5:
+            time.sleep(0.05)
+    assert set(hammer.codes) == {"OK"}, hammer.codes
+    assert list(server.stub.GetModelInfo(pb.GetModelInfoRequest(), timeout=10).labels) == renamed  # still serving
+    assert server.metric("tlserve_model_file_changed_total", model=MODEL, version="1", action="reloaded") == 1
+    assert server.metric("tlserve_model_file_changed_total", model=MODEL, version="1", action="refused") == 1
+    assert server.metric("tlserve_model_ready", model=MODEL, version="1") == 1
+    assert status(server, f"tlserve.model.{MODEL}") == SERVING

@@ -134,6 +134,21 @@ def test_classify_stream_answers_each_request_in_order(live):
     assert [r.results[0].predictions[0].index for r in responses] == singles
 
 
+def test_classify_stream_answers_a_bad_message_in_band_and_goes_on(live):
+    good = pb.ClassifyRequest(images=encoded("coffee.png"), top_k=1)
+    bad = pb.ClassifyRequest(images=[pb.Image(encoded=b"definitely not an image")], top_k=1)
+    unknown = pb.ClassifyRequest(model=pb.ModelRef(name="nope"), images=encoded("coffee.png"))
+    call = live.stub.ClassifyStream(iter([good, bad, unknown, good]), timeout=30)
+    responses = list(call)
+    assert call.code() == grpc.StatusCode.OK and len(responses) == 4
+    assert [bool(r.results) for r in responses] == [True, False, False, True]
+    assert [r.HasField("error") for r in responses] == [False, True, True, False]
+    assert responses[1].error.code == grpc.StatusCode.INVALID_ARGUMENT.value[0]
+    assert responses[1].error.message.startswith("image 0:") and "not a decodable" in responses[1].error.message
+    assert responses[2].error.code == grpc.StatusCode.NOT_FOUND.value[0] and "'nope'" in responses[2].error.message
+    assert live.metric("tlserve_requests_total", rpc="ClassifyStream", model="", code="NOT_FOUND") >= 1
+
+
 def test_metrics_recorded_and_served_over_http(live):
     import urllib.request
 

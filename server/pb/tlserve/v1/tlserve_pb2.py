@@ -24,7 +24,7 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n*tlserve/server/pb/tlserve/v1/tlserve.proto\x12\ntlserve.v1\"%\n\x06Tensor\x12\r\n\x05shape\x18\x01 \x03(\x03\x12\x0c\n\x04\x64\x61ta\x18\x02 \x01(\x0c\"J\n\x05Image\x12\x11\n\x07\x65ncoded\x18\x01 \x01(\x0cH\x00\x12$\n\x06tensor\x18\x02 \x01(\x0b\x32\x12.tlserve.v1.TensorH\x00\x42\x08\n\x06source\")\n\x08ModelRef\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\t\"h\n\x0f\x43lassifyRequest\x12#\n\x05model\x18\x01 \x01(\x0b\x32\x14.tlserve.v1.ModelRef\x12!\n\x06images\x18\x02 \x03(\x0b\x32\x11.tlserve.v1.Image\x12\r\n\x05top_k\x18\x03 \x01(\r\"9\n\nPrediction\x12\r\n\x05index\x18\x01 \x01(\r\x12\r\n\x05label\x18\x02 \x01(\t\x12\r\n\x05score\x18\x03 \x01(\x02\"=\n\x0e\x43lassification\x12+\n\x0bpredictions\x18\x01 \x03(\x0b\x32\x16.tlserve.v1.Prediction\"_\n\x10\x43lassifyResponse\x12\r\n\x05model\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\t\x12+\n\x07results\x18\x03 \x03(\x0b\x32\x1a.tlserve.v1.Classification\"V\n\x0c\x45mbedRequest\x12#\n\x05model\x18\x01 \x01(\x0b\x32\x14.tlserve.v1.ModelRef\x12!\n\x06images\x18\x02 \x03(\x0b\x32\x11.tlserve.v1.Image\"\x1b\n\tEmbedding\x12\x0e\n\x06values\x18\x01 \x03(\x02\"Z\n\rEmbedResponse\x12\r\n\x05model\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\t\x12)\n\nembeddings\x18\x03 \x03(\x0b\x32\x15.tlserve.v1.Embedding\":\n\x13GetModelInfoRequest\x12#\n\x05model\x18\x01 \x01(\x0b\x32\x14.tlserve.v1.ModelRef\"\xbd\x02\n\tModelInfo\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\t\x12\x14\n\x0c\x61rchitecture\x18\x03 \x01(\t\x12\x0e\n\x06labels\x18\x04 \x03(\t\x12\x12\n\ninput_size\x18\x05 \x01(\r\x12\x13\n\x0bresize_size\x18\x06 \x01(\r\x12\x15\n\rinterpolation\x18\x07 \x01(\t\x12\x0c\n\x04mean\x18\x08 \x03(\x02\x12\x0b\n\x03std\x18\t \x03(\x02\x12\x13\n\x0binput_dtype\x18\n \x01(\t\x12\x11\n\tprecision\x18\x0b \x01(\t\x12\x10\n\x08provider\x18\x0c \x01(\t\x12\x18\n\x10requested_device\x18\r \x01(\t\x12\r\n\x05ready\x18\x0e \x01(\x08\x12\x16\n\x0e\x65mbedding_size\x18\x0f \x01(\r\x12\x15\n\rmanifest_json\x18\x10 \x01(\t\"\x13\n\x11ListModelsRequest\";\n\x12ListModelsResponse\x12%\n\x06models\x18\x01 \x03(\x0b\x32\x15.tlserve.v1.ModelInfo\"\x19\n\x17ReloadRepositoryRequest\"\xad\x01\n\x18ReloadRepositoryResponse\x12\x0e\n\x06loaded\x18\x01 \x03(\t\x12\x10\n\x08unloaded\x18\x02 \x03(\t\x12@\n\x06\x66\x61iled\x18\x03 \x03(\x0b\x32\x30.tlserve.v1.ReloadRepositoryResponse.FailedEntry\x1a-\n\x0b\x46\x61iledEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\x32\xd5\x03\n\tInference\x12\x45\n\x08\x43lassify\x12\x1b.tlserve.v1.ClassifyRequest\x1a\x1c.tlserve.v1.ClassifyResponse\x12O\n\x0e\x43lassifyStream\x12\x1b.tlserve.v1.ClassifyRequest\x1a\x1c.tlserve.v1.ClassifyResponse(\x01\x30\x01\x12<\n\x05\x45mbed\x12\x18.tlserve.v1.EmbedRequest\x1a\x19.tlserve.v1.EmbedResponse\x12\x46\n\x0cGetModelInfo\x12\x1f.tlserve.v1.GetModelInfoRequest\x1a\x15.tlserve.v1.ModelInfo\x12K\n\nListModels\x12\x1d.tlserve.v1.ListModelsRequest\x1a\x1e.tlserve.v1.ListModelsResponse\x12]\n\x10ReloadRepository\x12#.tlserve.v1.ReloadRepositoryRequest\x1a$.tlserve.v1.ReloadRepositoryResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n*tlserve/server/pb/tlserve/v1/tlserve.proto\x12\ntlserve.v1\"%\n\x06Tensor\x12\r\n\x05shape\x18\x01 \x03(\x03\x12\x0c\n\x04\x64\x61ta\x18\x02 \x01(\x0c\"J\n\x05Image\x12\x11\n\x07\x65ncoded\x18\x01 \x01(\x0cH\x00\x12$\n\x06tensor\x18\x02 \x01(\x0b\x32\x12.tlserve.v1.TensorH\x00\x42\x08\n\x06source\")\n\x08ModelRef\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\t\"h\n\x0f\x43lassifyRequest\x12#\n\x05model\x18\x01 \x01(\x0b\x32\x14.tlserve.v1.ModelRef\x12!\n\x06images\x18\x02 \x03(\x0b\x32\x11.tlserve.v1.Image\x12\r\n\x05top_k\x18\x03 \x01(\r\"9\n\nPrediction\x12\r\n\x05index\x18\x01 \x01(\r\x12\r\n\x05label\x18\x02 \x01(\t\x12\r\n\x05score\x18\x03 \x01(\x02\"=\n\x0e\x43lassification\x12+\n\x0bpredictions\x18\x01 \x03(\x0b\x32\x16.tlserve.v1.Prediction\"\x82\x01\n\x10\x43lassifyResponse\x12\r\n\x05model\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\t\x12+\n\x07results\x18\x03 \x03(\x0b\x32\x1a.tlserve.v1.Classification\x12!\n\x05\x65rror\x18\x04 \x01(\x0b\x32\x12.tlserve.v1.Status\"\'\n\x06Status\x12\x0c\n\x04\x63ode\x18\x01 \x01(\x05\x12\x0f\n\x07message\x18\x02 \x01(\t\"V\n\x0c\x45mbedRequest\x12#\n\x05model\x18\x01 \x01(\x0b\x32\x14.tlserve.v1.ModelRef\x12!\n\x06images\x18\x02 \x03(\x0b\x32\x11.tlserve.v1.Image\"\x1b\n\tEmbedding\x12\x0e\n\x06values\x18\x01 \x03(\x02\"Z\n\rEmbedResponse\x12\r\n\x05model\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\t\x12)\n\nembeddings\x18\x03 \x03(\x0b\x32\x15.tlserve.v1.Embedding\":\n\x13GetModelInfoRequest\x12#\n\x05model\x18\x01 \x01(\x0b\x32\x14.tlserve.v1.ModelRef\"\xbd\x02\n\tModelInfo\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\t\x12\x14\n\x0c\x61rchitecture\x18\x03 \x01(\t\x12\x0e\n\x06labels\x18\x04 \x03(\t\x12\x12\n\ninput_size\x18\x05 \x01(\r\x12\x13\n\x0bresize_size\x18\x06 \x01(\r\x12\x15\n\rinterpolation\x18\x07 \x01(\t\x12\x0c\n\x04mean\x18\x08 \x03(\x02\x12\x0b\n\x03std\x18\t \x03(\x02\x12\x13\n\x0binput_dtype\x18\n \x01(\t\x12\x11\n\tprecision\x18\x0b \x01(\t\x12\x10\n\x08provider\x18\x0c \x01(\t\x12\x18\n\x10requested_device\x18\r \x01(\t\x12\r\n\x05ready\x18\x0e \x01(\x08\x12\x16\n\x0e\x65mbedding_size\x18\x0f \x01(\r\x12\x15\n\rmanifest_json\x18\x10 \x01(\t\"\x13\n\x11ListModelsRequest\";\n\x12ListModelsResponse\x12%\n\x06models\x18\x01 \x03(\x0b\x32\x15.tlserve.v1.ModelInfo\"\x19\n\x17ReloadRepositoryRequest\"\xad\x01\n\x18ReloadRepositoryResponse\x12\x0e\n\x06loaded\x18\x01 \x03(\t\x12\x10\n\x08unloaded\x18\x02 \x03(\t\x12@\n\x06\x66\x61iled\x18\x03 \x03(\x0b\x32\x30.tlserve.v1.ReloadRepositoryResponse.FailedEntry\x1a-\n\x0b\x46\x61iledEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\x32\xd5\x03\n\tInference\x12\x45\n\x08\x43lassify\x12\x1b.tlserve.v1.ClassifyRequest\x1a\x1c.tlserve.v1.ClassifyResponse\x12O\n\x0e\x43lassifyStream\x12\x1b.tlserve.v1.ClassifyRequest\x1a\x1c.tlserve.v1.ClassifyResponse(\x01\x30\x01\x12<\n\x05\x45mbed\x12\x18.tlserve.v1.EmbedRequest\x1a\x19.tlserve.v1.EmbedResponse\x12\x46\n\x0cGetModelInfo\x12\x1f.tlserve.v1.GetModelInfoRequest\x1a\x15.tlserve.v1.ModelInfo\x12K\n\nListModels\x12\x1d.tlserve.v1.ListModelsRequest\x1a\x1e.tlserve.v1.ListModelsResponse\x12]\n\x10ReloadRepository\x12#.tlserve.v1.ReloadRepositoryRequest\x1a$.tlserve.v1.ReloadRepositoryResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -45,28 +45,30 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_PREDICTION']._serialized_end=379
   _globals['_CLASSIFICATION']._serialized_start=381
   _globals['_CLASSIFICATION']._serialized_end=442
-  _globals['_CLASSIFYRESPONSE']._serialized_start=444
-  _globals['_CLASSIFYRESPONSE']._serialized_end=539
-  _globals['_EMBEDREQUEST']._serialized_start=541
-  _globals['_EMBEDREQUEST']._serialized_end=627
-  _globals['_EMBEDDING']._serialized_start=629
-  _globals['_EMBEDDING']._serialized_end=656
-  _globals['_EMBEDRESPONSE']._serialized_start=658
-  _globals['_EMBEDRESPONSE']._serialized_end=748
-  _globals['_GETMODELINFOREQUEST']._serialized_start=750
-  _globals['_GETMODELINFOREQUEST']._serialized_end=808
-  _globals['_MODELINFO']._serialized_start=811
-  _globals['_MODELINFO']._serialized_end=1128
-  _globals['_LISTMODELSREQUEST']._serialized_start=1130
-  _globals['_LISTMODELSREQUEST']._serialized_end=1149
-  _globals['_LISTMODELSRESPONSE']._serialized_start=1151
-  _globals['_LISTMODELSRESPONSE']._serialized_end=1210
-  _globals['_RELOADREPOSITORYREQUEST']._serialized_start=1212
-  _globals['_RELOADREPOSITORYREQUEST']._serialized_end=1237
-  _globals['_RELOADREPOSITORYRESPONSE']._serialized_start=1240
-  _globals['_RELOADREPOSITORYRESPONSE']._serialized_end=1413
-  _globals['_RELOADREPOSITORYRESPONSE_FAILEDENTRY']._serialized_start=1368
-  _globals['_RELOADREPOSITORYRESPONSE_FAILEDENTRY']._serialized_end=1413
-  _globals['_INFERENCE']._serialized_start=1416
-  _globals['_INFERENCE']._serialized_end=1885
+  _globals['_CLASSIFYRESPONSE']._serialized_start=445
+  _globals['_CLASSIFYRESPONSE']._serialized_end=575
+  _globals['_STATUS']._serialized_start=577
+  _globals['_STATUS']._serialized_end=616
+  _globals['_EMBEDREQUEST']._serialized_start=618
+  _globals['_EMBEDREQUEST']._serialized_end=704
+  _globals['_EMBEDDING']._serialized_start=706
+  _globals['_EMBEDDING']._serialized_end=733
+  _globals['_EMBEDRESPONSE']._serialized_start=735
+  _globals['_EMBEDRESPONSE']._serialized_end=825
+  _globals['_GETMODELINFOREQUEST']._serialized_start=827
+  _globals['_GETMODELINFOREQUEST']._serialized_end=885
+  _globals['_MODELINFO']._serialized_start=888
+  _globals['_MODELINFO']._serialized_end=1205
+  _globals['_LISTMODELSREQUEST']._serialized_start=1207
+  _globals['_LISTMODELSREQUEST']._serialized_end=1226
+  _globals['_LISTMODELSRESPONSE']._serialized_start=1228
+  _globals['_LISTMODELSRESPONSE']._serialized_end=1287
+  _globals['_RELOADREPOSITORYREQUEST']._serialized_start=1289
+  _globals['_RELOADREPOSITORYREQUEST']._serialized_end=1314
+  _globals['_RELOADREPOSITORYRESPONSE']._serialized_start=1317
+  _globals['_RELOADREPOSITORYRESPONSE']._serialized_end=1490
+  _globals['_RELOADREPOSITORYRESPONSE_FAILEDENTRY']._serialized_start=1445
+  _globals['_RELOADREPOSITORYRESPONSE_FAILEDENTRY']._serialized_end=1490
+  _globals['_INFERENCE']._serialized_start=1493
+  _globals['_INFERENCE']._serialized_end=1962
 # @@protoc_insertion_point(module_scope)

@@ -77,7 +77,10 @@ class InferenceServicer:
         raise NotImplementedError('Method not implemented!')
 
     def ClassifyStream(self, request_iterator, context):
-        """Bidirectional stream: one response per request, in order.
+        """Bidirectional stream: one response per request, in order. A request that fails is answered
+        in-band (ClassifyResponse.error set, no results) and the stream goes on. When the server
+        drains, it answers the request in progress and ends the stream with OK; requests sent after
+        that are not read: send them again elsewhere.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
