@@ -2,9 +2,11 @@
 
 Unlike ``prometheus_client.start_http_server`` (a thread per connection, held for as long as the
 peer keeps it open), connections here cost no thread: each must send its request head within
-``read_timeout`` seconds (TLS handshake included) or is closed, at most ``max_connections`` are
-open at once (more are closed on accept), and the exposition text is rendered on one worker thread.
-So a slowloris peer can neither grow the thread count nor starve a scrape. One request per
+``read_timeout`` seconds (TLS handshake included) or is closed, and at most ``max_connections`` are
+open at once: a new connection past the cap evicts the oldest one still waiting for its request head
+(so idle peers cannot lock a scrape out), or is closed when every open one is being answered. The
+exposition text is rendered on one worker thread. So a slowloris peer can neither grow the thread
+count nor memory, nor starve a scrape. One request per
 connection (``Connection: close``), as Prometheus scrapes. HTTPS when given an ``ssl.SSLContext``.
 """
 
@@ -22,7 +24,7 @@ from prometheus_client.exposition import choose_encoder
 log = logging.getLogger(__name__)
 
 READ_TIMEOUT = 5.0
-MAX_CONNECTIONS = 64
+MAX_CONNECTIONS = 256
 MAX_HEAD_BYTES = 16 * 1024
 PATHS = ("/metrics", "/")
 
@@ -46,6 +48,7 @@ class MetricsServer:
         self._read_timeout = read_timeout
         self._max_connections = max_connections
         self._open: set[asyncio.StreamWriter] = set()
+        self._waiting: dict[asyncio.StreamWriter, None] = {}  # still reading their head, oldest first
         self._render = ThreadPoolExecutor(max_workers=1, thread_name_prefix="metrics")
         self._server: asyncio.Server | None = None
 
@@ -74,11 +77,17 @@ class MetricsServer:
 
     async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         if len(self._open) >= self._max_connections:
-            writer.transport.abort()
-            return
+            if not self._waiting:
+                writer.transport.abort()
+                return
+            oldest = next(iter(self._waiting))
+            self._waiting.pop(oldest)
+            oldest.transport.abort()
         self._open.add(writer)
+        self._waiting[writer] = None
         try:
             head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), self._read_timeout)
+            self._waiting.pop(writer, None)
             status, headers, body = await self._answer(head)
             writer.write(_response(status, headers, body))
             await asyncio.wait_for(writer.drain(), self._read_timeout)
@@ -87,6 +96,7 @@ class MetricsServer:
         except ssl.SSLError as exc:
             log.debug("metrics TLS error: %s", exc)
         finally:
+            self._waiting.pop(writer, None)
             self._open.discard(writer)
             writer.close()
 
