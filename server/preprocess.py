@@ -16,7 +16,7 @@ import numpy as np
 from PIL import Image, UnidentifiedImageError
 
 from tlserve.manifest import Preprocessing
-from tlserve.server.errors import InvalidArgument
+from tlserve.server.errors import InvalidArgument, shape_text
 
 RESAMPLE = {
     "nearest": Image.Resampling.NEAREST,
@@ -109,7 +109,7 @@ def from_tensor(shape: list[int], data: bytes, pre: Preprocessing, index: int = 
     """A raw uint8 CHW tensor, checked against the model's input size."""
     want = [3, pre.input_size, pre.input_size]
     if list(shape) != want:
-        raise InvalidArgument(f"image {index}: tensor shape {list(shape)} must be {want} (uint8 CHW)")
+        raise InvalidArgument(f"image {index}: tensor shape {shape_text(shape)} must be {want} (uint8 CHW)")
     if len(data) != 3 * pre.input_size * pre.input_size:
         raise InvalidArgument(
             f"image {index}: tensor has {len(data)} bytes, shape {want} needs {3 * pre.input_size * pre.input_size}"

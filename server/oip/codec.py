@@ -13,7 +13,7 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from tlserve.server.errors import InvalidArgument
+from tlserve.server.errors import InvalidArgument, count_text, shape_text
 from tlserve.server.pb.inference import messages_pb2 as pb
 
 DTYPES: dict[str, np.dtype] = {
@@ -60,7 +60,7 @@ def datatype_of(dtype: np.dtype | str) -> str:
 
 def element_count(name: str, shape: Sequence[int]) -> int:
     if any(d < 0 for d in shape):
-        raise InvalidArgument(f"input {name!r}: shape {list(shape)} has a negative dimension")
+        raise InvalidArgument(f"input {name!r}: shape {shape_text(shape)} has a negative dimension")
     return math.prod(int(d) for d in shape)  # Python ints: a huge shape cannot overflow to a small count
 
 
@@ -70,7 +70,8 @@ def decode_raw(name: str, datatype: str, shape: Sequence[int], raw: bytes) -> np
     expected = element_count(name, shape) * dtype.itemsize
     if len(raw) != expected:
         raise InvalidArgument(
-            f"input {name!r}: {len(raw)} raw bytes, but {datatype} shape {list(shape)} needs {expected}"
+            f"input {name!r}: {len(raw)} raw bytes, but {datatype} shape {shape_text(shape)} "
+            f"needs {count_text(expected)}"
         )
     return np.frombuffer(raw, dtype=dtype).reshape(shape)
 
@@ -84,7 +85,9 @@ def decode_typed(name: str, datatype: str, shape: Sequence[int], contents: pb.In
     values = getattr(contents, field)
     count = element_count(name, shape)
     if len(values) != count:
-        raise InvalidArgument(f"input {name!r}: {len(values)} values in {field}, but shape {list(shape)} needs {count}")
+        raise InvalidArgument(
+            f"input {name!r}: {len(values)} values in {field}, but shape {shape_text(shape)} needs {count_text(count)}"
+        )
     wide = np.asarray(values, dtype=np.float64 if dtype.kind == "f" else None)
     if dtype.kind in "iu" and wide.size:
         info = np.iinfo(dtype)
