@@ -91,8 +91,9 @@ class Run:
 
         try:
             seeded(falsify, seed)()
-        except AssertionError as exc:
-            print(f"  shrunk: {str(exc).splitlines()[0]}\n", flush=True)
+        except AssertionError as exc:  # hypothesis attaches the falsifying example as a note
+            notes = "\n".join(getattr(exc, "__notes__", []))
+            print(f"  {str(exc).splitlines()[0]}\n  {notes[:2000]}\n", flush=True)
 
 
 SETTINGS = dict(

@@ -25,6 +25,7 @@ import grpc
 import numpy as np
 from google.protobuf.message import Message
 from grpc_health.v1 import health_pb2, health_pb2_grpc
+from hypothesis import assume as hypothesis_assume
 from hypothesis import strategies as st
 from PIL import Image
 
@@ -206,16 +207,20 @@ class Reach:
     long_strings: bool = False  # caller strings past MAX_ECHO (to 1 MiB), long runs of escaped characters
     max_rank: int = 64  # OIP / tensor shapes up to this rank (numpy's limit)
     huge_zero_shapes: bool = False  # > 64 dims, or a 0 with other dims past numpy's size type
+    only_those: bool = False  # every caller string long, every free shape past numpy's limits
 
     def strings(self, max_size: int = 12) -> st.SearchStrategy[str]:
         short = st.text(ANY_CHAR, max_size=max_size)  # anything: repr() makes at most 10 chars of one
+        if self.only_those:
+            return long_text([101, 4096, 65536, 1 << 20])
         if self.long_strings:
             return st.one_of(short, long_text([40, MAX_ECHO], ANY_CHAR), long_text([101, 4096, 65536, 1 << 20]))
         return st.one_of(short, long_text([40, MAX_ECHO - 1, MAX_ECHO], PLAIN_CHAR))
 
 
 MAIN = Reach()
-WIDE = Reach(long_strings=True, max_rank=70, huge_zero_shapes=True)
+WIDE = Reach(long_strings=True, max_rank=70, huge_zero_shapes=True)  # everything
+PENDING = Reach(long_strings=True, max_rank=70, huge_zero_shapes=True, only_those=True)  # what the main fuzz leaves out
 
 
 def metadata_headers() -> st.SearchStrategy[tuple[tuple[str, str | bytes], ...]]:
@@ -268,29 +273,51 @@ def dims(target: Target) -> st.SearchStrategy[int]:
     )
 
 
-def shapes(target: Target, reach: Reach, valid: Sequence[int]) -> st.SearchStrategy[list[int]]:
-    """A shape near ``valid`` (one dim changed, one added or dropped) or any shape up to the reach's rank."""
+SHAPE_KINDS = (
+    "changed",
+    "changed",
+    "changed",
+    "added",
+    "dropped",
+    "prepended",
+    "short",
+    "long",
+    "repeated",
+    "repeated",
+)
+
+
+@st.composite
+def shapes(draw, target: Target, reach: Reach, valid: Sequence[int]) -> list[int]:
+    """A shape near ``valid`` (one dim changed, added or dropped) or any shape up to the reach's rank;
+    with ``reach.huge_zero_shapes``, also those past numpy's limits."""
     valid = list(valid)
-
-    def changed(i: int, d: int) -> list[int]:
-        return [d if j == i else v for j, v in enumerate(valid)]
-
-    near = st.one_of(
-        st.builds(changed, st.integers(0, len(valid) - 1), dims(target)),
-        st.builds(lambda d: valid + [d], dims(target)),
-        st.just(valid[1:]),
-        st.just([1] + valid),
+    kinds = (
+        ("numpy_limits",) if reach.only_those else SHAPE_KINDS + (("numpy_limits",) if reach.huge_zero_shapes else ())
     )
-    anything = st.one_of(
-        st.lists(dims(target), max_size=min(reach.max_rank, 6)),
-        st.lists(dims(target), min_size=7, max_size=reach.max_rank),
-        st.builds(lambda d, n: [d] * n, dims(target), st.integers(0, reach.max_rank)),
-    )
-    out = st.one_of(near, anything)
-    if reach.huge_zero_shapes:
-        return st.one_of(out, st.sampled_from([[0, 2**62, 2**62], [1] * 70, [0] * 65, [2**62] * 1000]))
+    kind = draw(st.sampled_from(kinds))
+    dim = dims(target)
+    if kind == "changed":
+        at = draw(st.integers(0, len(valid) - 1))
+        shape = valid[:at] + [draw(dim)] + valid[at + 1 :]
+    elif kind == "added":
+        shape = valid + [draw(dim)]
+    elif kind == "dropped":
+        shape = valid[1:]
+    elif kind == "prepended":
+        shape = [1] + valid
+    elif kind == "short":
+        shape = draw(st.lists(dim, max_size=min(reach.max_rank, 6)))
+    elif kind == "long":
+        shape = draw(st.lists(dim, min_size=7, max_size=reach.max_rank))
+    elif kind == "repeated":
+        rank = draw(st.sampled_from(sorted({0, 7, 16, 33, 64, reach.max_rank})))
+        shape = [draw(st.sampled_from([2**62, 2**63 - 1, -(2**63), 0, 1, 3, target.input_size]))] * rank
+    else:
+        return draw(st.sampled_from([[0, 2**62, 2**62], [1] * 70, [0] * 65, [2**62] * 1000]))
     # numpy holds at most 64 dims, and no zero-size array whose other dims overflow its byte count
-    return out.filter(lambda s: len(s) <= 64 and not (0 in s and _overflows(s)))
+    hypothesis_assume(reach.huge_zero_shapes or (len(shape) <= 64 and not (0 in shape and _overflows(shape))))
+    return shape
 
 
 def _overflows(shape: Sequence[int]) -> bool:
@@ -523,19 +550,9 @@ TYPED_FIELDS = (
     "fp64_contents",
     "bytes_contents",
 )
-INFER_MUTATIONS = (
-    "model",
-    "datatype",
-    "shape",
-    "batch",
-    "raw_length",
-    "typed",
-    "both",
-    "raw_count",
-    "input_name",
-    "inputs",
-    "outputs",
-    "parameters",
+INFER_MUTATIONS = (  # repeated entries are drawn more often
+    *("model", "datatype", "datatype", "shape", "shape", "shape", "shape", "batch", "raw_length", "raw_length"),
+    *("typed", "typed", "both", "raw_count", "input_name", "inputs", "outputs", "outputs", "parameters"),
 )
 
 
@@ -563,7 +580,8 @@ def infer_requests(draw, seeds: Seeds, target: Target, reach: Reach) -> oip.Mode
     request = oip.ModelInferRequest(model_name=draw(st.sampled_from([target.model, ""])))
     tensor = request.inputs.add(name=target.input_name, datatype=target.datatype, shape=[n, 3, size, size])
     raw_contents = [raw]
-    for mutation in draw(st.lists(st.sampled_from(INFER_MUTATIONS), max_size=3, unique=True)):
+    count = draw(st.sampled_from([0, 1, 1, 1, 2, 2, 3]))
+    for mutation in draw(st.lists(st.sampled_from(INFER_MUTATIONS), min_size=count, max_size=count, unique=True)):
         if mutation == "model":
             request.model_name, request.model_version = draw(model_refs(target, reach))
         elif mutation == "datatype":
