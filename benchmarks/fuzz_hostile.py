@@ -5,13 +5,14 @@
 
 Starts ``tlserve serve`` as its own process on 127.0.0.1 (CPU) and sends it requests drawn by
 hypothesis from valid ones (real photos, valid tensors) and then mutated, through the task API
-and the Open Inference Protocol, checking health after every call. The examples are split over
-the RPC groups as the test splits them; ``--wide`` also draws the cases the test keeps apart
+and the Open Inference Protocol, checking health after every call. Each example's RPC group is
+drawn with the weights the test splits its examples by; ``--wide`` also draws the cases the test keeps apart
 as pending (1 MB strings, ranks up to 70). Prints, per RPC: requests tried and every status seen;
 then the server's peak RSS (VmHWM), the slowest health check, and each unexpected answer (a
 status no caller mistake may get, a long or echoing message, health not SERVING) with the case
 that caused it. Unless ``--no-repro``, groups with a problem run again so that hypothesis
-shrinks one and prints its falsifying example. Stops by itself after ``--seconds``.
+shrinks one and prints its falsifying example. Stops by itself after ``--seconds`` (plus at
+most ``--repro-seconds`` per failing group).
 """
 
 from __future__ import annotations
@@ -36,7 +37,7 @@ import hostile  # noqa: E402  (shared with the tests)
 
 log = logging.getLogger("fuzz_hostile")
 
-LIMITS = {"max_images": 4, "max_image_bytes": 2_000_000, "max_pixels": 4_000_000}
+LIMITS = {"max_images": 4, "max_image_bytes": 2_000_000, "max_pixels": 4_000_000, "max_message_bytes": 16 << 20}
 
 
 class TimeUp(BaseException):
@@ -63,7 +64,7 @@ class Run:
             raise TimeUp()
         self.examples += 1
 
-    def collect(self, name: str, strategy: st.SearchStrategy, examples: int, seed: int) -> None:
+    def collect(self, strategy: st.SearchStrategy, examples: int, seed: int) -> None:
         """Phase 1: every example, problems recorded, nothing raised (no shrinking)."""
 
         @settings(max_examples=examples, phases=[Phase.generate], **SETTINGS)
@@ -75,22 +76,24 @@ class Run:
                 kind = kind_of(problem)
                 count, first, example = self.found.get(kind, (0, problem, case))
                 self.found[kind] = (count + 1, first, example)
-                self.group_problems[name] += 1
+                self.group_problems[hostile.GROUP_OF[case.rpc]] += 1
 
         seeded(explore, seed)()
 
-    def reproduce(self, strategy: st.SearchStrategy, examples: int, seed: int) -> None:
-        """Phase 2: the same examples again, raising, so hypothesis shrinks and prints one."""
+    def reproduce(self, strategy: st.SearchStrategy, examples: int, seed: int, seconds: float) -> None:
+        """Phase 2: the group's examples, raising, so hypothesis shrinks one and prints it."""
+        deadline = time.monotonic() + seconds
 
         @settings(max_examples=examples, phases=[Phase.generate, Phase.shrink], **SETTINGS)
         @given(case=strategy)
         def falsify(case: hostile.Case) -> None:
-            if time.monotonic() > self.deadline:
+            if time.monotonic() > deadline:
                 raise TimeUp()
             self.fuzzer.check(case)
 
         try:
             seeded(falsify, seed)()
+            print("  (no failure found again)")
         except AssertionError as exc:  # hypothesis attaches the falsifying example as a note
             notes = "\n".join(getattr(exc, "__notes__", []))
             print(f"  {str(exc).splitlines()[0]}\n  {notes[:2000]}\n", flush=True)
@@ -112,26 +115,29 @@ def seeded(test, seed: int):
 
 
 def table(fuzzer: hostile.Fuzzer) -> str:
+    """Per RPC: calls, requests (a stream's messages each), then each call's final status and each
+    in-band stream error."""
     codes = sorted({code for _, code in fuzzer.codes}, key=lambda c: (c != "OK", c))
     lines = [
-        "| rpc | requests | " + " | ".join(codes) + " |",
-        "|---|---:|" + "---:|" * len(codes),
+        "| rpc | calls | requests | " + " | ".join(codes) + " |",
+        "|---|---:|---:|" + "---:|" * len(codes),
     ]
     for rpc in (*hostile.TASK_RPCS, *hostile.OIP_RPCS):
-        if fuzzer.tried[rpc]:
+        if fuzzer.calls[rpc]:
             cells = [str(fuzzer.codes.get((rpc, code), "")) for code in codes]
-            lines.append(f"| {rpc} | {fuzzer.tried[rpc]} | " + " | ".join(cells) + " |")
+            lines.append(f"| {rpc} | {fuzzer.calls[rpc]} | {fuzzer.tried[rpc]} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--examples", type=int, default=20_000, help="examples in all, split over the RPC groups")
+    parser.add_argument("--examples", type=int, default=20_000, help="examples in all, mixed over the RPC groups")
     parser.add_argument("--seconds", type=float, default=540.0, help="stop after this long, whatever is left")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--repository", type=Path, help="fuzz this repository's first model (default: export one)")
     parser.add_argument("--wide", action="store_true", help="also the pending cases (1 MB strings, rank 70 shapes)")
     parser.add_argument("--no-repro", action="store_true", help="do not rerun failing groups to shrink an example")
+    parser.add_argument("--repro-seconds", type=float, default=60.0, help="time for each failing group's rerun")
     args = parser.parse_args(argv)
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # so that `finally` stops the server process
     logging.basicConfig(level=logging.WARNING, format="%(message)s", stream=sys.stderr)
@@ -153,17 +159,14 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def fuzz(channel: grpc.Channel, process, secrets: tuple[str, ...], args: argparse.Namespace, data_dir: str) -> int:
-    target = hostile.discover(channel, LIMITS["max_images"], LIMITS["max_image_bytes"], secrets)
+    target = hostile.discover(channel, LIMITS, secrets)
     seeds = hostile.load_seeds(data_dir, target.input_size)
     fuzzer = hostile.Fuzzer(channel, target, lambda: hostile.rss_bytes(process.pid), hostile.RSS_BOUND)
     run = Run(fuzzer, args.seconds)
     strategies = hostile.groups(seeds, target, hostile.WIDE if args.wide else hostile.MAIN)
     started = time.monotonic()
     try:
-        for name, strategy in strategies.items():
-            count = max(1, round(args.examples * hostile.SHARES[name]))
-            log.info("%s: %d examples", name, count)
-            run.collect(name, strategy, count, args.seed)
+        run.collect(hostile.mixed(strategies), args.examples, args.seed)
     except TimeUp:
         log.warning("stopped after %.0f s (--seconds)", args.seconds)
     elapsed = time.monotonic() - started
@@ -184,14 +187,13 @@ def fuzz(channel: grpc.Channel, process, secrets: tuple[str, ...], args: argpars
     for count, first, case in sorted(run.found.values(), key=lambda item: -item[0]):
         print(f"- {count} x {first}\n  first case: {hostile.brief_value(case, 600)}")
     if not args.no_repro:
-        print("\nshrinking one example per failing group:")
+        print(f"\nshrinking one example per failing group ({args.repro_seconds:.0f} s each at most):")
         for name in [n for n in strategies if run.group_problems[n]]:
+            print(f"{name}:", flush=True)
             try:
-                print(f"{name}:", flush=True)
-                run.reproduce(strategies[name], max(1, round(args.examples * hostile.SHARES[name])), args.seed)
+                run.reproduce(strategies[name], args.examples, args.seed, args.repro_seconds)
             except TimeUp:
                 print("  (out of time)")
-                break
     return 1
 
 

@@ -64,6 +64,17 @@ OIP_RPCS = ("ModelInfer", "ModelStreamInfer", "ModelMetadata", "ModelReady", "Mo
 STREAMS = ("ClassifyStream", "ModelStreamInfer")
 # How the examples are split over the RPC groups (the test and the benchmark alike).
 SHARES = {"classify": 0.35, "task stream": 0.08, "lookups": 0.15, "infer": 0.34, "oip stream": 0.08}
+GROUP_OF = {
+    "Classify": "classify",
+    "Embed": "classify",
+    "ClassifyStream": "task stream",
+    "GetModelInfo": "lookups",
+    "ModelMetadata": "lookups",
+    "ModelReady": "lookups",
+    "ModelConfig": "lookups",
+    "ModelInfer": "infer",
+    "ModelStreamInfer": "oip stream",
+}
 
 PHOTOS = ("chelsea.png", "coffee.png", "camera.png", "logo.png", "rocket.jpg")  # RGB, RGB, grey, RGBA, JPEG
 OTHER_FORMATS = ("no_time_for_that_tiny.gif", "multipage.tif")  # real files the API does not take
@@ -82,6 +93,7 @@ class Target:
     input_size: int
     max_images: int
     max_image_bytes: int
+    max_message_bytes: int
     secrets: tuple[str, ...] = ()  # server-side text (paths) no answer may contain
 
     @property
@@ -89,8 +101,9 @@ class Target:
         return ("", f"tlserve.model.{self.model}")
 
 
-def discover(channel: grpc.Channel, max_images: int, max_image_bytes: int, secrets: Sequence[str] = ()) -> Target:
-    """The server's only model, from ModelMetadata and GetModelInfo (the server's own answers)."""
+def discover(channel: grpc.Channel, limits: dict[str, int], secrets: Sequence[str] = ()) -> Target:
+    """The server's only model, from ModelMetadata and GetModelInfo (the server's own answers);
+    ``limits`` are the server's settings the cases aim at (max_images, max_image_bytes, max_message_bytes)."""
     info = tlserve_pb2_grpc.InferenceStub(channel).GetModelInfo(task.GetModelInfoRequest(), timeout=30)
     meta = grpc_service_pb2_grpc.GRPCInferenceServiceStub(channel).ModelMetadata(
         oip.ModelMetadataRequest(name=info.name), timeout=30
@@ -102,8 +115,9 @@ def discover(channel: grpc.Channel, max_images: int, max_image_bytes: int, secre
         datatype=meta.inputs[0].datatype,
         output_names=tuple(o.name for o in meta.outputs),
         input_size=info.input_size,
-        max_images=max_images,
-        max_image_bytes=max_image_bytes,
+        max_images=limits["max_images"],
+        max_image_bytes=limits["max_image_bytes"],
+        max_message_bytes=limits["max_message_bytes"],
         secrets=tuple(s for s in secrets if s),
     )
 
@@ -404,6 +418,8 @@ def encoded_images(draw, seeds: Seeds, target: Target) -> bytes:
         return b""
     if kind == "oversize":
         return data + b"\x00" * (target.max_image_bytes - size + 1)
+    if kind == "past_message_limit":  # gRPC itself refuses it
+        return data + b"\x00" * (target.max_message_bytes - size + 1)
     if kind == "other_format" and seeds.others:
         return seeds.others[draw(st.sampled_from(sorted(seeds.others)))]
     if kind == "declared_size":
@@ -448,6 +464,7 @@ BYTE_MUTATIONS = (
     "random",
     "empty",
     "oversize",
+    "past_message_limit",
     "other_format",
     "declared_size",
     "header_fields",
@@ -791,7 +808,8 @@ class Fuzzer:
         self.rss_bound = rss_bound
         self.rss_start = rss()
         self.rss_peak = self.rss_start
-        self.tried: Counter[str] = Counter()
+        self.calls: Counter[str] = Counter()  # per RPC
+        self.tried: Counter[str] = Counter()  # requests per RPC (each message of a stream)
         self.codes: Counter[tuple[str, str]] = Counter()
         self.health_max = 0.0
         self._health = health_pb2_grpc.HealthStub(channel)
@@ -814,6 +832,7 @@ class Fuzzer:
     def run(self, case: Case) -> tuple[Answer, list[str]]:
         """Send ``case``; the answer and every problem with it, with health and RSS afterwards."""
         answer = send(self.channel, case)
+        self.calls[case.rpc] += 1
         self.tried[case.rpc] += len(case.requests)
         for code in codes_of(case, answer):
             self.codes[(case.rpc, code)] += 1
@@ -840,3 +859,9 @@ def groups(seeds: Seeds, target: Target, reach: Reach = MAIN) -> dict[str, st.Se
         "infer": infer_cases(seeds, target, reach),
         "oip stream": oip_stream_cases(seeds, target, reach),
     }
+
+
+def mixed(strategies: dict[str, st.SearchStrategy[Case]]) -> st.SearchStrategy[Case]:
+    """A case of any group, each group drawn with its weight in :data:`SHARES`."""
+    names = [name for name, share in SHARES.items() for _ in range(round(share * 100))]
+    return st.sampled_from(names).flatmap(strategies.__getitem__)
