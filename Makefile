@@ -6,7 +6,7 @@ PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 SRC    := pyproject.toml
 
-.PHONY: demo test lint format install weights proto tools clean
+.PHONY: demo test lint format install weights proto docs tools clean
 
 $(STAMP): $(SRC)
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -36,6 +36,9 @@ test: install weights lint
 
 proto: $(STAMP)
 	$(PY) scripts/gen_proto.py
+
+docs: $(STAMP)  ## regenerate the flag table in docs/server-contract.md from server/settings.py
+	$(PY) scripts/gen_settings_doc.py
 
 tools:  ## install the ops tools the validation tests use (helm, promtool, hadolint, ...)
 	bash scripts/install_tools.sh

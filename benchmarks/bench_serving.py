@@ -43,6 +43,7 @@ from tlserve.manifest import Manifest
 from tlserve.server.pb.inference import messages_pb2 as oip
 from tlserve.server.pb.tlserve.v1 import tlserve_pb2 as task
 from tlserve.server.preprocess import ImageLimits, decode
+from tlserve.server.settings import Settings
 
 log = logging.getLogger("bench_serving")
 
@@ -334,7 +335,7 @@ def main(argv: list[str] | None = None) -> int:
         session = ort.InferenceSession(str(model_file), providers=["CPUExecutionProvider"])
         manifest = Manifest.from_metadata(session.get_modelmeta().custom_metadata_map)
         jpeg = photo_jpeg()
-        image = decode(jpeg, manifest.preprocessing, ImageLimits())
+        image = decode(jpeg, manifest.preprocessing, ImageLimits.from_settings(Settings()))
         request = oip.ModelInferRequest(
             model_name=name,
             raw_input_contents=[image[None].tobytes()],

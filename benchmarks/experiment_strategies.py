@@ -102,9 +102,9 @@ def run_one(data: Path, out: Path, strategy: str, seed: int, per_class: int, ima
     summary = run(cfg)
     ckpt_auto = {}
     if strategy == "auto":
-        import torch
+        from tlserve.trainer import checkpoint
 
-        prov = torch.load(out / "checkpoint.pt", weights_only=False)["manifest"]["provenance"]
+        prov = checkpoint.load(out / "checkpoint.pt").manifest.provenance
         ckpt_auto = {k: prov["auto"].get(k) for k in ("choice", "scenario", "probe_accuracy", "finetune_accuracy")}
     return {
         "test_accuracy": summary["test_accuracy"],

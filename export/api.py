@@ -21,15 +21,17 @@ import torch
 from torch import nn
 
 from tlserve import __version__
+from tlserve.contract import MANIFEST_FILE, MODEL_FILE, ORT_DTYPES
 from tlserve.export.graph import ServingGraph
 from tlserve.export.metadata import embed_manifest, sidecar
-from tlserve.export.publish import MANIFEST_FILE, MODEL_FILE, publish, resolve_version
+from tlserve.export.publish import publish, resolve_version
 from tlserve.export.samples import run_data
 from tlserve.export.to_onnx import DEFAULT_OPSET, export_graph
 from tlserve.export.variants import Variant, build_variants
 from tlserve.export.verify import check_model, cpu_session
 from tlserve.manifest import PRECISIONS, Manifest, Outputs, Preprocessing
-from tlserve.trainer.checkpoint import file_sha256, load_model
+from tlserve.trainer.checkpoint import load_model
+from tlserve.trainer.torchfile import file_sha256
 
 log = logging.getLogger(__name__)
 
@@ -83,9 +85,8 @@ def export_provenance(options: ExportOptions, source: dict[str, Any], verificati
 def check_signature(path: Path, manifest: Manifest) -> None:
     """The published file, read back as the server reads it, must agree with its own manifest."""
     session = cpu_session(path)
-    dtype = {"tensor(uint8)": "uint8", "tensor(float)": "float32", "tensor(float16)": "float16"}
     Manifest.from_metadata(session.get_modelmeta().custom_metadata_map).check_graph(
-        [(i.name, i.shape, dtype.get(i.type, i.type)) for i in session.get_inputs()],
+        [(i.name, i.shape, ORT_DTYPES.get(i.type, i.type)) for i in session.get_inputs()],
         [(o.name, o.shape) for o in session.get_outputs()],
     )
 
@@ -166,19 +167,24 @@ def export_checkpoint(
     """Export a training checkpoint (or a run directory holding ``checkpoint.pt``) to
     ``repository/<name>/<version>/model.onnx`` and return that path. ``options`` are ExportOptions fields."""
     path = checkpoint_file(checkpoint)
-    model, manifest, ckpt = load_model(path)
-    source = {"source_checkpoint": str(path.resolve()), "source_sha256": file_sha256(path)}
+    model, ckpt = load_model(path)
     return export_model(
         model,
-        model.head_name,
-        manifest,
+        ckpt.model.classifier,
+        ckpt.manifest,
         repository,
         name,
         version,
         ExportOptions(precision=precision, **options),
-        ckpt.get("config", {}),
-        source,
+        dict(ckpt.config),
+        {"source_checkpoint": run_relative(path), "source_sha256": file_sha256(path)},
     )
+
+
+def run_relative(path: Path) -> str:
+    """``<run folder name>/<file name>``: names the checkpoint without a local absolute path."""
+    path = path.resolve()
+    return f"{path.parent.name}/{path.name}"
 
 
 def unique_labels(categories: list[str]) -> list[str]:

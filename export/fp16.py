@@ -12,7 +12,6 @@ import onnx
 import onnx_ir as ir
 from onnxruntime.transformers.float16 import DEFAULT_OP_BLOCK_LIST, convert_float_to_float16
 
-FP16_FILE = "model.fp16.onnx"
 FP16_UNSAFE_OPS = (
     "Sub",
     "Div",

@@ -16,9 +16,6 @@ from pathlib import Path
 
 log = logging.getLogger(__name__)
 
-MODEL_FILE = "model.onnx"
-MANIFEST_FILE = "manifest.json"
-
 
 class PublishError(RuntimeError):
     """The version cannot be published (it exists already, or the name/version is invalid)."""

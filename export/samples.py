@@ -89,9 +89,10 @@ def folder_splits(
     def relabel(samples):
         return [(path, index[splits.classes[target]]) for path, target in samples]
 
+    folder = Path(data).resolve().name  # sources end up in the manifest's provenance: no local paths
     return (
-        from_samples(relabel(splits.train), pre, train_limit, f"{data} (train)"),
-        from_samples(relabel(splits.val), pre, val_limit, f"{data} (val)"),
+        from_samples(relabel(splits.train), pre, train_limit, f"{folder} (train)"),
+        from_samples(relabel(splits.val), pre, val_limit, f"{folder} (val)"),
     )
 
 

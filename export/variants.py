@@ -10,17 +10,16 @@ from typing import Any
 import onnx
 import onnxruntime as ort
 
-from tlserve.export.fp16 import FP16_FILE, to_fp16
+from tlserve.contract import FP16_FILE, MODEL_FILE, OPTIMIZED_FILE
+from tlserve.export.fp16 import to_fp16
 from tlserve.export.gate import int8_gate
 from tlserve.export.graph import ServingGraph
 from tlserve.export.int8 import quantize_int8
-from tlserve.export.publish import MODEL_FILE
 from tlserve.export.samples import Samples
 from tlserve.export.verify import Tolerance, verify_parity
 
 log = logging.getLogger(__name__)
 
-OPTIMIZED_FILE = "model.ort.onnx"
 FP16_TOLERANCE = Tolerance(max_abs_prob=5e-2, min_top1_agreement=0.98)  # 64 images: one near-tie flip allowed
 ANY = Tolerance(max_abs_prob=1.0, min_top1_agreement=0.0)  # int8: the accuracy gate decides instead
 

@@ -1,4 +1,5 @@
-"""Assemble the server: repository, servicers, health, reflection and metrics on one gRPC port.
+"""Assemble the server: repository, servicers, health, reflection and metrics on one gRPC port,
+behind the transport and call security of :mod:`tlserve.server.security`.
 
 ``create_server(settings, registry)`` builds everything without starting it (tests bind port 0
 and read the bound ports from the handle); ``serve(settings)`` runs it until SIGTERM/SIGINT,
@@ -12,26 +13,26 @@ import logging
 import os
 import signal
 from concurrent.futures import ThreadPoolExecutor
-from wsgiref.simple_server import WSGIServer
 
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection, reflection_pb2
 from PIL import Image
-from prometheus_client import CollectorRegistry, start_http_server
+from prometheus_client import CollectorRegistry
 
-from tlserve.server.batcher import BatchingOptions
+from tlserve.server.dataplane import DataPlane
 from tlserve.server.gpu import register_gpu_metrics
 from tlserve.server.health import HealthReporter
 from tlserve.server.images import ImageDecoder
-from tlserve.server.loader import LoadOptions
 from tlserve.server.metrics import Metrics
+from tlserve.server.metrics_http import MetricsServer
 from tlserve.server.oip.reflection import reflection_pool
 from tlserve.server.oip.servicer import add_oip_service
 from tlserve.server.pb.tlserve.v1 import tlserve_pb2, tlserve_pb2_grpc
 from tlserve.server.preprocess import ImageLimits
-from tlserve.server.repository import ModelRepository, ReloadReport
-from tlserve.server.runtime import GPUUnavailable, RuntimeOptions
+from tlserve.server.repository import ModelRepository, ReloadReport, RepositoryOptions
+from tlserve.server.runtime import GPUUnavailable
+from tlserve.server.security import CONFIG_ERRORS, Security
 from tlserve.server.servicer import InferenceServicer
 from tlserve.server.settings import Settings
 
@@ -45,47 +46,50 @@ class ServerHandle:
         self.settings = settings
         self.registry = registry
         self.metrics = Metrics(registry)
+        self.security = Security(settings)  # raises one of CONFIG_ERRORS on unusable TLS or token files
         self.health = HealthReporter()
         threads = settings.decode_threads or (os.cpu_count() or 1)
         self._decode_pool = ThreadPoolExecutor(max_workers=threads, thread_name_prefix="decode")
         self._infer_pool = ThreadPoolExecutor(max_workers=4, thread_name_prefix="infer")
         self.repository = ModelRepository(
-            settings.repository,
-            LoadOptions(
-                RuntimeOptions(
-                    settings.device, settings.require_gpu, settings.intra_op_threads, settings.inter_op_threads
-                ),
-                BatchingOptions(settings.max_batch_size, settings.max_queue_delay, settings.max_queue_size),
-            ),
-            settings.version_policy,
-            self._infer_pool,
-            self.metrics,
-            settings.drain_seconds,
+            RepositoryOptions.from_settings(settings),
+            executor=self._infer_pool,
+            metrics=self.metrics,
             on_change=self.health.update,
         )
         self.decoder = ImageDecoder(
-            ImageLimits(settings.max_image_bytes, settings.max_pixels), settings.max_images, self._decode_pool
+            limits=ImageLimits.from_settings(settings), max_images=settings.max_images, executor=self._decode_pool
         )
         limit = settings.max_message_bytes
         self.server = grpc.aio.server(
-            options=[("grpc.max_receive_message_length", limit), ("grpc.max_send_message_length", limit)]
+            interceptors=self.security.interceptors(self.metrics),
+            options=[("grpc.max_receive_message_length", limit), ("grpc.max_send_message_length", limit)],
         )
-        tlserve_pb2_grpc.add_InferenceServicer_to_server(
-            InferenceServicer(self.repository, self.decoder, self.metrics), self.server
-        )
+        self.dataplane = DataPlane(self.repository, self.decoder)
+        tlserve_pb2_grpc.add_InferenceServicer_to_server(InferenceServicer(self.dataplane, self.metrics), self.server)
         health_pb2_grpc.add_HealthServicer_to_server(self.health.servicer, self.server)
         self.service_names = [
             tlserve_pb2.DESCRIPTOR.services_by_name["Inference"].full_name,
             health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
         ]
         # further APIs register here (one import + one call each)
-        self.service_names.append(add_oip_service(self))
+        self.service_names.append(add_oip_service(self.server, self.dataplane, self.metrics, self.health))
         # a private pool, so reflection describes the OIP service too (see tlserve.server.oip.reflection)
         pool = reflection_pool(tlserve_pb2.DESCRIPTOR, health_pb2.DESCRIPTOR, reflection_pb2.DESCRIPTOR)
-        reflection.enable_server_reflection([*self.service_names, reflection.SERVICE_NAME], self.server, pool=pool)
-        self.port = self.server.add_insecure_port(f"{settings.host}:{settings.port}")
+        if settings.reflection:
+            reflection.enable_server_reflection([*self.service_names, reflection.SERVICE_NAME], self.server, pool=pool)
+        self.port = self.security.add_port(self.server, f"{settings.host}:{settings.port}")
+        self._health_server: grpc.aio.Server | None = None
+        self.health_port = -1
+        if settings.health_port >= 0:  # plaintext, health only: kubelet gRPC probes speak no TLS
+            self._health_server = grpc.aio.server()
+            health_pb2_grpc.add_HealthServicer_to_server(self.health.servicer, self._health_server)
+            self.health_port = self._health_server.add_insecure_port(f"{settings.host}:{settings.health_port}")
+        self._metrics_http = MetricsServer(
+            registry, settings.host, settings.metrics_port, ssl_context=self.security.metrics_ssl()
+        )
         self.metrics_port = 0
-        self._metrics_http: WSGIServer | None = None
+        self._token_watch: asyncio.Task | None = None
         self._poller: asyncio.Task | None = None
         self._stopped = False
 
@@ -101,19 +105,25 @@ class ServerHandle:
                 raise GPUUnavailable(refused[0])
             if self.settings.device != "cpu":
                 register_gpu_metrics(self.registry)
-            httpd, _ = start_http_server(self.settings.metrics_port, addr=self.settings.host, registry=self.registry)
-            self._metrics_http = httpd
-            self.metrics_port = httpd.server_port
+            await self._metrics_http.start()
+            self.metrics_port = self._metrics_http.port
             await self.server.start()
+            if self._health_server is not None:
+                await self._health_server.start()
         except BaseException:  # a refused GPU, a metrics port in use...: release what is loaded
+            await self._metrics_http.stop()
             await self.repository.close()
             raise
         if self.settings.poll_interval > 0:
             self._poller = asyncio.get_running_loop().create_task(self.repository.poll(self.settings.poll_interval))
+        if self.security.tokens is not None:
+            self._token_watch = asyncio.get_running_loop().create_task(self.security.tokens.watch())
         log.info(
-            "serving gRPC on %s:%d, metrics on :%d, models %s",
+            "serving gRPC on %s:%d (%s), metrics on %s :%d, models %s",
             self.settings.host,
             self.port,
+            self.security.summary,
+            self._metrics_http.scheme,
             self.metrics_port,
             [f"{m.name}/{m.version}" for m in self.repository.list()] or "none",
         )
@@ -126,13 +136,14 @@ class ServerHandle:
         self._stopped = True
         grace = self.settings.drain_seconds if grace is None else grace
         await self.health.shutdown()
-        if self._poller is not None:
-            self._poller.cancel()
+        for task in (self._poller, self._token_watch):
+            if task is not None:
+                task.cancel()
         await self.server.stop(grace)
+        if self._health_server is not None:
+            await self._health_server.stop(0)
         await self.repository.close()
-        if self._metrics_http is not None:
-            self._metrics_http.shutdown()
-            self._metrics_http.server_close()
+        await self._metrics_http.stop()
         self._decode_pool.shutdown(wait=False)
         self._infer_pool.shutdown(wait=False)
 
@@ -145,7 +156,11 @@ def create_server(settings: Settings, registry: CollectorRegistry) -> ServerHand
 
 async def run(settings: Settings) -> int:
     """Run until SIGTERM/SIGINT; SIGHUP rescans the repository."""
-    handle = create_server(settings, CollectorRegistry())
+    try:
+        handle = create_server(settings, CollectorRegistry())
+    except CONFIG_ERRORS as exc:  # unusable TLS or token files; the message names the file, never a secret
+        log.error("refusing to start: %s", exc)
+        return 2
     try:
         await handle.start()
     except (GPUUnavailable, OSError) as exc:  # OSError: e.g. the metrics port is taken

@@ -18,11 +18,15 @@ from collections import deque
 from collections.abc import Callable
 from concurrent.futures import Executor
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import numpy as np
 
 from tlserve.server.errors import DeadlineExceeded, ResourceExhausted, ServingError, Unavailable
 from tlserve.server.metrics import Metrics
+
+if TYPE_CHECKING:
+    from tlserve.server.settings import Settings
 
 log = logging.getLogger(__name__)
 
@@ -30,11 +34,21 @@ Outputs = dict[str, np.ndarray]
 OVERLAP_WEIGHT = 0.3  # weight of the newest arrival in the running mean of overlapping callers
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class BatchingOptions:
-    max_batch_size: int = 32
-    max_queue_delay: float = 0.002
-    max_queue_size: int = 256
+    """One model's batching; the defaults are Settings' (``from_settings``)."""
+
+    max_batch_size: int
+    max_queue_delay: float  # seconds
+    max_queue_size: int
+
+    @classmethod
+    def from_settings(cls, settings: Settings) -> BatchingOptions:
+        return cls(
+            max_batch_size=settings.max_batch_size,
+            max_queue_delay=settings.max_queue_delay,
+            max_queue_size=settings.max_queue_size,
+        )
 
 
 @dataclass

@@ -31,7 +31,30 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     )
     predict.add_argument("--model", default="", help="model name (default: the server's only model)")
     predict.add_argument("--version", default="", help="model version (default: newest ready)")
+    add_channel_arguments(predict)
     predict.set_defaults(func=run_predict)
+
+
+def add_channel_arguments(parser: argparse.ArgumentParser) -> None:
+    """TLS, mTLS and token flags of a client command (see tlserve.server.client.ChannelSecurity)."""
+    group = parser.add_argument_group("security")
+    group.add_argument("--tls", action="store_true", help="use TLS with the system's CA roots")
+    group.add_argument("--tls-ca", default="", metavar="PEM", help="CA the server's certificate chains to (TLS)")
+    group.add_argument("--tls-cert", default="", metavar="PEM", help="client certificate chain, for mTLS")
+    group.add_argument("--tls-key", default="", metavar="PEM", help="private key of --tls-cert")
+    group.add_argument("--tls-server-name", default="", help="expect this name in the server's certificate")
+    tokens = group.add_mutually_exclusive_group()
+    tokens.add_argument("--token", default="", help="bearer token (visible in `ps`; prefer --token-file)")
+    tokens.add_argument("--token-file", default="", help="file whose first non-comment line starts with the token")
+
+
+def channel_security(args: argparse.Namespace):
+    from tlserve.server.client import ChannelSecurity, read_token_file
+
+    if bool(args.tls_cert) != bool(args.tls_key):
+        raise ValueError("--tls-cert and --tls-key go together")
+    token = read_token_file(args.token_file) if args.token_file else args.token
+    return ChannelSecurity(args.tls, args.tls_ca, args.tls_cert, args.tls_key, token, args.tls_server_name)
 
 
 def run_serve(args: argparse.Namespace) -> int:
@@ -49,15 +72,18 @@ def run_serve(args: argparse.Namespace) -> int:
 def run_predict(args: argparse.Namespace) -> int:
     import grpc
 
-    from tlserve.server.client import classify_files, find_images, wait_ready
+    from tlserve.server.client import classify_files, find_images, open_channel, wait_ready
 
     files = find_images([args.images] if args.images else []) + find_images(args.files)
     if not files:
         print("tlserve predict: no images given (FILES... or --images DIR)", file=sys.stderr)
         return 2
-    with grpc.insecure_channel(
-        args.target, options=[("grpc.max_receive_message_length", 64 << 20), ("grpc.max_send_message_length", 64 << 20)]
-    ) as channel:
+    try:
+        channel = open_channel(args.target, channel_security(args))
+    except (OSError, ValueError) as exc:
+        print(f"tlserve predict: {exc}", file=sys.stderr)
+        return 2
+    with channel:
         if args.wait_ready:
             wait_ready(channel, args.wait_ready, args.model or None)
         started = time.perf_counter()

@@ -1,10 +1,11 @@
-"""A small gRPC client for the task API: wait for health, classify files in batches."""
+"""A small gRPC client for the task API: open a (TLS, mTLS, token) channel, wait for health,
+classify files in batches."""
 
 from __future__ import annotations
 
 import time
-from collections import deque
-from collections.abc import Iterable, Iterator
+from collections import deque, namedtuple
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -16,6 +17,77 @@ from tlserve.server.pb.tlserve.v1 import tlserve_pb2 as pb
 from tlserve.server.pb.tlserve.v1 import tlserve_pb2_grpc
 
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg"}
+MESSAGE_OPTIONS = (("grpc.max_receive_message_length", 64 << 20), ("grpc.max_send_message_length", 64 << 20))
+
+
+@dataclass(frozen=True)
+class ChannelSecurity:
+    """How to reach a protected server: PEM file paths, a bearer token, a TLS name override."""
+
+    tls: bool = False  # TLS with the system's roots; implied by any of ca, cert, key
+    ca: str = ""  # CA bundle the server's certificate must chain to
+    cert: str = ""  # client certificate chain (mTLS), with key
+    key: str = ""
+    token: str = ""  # sent as "authorization: Bearer <token>" on every call
+    server_name: str = ""  # check the server's certificate for this name instead of the target's host
+
+    @property
+    def uses_tls(self) -> bool:
+        return bool(self.tls or self.ca or self.cert or self.key)
+
+
+def read_token_file(path: str | Path) -> str:
+    """The first field of the first line that is neither blank nor a ``#`` comment (a server token line works)."""
+    for line in Path(path).read_text(encoding="utf-8").splitlines():
+        if line.strip() and not line.lstrip().startswith("#"):
+            return line.split()[0]
+    raise ValueError(f"{path} holds no token")
+
+
+class _CallDetails(
+    namedtuple("_CallDetails", ("method", "timeout", "metadata", "credentials", "wait_for_ready", "compression")),
+    grpc.ClientCallDetails,
+):
+    pass
+
+
+class _Metadata(
+    grpc.UnaryUnaryClientInterceptor,
+    grpc.UnaryStreamClientInterceptor,
+    grpc.StreamUnaryClientInterceptor,
+    grpc.StreamStreamClientInterceptor,
+):
+    """Adds fixed metadata (the bearer token) to every call."""
+
+    def __init__(self, metadata: tuple[tuple[str, str], ...]) -> None:
+        self._metadata = metadata
+
+    def _with_metadata(self, continuation: Callable, details: grpc.ClientCallDetails, request: object) -> object:
+        metadata = (*(details.metadata or ()), *self._metadata)
+        fields = (details.method, details.timeout, metadata, details.credentials, details.wait_for_ready)
+        return continuation(_CallDetails(*fields, getattr(details, "compression", None)), request)
+
+    intercept_unary_unary = intercept_unary_stream = _with_metadata
+    intercept_stream_unary = intercept_stream_stream = _with_metadata
+
+
+def open_channel(target: str, security: ChannelSecurity = ChannelSecurity(), options=MESSAGE_OPTIONS) -> grpc.Channel:
+    """A channel to ``target``: plaintext, or TLS/mTLS as ``security`` says, sending its token if any."""
+    options = list(options)
+    if not security.uses_tls:
+        channel = grpc.insecure_channel(target, options=options)
+    else:
+        credentials = grpc.ssl_channel_credentials(
+            root_certificates=Path(security.ca).read_bytes() if security.ca else None,
+            private_key=Path(security.key).read_bytes() if security.key else None,
+            certificate_chain=Path(security.cert).read_bytes() if security.cert else None,
+        )
+        if security.server_name:
+            options.append(("grpc.ssl_target_name_override", security.server_name))
+        channel = grpc.secure_channel(target, credentials, options=options)
+    if security.token:
+        channel = grpc.intercept_channel(channel, _Metadata((("authorization", f"Bearer {security.token}"),)))
+    return channel
 
 
 @dataclass(frozen=True)

@@ -1,13 +1,15 @@
-"""Protobuf <-> domain for the task API: request images in, top-k and model info out."""
+"""Protobuf <-> domain for the task API: request images in; top-k, embeddings, model info and reload reports out."""
 
 from __future__ import annotations
 
 import numpy as np
 
+from tlserve.server.dataplane import TopK
 from tlserve.server.errors import InvalidArgument
 from tlserve.server.images import ImageInput
 from tlserve.server.model import ServedModel
 from tlserve.server.pb.tlserve.v1 import tlserve_pb2 as pb
+from tlserve.server.repository import ReloadReport
 
 
 def request_images(images) -> list[ImageInput]:
@@ -24,24 +26,25 @@ def request_images(images) -> list[ImageInput]:
     return out
 
 
-def top_k(probabilities: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
-    """Indices and scores of the ``k`` best classes per row, best first (ties: lower index first)."""
-    k = max(1, min(k, probabilities.shape[1]))
-    order = np.argsort(-probabilities, axis=1, kind="stable")[:, :k]
-    return order, np.take_along_axis(probabilities, order, axis=1)
-
-
-def classifications(model: ServedModel, probabilities: np.ndarray, k: int) -> list[pb.Classification]:
-    labels = model.manifest.labels
-    indices, scores = top_k(probabilities, k or 1)
+def classifications(top: TopK) -> list[pb.Classification]:
     return [
         pb.Classification(
-            predictions=[
-                pb.Prediction(index=int(i), label=labels[int(i)], score=float(s)) for i, s in zip(row_i, row_s)
-            ]
+            predictions=[pb.Prediction(index=i, label=top.labels[i], score=s) for i, s in zip(row_i, row_s)]
         )
-        for row_i, row_s in zip(indices, scores)
+        for row_i, row_s in zip(top.indices.tolist(), top.scores.tolist())
     ]
+
+
+def embeddings(vectors: np.ndarray) -> list[pb.Embedding]:
+    return [pb.Embedding(values=row.tolist()) for row in vectors]
+
+
+def reload_response(report: ReloadReport) -> pb.ReloadRepositoryResponse:
+    return pb.ReloadRepositoryResponse(
+        loaded=report.loaded,
+        unloaded=report.unloaded,
+        failed={key: f"{type(exc).__name__}: {exc}" for key, exc in report.failed.items()},
+    )
 
 
 def model_info(model: ServedModel) -> pb.ModelInfo:

@@ -12,6 +12,7 @@ from concurrent.futures import Executor
 from dataclasses import dataclass
 from pathlib import Path
 
+from tlserve.contract import FP16_FILE, MODEL_FILE
 from tlserve.manifest import Manifest
 from tlserve.server.batcher import BatchingOptions
 from tlserve.server.metrics import Metrics
@@ -19,9 +20,6 @@ from tlserve.server.model import ServedModel
 from tlserve.server.runtime import CUDA, Runtime, RuntimeOptions
 
 log = logging.getLogger(__name__)
-
-MODEL_FILE = "model.onnx"
-FP16_FILE = "model.fp16.onnx"
 
 
 @dataclass(frozen=True)

@@ -66,3 +66,9 @@ class Metrics:
         self.cuda_fallback = Gauge(
             "tlserve_cuda_fallback", "1 when CUDA was asked for and the CPU is in use", ("model",), registry=registry
         )
+        self.auth_refusals = Counter(
+            "tlserve_auth_refusals",
+            "Calls refused by token auth, by RPC and reason (missing, invalid, scope)",
+            ("rpc", "reason"),
+            registry=registry,
+        )

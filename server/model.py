@@ -1,8 +1,8 @@
 """A served model version: manifest + ONNX Runtime session + dynamic batcher, no transport.
 
-``infer`` is the data plane's one entry point. Requests hold a *lease* while they work
-(decoding included), so unloading a version first stops new leases, then waits for the
-in-flight ones to finish, then drains the batcher.
+Each request holds one *lease* while it works (the data plane takes it, decoding included), so
+unloading a version first refuses new leases, then waits for the in-flight ones to finish, then
+drains the batcher.
 """
 
 from __future__ import annotations
@@ -18,7 +18,7 @@ import numpy as np
 
 from tlserve.manifest import Manifest
 from tlserve.server.batcher import Batcher, BatchingOptions, Outputs
-from tlserve.server.errors import DeadlineExceeded, InvalidArgument, Unavailable
+from tlserve.server.errors import DeadlineExceeded, Unavailable
 from tlserve.server.metrics import Metrics
 from tlserve.server.runtime import Runtime
 
@@ -108,10 +108,9 @@ class ServedModel:
 
     @contextlib.contextmanager
     def lease(self) -> Iterator[ServedModel]:
-        """Hold the model for one request. Once unloading has begun, new leases are refused as soon
-        as the model is idle; while earlier requests still run (a request's own nested lease among
-        them), new ones join the drain instead of failing."""
-        if not self.ready and self._leases == 0:
+        """Hold the model for one request. Once unloading has begun, new leases are refused
+        (UNAVAILABLE) while the ones already held run to their end."""
+        if not self.ready:
             raise Unavailable(f"model {self.name!r} version {self.version} is not ready")
         self._leases += 1
         self._idle.clear()
@@ -124,19 +123,18 @@ class ServedModel:
 
     # --- inference -----------------------------------------------------------------------
     async def infer(self, batch: np.ndarray, deadline: float | None = None) -> Outputs:
-        """All graph outputs for ``batch`` ([N, 3, S, S] of the graph's input dtype), via the batcher.
+        """All graph outputs for ``batch`` ([N, 3, S, S] of the graph's input dtype, as the data
+        plane checked it), via the batcher; call it under the request's :meth:`lease`.
 
         ``deadline`` is an absolute ``time.monotonic()`` value; requests larger than the
         largest batch are split and reassembled in order.
         """
-        self._check_input(batch)
         if deadline is not None and time.monotonic() >= deadline:
             raise DeadlineExceeded("deadline passed before the request reached the model")
         gauge = self._metrics.inflight.labels(self.name)
         gauge.inc()
         try:
-            with self.lease():
-                return await self._infer(batch, deadline)
+            return await self._infer(batch, deadline)
         finally:
             gauge.dec()
 
@@ -152,13 +150,6 @@ class ServedModel:
         if len(outputs) != len(parts):
             raise next(part for part in parts if isinstance(part, BaseException))
         return {name: np.concatenate([p[name] for p in outputs]) for name in outputs[0]}
-
-    def _check_input(self, batch: np.ndarray) -> None:
-        size = self.manifest.preprocessing.input_size
-        if batch.ndim != 4 or tuple(batch.shape[1:]) != (3, size, size) or batch.shape[0] < 1:
-            raise InvalidArgument(f"model {self.name!r} takes [N, 3, {size}, {size}], got {list(batch.shape)}")
-        if batch.dtype != np.dtype(self.input_dtype):
-            raise InvalidArgument(f"model {self.name!r} takes {self.input_dtype}, got {batch.dtype}")
 
     def _run(self, batch: np.ndarray) -> Outputs:
         return self.runtime.run(self.input_name, batch)

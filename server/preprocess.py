@@ -11,12 +11,17 @@ from __future__ import annotations
 import io
 import warnings
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 
+from tlserve.geometry import center_crop_box, resized_size
 from tlserve.manifest import Preprocessing
 from tlserve.server.errors import InvalidArgument, shape_text
+
+if TYPE_CHECKING:
+    from tlserve.server.settings import Settings
 
 RESAMPLE = {
     "nearest": Image.Resampling.NEAREST,
@@ -28,26 +33,16 @@ RESAMPLE = {
 FORMATS = ("PNG", "JPEG")  # what the API promises; Pillow would otherwise try every format it knows
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class ImageLimits:
-    """Refuse before decoding: encoded size and decoded pixel count."""
+    """Refuse before decoding: encoded size and decoded pixel count (the defaults are Settings')."""
 
-    max_image_bytes: int = 8 * 1024 * 1024
-    max_pixels: int = 40_000_000
+    max_image_bytes: int
+    max_pixels: int
 
-
-def resized_size(width: int, height: int, size: int) -> tuple[int, int]:
-    """(w, h) after resizing the shorter side to ``size`` (torchvision's rounding)."""
-    short, long = (width, height) if width <= height else (height, width)
-    new_short, new_long = size, int(size * long / short)
-    return (new_short, new_long) if width <= height else (new_long, new_short)
-
-
-def center_crop_box(width: int, height: int, crop: int) -> tuple[int, int, int, int]:
-    """PIL crop box (left, top, right, bottom) of the centred ``crop`` square (torchvision's rounding)."""
-    top = int(round((height - crop) / 2.0))
-    left = int(round((width - crop) / 2.0))
-    return left, top, left + crop, top + crop
+    @classmethod
+    def from_settings(cls, settings: Settings) -> ImageLimits:
+        return cls(max_image_bytes=settings.max_image_bytes, max_pixels=settings.max_pixels)
 
 
 def transform(img: Image.Image, pre: Preprocessing) -> np.ndarray:

@@ -15,16 +15,40 @@ from concurrent.futures import Executor
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from tlserve.contract import FP16_FILE, MODEL_FILE
 from tlserve.manifest import ManifestError
+from tlserve.server.batcher import BatchingOptions
 from tlserve.server.errors import InvalidArgument, NotFound, Unavailable
-from tlserve.server.loader import FP16_FILE, MODEL_FILE, LoadOptions, load_version
+from tlserve.server.loader import LoadOptions, load_version
 from tlserve.server.metrics import Metrics
 from tlserve.server.model import ServedModel
-from tlserve.server.settings import VersionPolicy, version_key
+from tlserve.server.runtime import RuntimeOptions
+from tlserve.server.settings import Settings, VersionPolicy, version_key
 
 log = logging.getLogger(__name__)
 
 Signature = tuple[int, int]
+
+
+@dataclass(frozen=True, kw_only=True)
+class RepositoryOptions:
+    """Where the models are, how to load them, which versions to serve, how long to drain one."""
+
+    root: Path
+    load: LoadOptions
+    policy: VersionPolicy
+    drain_seconds: float
+
+    @classmethod
+    def from_settings(cls, settings: Settings) -> RepositoryOptions:
+        return cls(
+            root=Path(settings.repository),
+            load=LoadOptions(
+                runtime=RuntimeOptions.from_settings(settings), batching=BatchingOptions.from_settings(settings)
+            ),
+            policy=settings.version_policy,
+            drain_seconds=settings.drain_seconds,
+        )
 
 
 @dataclass
@@ -57,18 +81,13 @@ class ModelRepository:
 
     def __init__(
         self,
-        root: str | Path,
-        options: LoadOptions,
-        policy: VersionPolicy,
+        options: RepositoryOptions,
+        *,
         executor: Executor,
         metrics: Metrics,
-        drain_seconds: float = 10.0,
         on_change: Callable[[ModelRepository], Awaitable[None]] | None = None,
     ) -> None:
-        self.root = Path(root)
         self.options = options
-        self.policy = policy
-        self.drain_seconds = drain_seconds
         self._executor = executor
         self._metrics = metrics
         self._on_change = on_change
@@ -131,16 +150,16 @@ class ModelRepository:
             report = ReloadReport()
             if self._closed:
                 return report
-            if not self.root.is_dir():
-                log.warning("model repository %s does not exist (yet): serving nothing", self.root)
-            found = scan(self.root)
+            if not self.options.root.is_dir():
+                log.warning("model repository %s does not exist (yet): serving nothing", self.options.root)
+            found = scan(self.options.root)
             for name in sorted(set(found) | set(self._models) | {n for n, _ in self._failed}):
                 await self._reconcile(name, found.get(name, {}), report)
             await self._notify()
             if report.loaded or report.unloaded or report.failed:
                 log.info(
                     "repository %s: loaded %s, unloaded %s, failed %s",
-                    self.root,
+                    self.options.root,
                     report.loaded or "-",
                     report.unloaded or "-",
                     list(report.failed) or "-",
@@ -154,7 +173,7 @@ class ModelRepository:
                 del self._failed[key]
         while True:
             candidates = [v for v, d in on_disk.items() if not self._known_bad(name, v, d)]
-            wanted = self.policy.select(candidates)
+            wanted = self.options.policy.select(candidates)
             missing = [v for v in wanted if v not in loaded]
             if not missing:
                 break
@@ -182,7 +201,7 @@ class ModelRepository:
         try:
             signature = file_signature(version_dir)
             model = await loop.run_in_executor(
-                None, load_version, name, version, version_dir, self.options, self._executor, self._metrics
+                None, load_version, name, version, version_dir, self.options.load, self._executor, self._metrics
             )
         except Exception as exc:
             message = f"{type(exc).__name__}: {exc}"
@@ -208,7 +227,7 @@ class ModelRepository:
         self._metrics.model_ready.labels(name, version).set(0)
         self._metrics.model_info.remove(name, version, model.provider, model.manifest.precision)
         await self._notify()
-        await model.unload(self.drain_seconds)
+        await model.unload(self.options.drain_seconds)
         log.info("model %s/%s unloaded", name, version)
 
     async def poll(self, interval: float) -> None:

@@ -1,4 +1,6 @@
-"""The one helper every servicer uses: count and time the call, map exceptions to a gRPC status."""
+"""The one path every RPC takes, unary calls and each message of a stream alike: count and time
+it, and turn an exception into a gRPC status (or, on a stream that answers errors in-band, into
+the message the caller is shown). Security and tracing plug in here."""
 
 from __future__ import annotations
 
@@ -6,18 +8,30 @@ import asyncio
 import contextlib
 import time
 from collections.abc import AsyncIterator
+from typing import TYPE_CHECKING
 
 import grpc
 
 from tlserve.server.errors import to_status
 from tlserve.server.metrics import Metrics
 
+if TYPE_CHECKING:
+    from tlserve.server.model import ServedModel
+
 
 class RpcCall:
-    """What the handler tells the helper while it runs: the model it resolved."""
+    """One call (or stream message) while it runs: the model it resolved, and for an in-band
+    stream the caller-safe error message it ended with (None when it succeeded)."""
 
     def __init__(self) -> None:
         self.model = ""
+        self.error: str | None = None
+        self.started = time.monotonic()
+
+    def serves(self, model: ServedModel) -> ServedModel:
+        """Label the call with the model it resolved; returns the model."""
+        self.model = model.name
+        return model
 
 
 def deadline_of(context: grpc.aio.ServicerContext) -> float | None:
@@ -26,28 +40,32 @@ def deadline_of(context: grpc.aio.ServicerContext) -> float | None:
     return None if remaining is None else time.monotonic() + remaining
 
 
+def record_rpc(metrics: Metrics, rpc: str, call: RpcCall, code: grpc.StatusCode) -> None:
+    """``tlserve_requests_total{rpc,model,code}`` and the duration histogram, for one call or message."""
+    metrics.requests.labels(rpc, call.model, code.name).inc()
+    metrics.request_duration.labels(rpc, call.model).observe(time.monotonic() - call.started)
+
+
 @contextlib.asynccontextmanager
-async def observe_rpc(metrics: Metrics, context: grpc.aio.ServicerContext, rpc: str) -> AsyncIterator[RpcCall]:
-    """Wrap one call: ``tlserve_requests_total{rpc,model,code}``, the duration histogram, and on
-    error ``context.abort`` with the mapped status (unknown errors: logged, INTERNAL)."""
+async def observe_rpc(
+    metrics: Metrics, context: grpc.aio.ServicerContext, rpc: str, in_band: bool = False
+) -> AsyncIterator[RpcCall]:
+    """Wrap one call or stream message: record it (before the status reaches the caller) and map an
+    error to its status (unknown errors: logged, INTERNAL). The error then ends the call through
+    ``context.abort``; with ``in_band`` it is kept in ``call.error`` instead, for the stream to answer."""
     call = RpcCall()
-    started = time.monotonic()
-
-    def record(code: grpc.StatusCode) -> None:  # before the status reaches the caller
-        metrics.requests.labels(rpc, call.model, code.name).inc()
-        metrics.request_duration.labels(rpc, call.model).observe(time.monotonic() - started)
-
     try:
         yield call
     except asyncio.CancelledError:
-        record(grpc.StatusCode.CANCELLED)
+        record_rpc(metrics, rpc, call, grpc.StatusCode.CANCELLED)
         raise
     except grpc.aio.AbortError:
-        record(context.code() or grpc.StatusCode.UNKNOWN)
+        record_rpc(metrics, rpc, call, context.code() or grpc.StatusCode.UNKNOWN)
         raise
     except Exception as exc:
-        code, message = to_status(exc)
-        record(code)
-        await context.abort(code, message)
+        code, call.error = to_status(exc)
+        record_rpc(metrics, rpc, call, code)
+        if not in_band:
+            await context.abort(code, call.error)
     else:
-        record(grpc.StatusCode.OK)
+        record_rpc(metrics, rpc, call, grpc.StatusCode.OK)

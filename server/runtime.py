@@ -12,38 +12,45 @@ import dataclasses
 import logging
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import onnxruntime as ort
 
+from tlserve.contract import ORT_DTYPES
 from tlserve.server.errors import FailedPrecondition
+
+if TYPE_CHECKING:
+    from tlserve.server.settings import Settings
 
 log = logging.getLogger(__name__)
 
 CPU = "CPUExecutionProvider"
 CUDA = "CUDAExecutionProvider"
-ORT_DTYPES = {
-    "tensor(uint8)": "uint8",
-    "tensor(float)": "float32",
-    "tensor(float16)": "float16",
-    "tensor(double)": "float64",
-    "tensor(int64)": "int64",
-    "tensor(int32)": "int32",
-}
 
 
 class GPUUnavailable(FailedPrecondition):
     """CUDA was required but ONNX Runtime runs on the CPU."""
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class RuntimeOptions:
-    device: str = "auto"
-    require_gpu: bool = False
-    intra_op_threads: int = 0
-    inter_op_threads: int = 0
-    io_binding: bool | None = None  # None: on CUDA only
+    """How to open ONNX Runtime sessions; the defaults are Settings' (``from_settings``)."""
+
+    device: str
+    require_gpu: bool
+    intra_op_threads: int
+    inter_op_threads: int
+    io_binding: bool | None = None  # None: on CUDA only (not a setting)
+
+    @classmethod
+    def from_settings(cls, settings: Settings) -> RuntimeOptions:
+        return cls(
+            device=settings.device,
+            require_gpu=settings.require_gpu,
+            intra_op_threads=settings.intra_op_threads,
+            inter_op_threads=settings.inter_op_threads,
+        )
 
     def replace(self, **changes: Any) -> RuntimeOptions:
         return dataclasses.replace(self, **changes)

@@ -1,8 +1,11 @@
-"""Server settings: one frozen dataclass, built once from CLI flags (each also from env TLSERVE_<FLAG>).
+"""Server settings: one frozen dataclass whose fields carry their default, help text and environment variable.
 
-The flag names and defaults are those of docs/server-contract.md. ``add_arguments`` registers
-them on a parser (reading the environment when the parser is built, never at import time) and
-``Settings.from_args`` turns the parsed namespace into the object passed down explicitly.
+Each field is declared as ``name: type = setting(default, "help")``; that one line is the flag
+``--name`` (``bool`` fields are switches), the environment variable ``TLSERVE_NAME``, the default and
+the help text of the CLI and of docs/server-contract.md's table (``make docs`` regenerates it).
+``add_arguments`` registers every field on a parser, reading the environment when the parser is
+built (never at import time), and ``Settings.from_args`` turns the parsed namespace into the one
+object that is passed down.
 """
 
 from __future__ import annotations
@@ -10,9 +13,65 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import os
-from collections.abc import Mapping
-from dataclasses import dataclass, field
-from typing import Any
+import types
+import typing
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import MISSING, dataclass
+from typing import Any, TypeVar, overload
+
+T = TypeVar("T")
+SETTING = "tlserve.setting"  # the field-metadata key that setting() fills
+TRUE, FALSE = ("1", "true", "yes", "on"), ("0", "false", "no", "off", "")
+
+
+@dataclass(frozen=True)
+class SettingInfo:
+    """What ``setting()`` records about a field (names left ``None`` are derived from the field name)."""
+
+    help: str
+    env: str | None = None
+    flag: str | None = None
+    choices: tuple[Any, ...] | None = None
+    metavar: str | None = None
+
+
+@overload
+def setting(
+    default: T,
+    help: str,
+    *,
+    env: str | None = None,
+    flag: str | None = None,
+    choices: Sequence[Any] | None = None,
+    metavar: str | None = None,
+) -> T: ...
+@overload
+def setting(
+    *,
+    help: str,
+    default_factory: Callable[[], T],
+    env: str | None = None,
+    flag: str | None = None,
+    choices: Sequence[Any] | None = None,
+    metavar: str | None = None,
+) -> T: ...
+def setting(
+    default: Any = MISSING,
+    help: str = "",
+    *,
+    default_factory: Any = MISSING,
+    env: str | None = None,
+    flag: str | None = None,
+    choices: Sequence[Any] | None = None,
+    metavar: str | None = None,
+) -> Any:
+    """A Settings field: its default, its help text (code in backticks), env (``TLSERVE_<NAME>``) and flag."""
+    if not help:
+        raise TypeError("every setting needs its help text")
+    info = SettingInfo(help, env, flag, None if choices is None else tuple(choices), metavar)
+    if default_factory is not MISSING:
+        return dataclasses.field(default_factory=default_factory, metadata={SETTING: info})
+    return dataclasses.field(default=default, metadata={SETTING: info})
 
 
 @dataclass(frozen=True)
@@ -37,6 +96,11 @@ class VersionPolicy:
             return cls(kind="specific", versions=tuple(v.strip() for v in arg.split(",") if v.strip()))
         raise ValueError(f"version policy must be latest:N, all or specific:V1,V2; got {text!r}")
 
+    def __str__(self) -> str:
+        if self.kind == "latest":
+            return f"latest:{self.count}"
+        return "all" if self.kind == "all" else f"specific:{','.join(self.versions)}"
+
     def select(self, versions: list[str]) -> list[str]:
         """The versions this policy serves out of ``versions`` (newest first)."""
         ordered = sorted(versions, key=version_key, reverse=True)
@@ -54,27 +118,55 @@ def version_key(version: str) -> tuple[int, int, str]:
 
 @dataclass(frozen=True)
 class Settings:
-    """Everything `tlserve serve` can be told; see docs/server-contract.md for each flag."""
+    """Everything `tlserve serve` can be told; docs/server-contract.md's flag table is generated from it."""
 
-    repository: str = "models"
-    host: str = "0.0.0.0"
-    port: int = 50051
-    metrics_port: int = 8080
-    device: str = "auto"
-    require_gpu: bool = False
-    max_batch_size: int = 32
-    max_queue_delay_ms: float = 2.0
-    max_queue_size: int = 256
-    intra_op_threads: int = 0
-    inter_op_threads: int = 0
-    version_policy: VersionPolicy = field(default_factory=VersionPolicy)
-    poll_interval: float = 0.0
-    max_message_bytes: int = 16 * 1024 * 1024
-    max_image_bytes: int = 8 * 1024 * 1024
-    max_pixels: int = 40_000_000
-    max_images: int = 64
-    drain_seconds: float = 10.0
-    decode_threads: int = 0
+    repository: str = setting("models", "serve every `DIR/<name>/<version>/model.onnx`", metavar="DIR")
+    host: str = setting("0.0.0.0", "bind address for gRPC and metrics")
+    port: int = setting(50051, "gRPC port (task API, OIP, health, reflection); 0 picks a free port")
+    metrics_port: int = setting(8080, "Prometheus `/metrics` HTTP port; 0 picks a free port")
+    device: str = setting("auto", "`auto`, `cpu`, `cuda` or `cuda:N`")
+    require_gpu: bool = setting(False, "refuse to start if CUDA was asked for and ONNX Runtime fell back to CPU")
+    max_batch_size: int = setting(32, "dynamic batching: largest batch")
+    max_queue_delay_ms: float = setting(2.0, "dynamic batching: longest wait to fill a batch, in milliseconds")
+    max_queue_size: int = setting(256, "bounded queue per model; full -> RESOURCE_EXHAUSTED")
+    intra_op_threads: int = setting(0, "ONNX Runtime intra-op threads (0 = ORT default)")
+    inter_op_threads: int = setting(0, "ONNX Runtime inter-op threads (0 = ORT default)")
+    version_policy: VersionPolicy = setting(VersionPolicy(), "`latest:N`, `all`, or `specific:V1,V2`")
+    poll_interval: float = setting(0.0, "seconds between repository scans for new versions (0 = off; SIGHUP rescans)")
+    max_message_bytes: int = setting(16 * 1024 * 1024, "gRPC max message size, received and sent")
+    max_image_bytes: int = setting(8 * 1024 * 1024, "largest encoded image")
+    max_pixels: int = setting(40_000_000, "largest decoded image (width x height), checked before decoding")
+    max_images: int = setting(64, "most images per request")
+    drain_seconds: float = setting(10.0, "graceful-shutdown grace period after SIGTERM")
+    decode_threads: int = setting(0, "image decoding threads (0 = one per CPU)")
+    tls_cert: str = setting(
+        "",
+        "PEM server certificate chain; enables TLS on the gRPC port. Re-read when the file changes (checked at most "
+        "once a second, at a new connection): new connections get the new certificate, open ones keep theirs",
+        metavar="FILE",
+    )
+    tls_key: str = setting("", "PEM (unencrypted) private key of `--tls-cert`", metavar="FILE")
+    tls_client_ca: str = setting(
+        "",
+        "PEM CA bundle: clients must present a certificate it signed (mTLS); reloaded like the certificate",
+        metavar="FILE",
+    )
+    metrics_tls: bool = setting(
+        False, "serve `/metrics` over HTTPS with `--tls-cert`/`--tls-key` (no client certificate asked)"
+    )
+    token_file: str = setting(
+        "",
+        "bearer tokens and their scopes, one `<token> <scope>[,<scope>]` a line (`infer`, `admin`); enables token "
+        "auth; re-read within a second of a change",
+        metavar="FILE",
+    )
+    reflection: bool = setting(True, "serve gRPC server reflection (`--no-reflection` turns it off)")
+    public_reflection: bool = setting(False, "with `--token-file`, reflection answers without a token")
+    health_port: int = setting(
+        -1,
+        "an extra plaintext port serving only `grpc.health.v1.Health`, for kubelet gRPC probes (they cannot speak "
+        "TLS); -1 off, 0 picks a free port",
+    )
 
     def __post_init__(self) -> None:
         if isinstance(self.version_policy, str):
@@ -82,8 +174,9 @@ class Settings:
         device = self.device
         if not (device in ("auto", "cpu", "cuda") or (device.startswith("cuda:") and device[5:].isdigit())):
             raise ValueError(f"--device must be auto, cpu, cuda or cuda:N; got {device!r}")
-        if self.max_batch_size < 1 or self.max_queue_size < 1 or self.max_images < 1:
-            raise ValueError("max batch size, queue size and images per request must be >= 1")
+        for name in ("max_batch_size", "max_queue_size", "max_images"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"--{name.replace('_', '-')} must be >= 1; got {getattr(self, name)}")
 
     @property
     def max_queue_delay(self) -> float:
@@ -99,56 +192,105 @@ class Settings:
         return cls(**{k: v for k, v in vars(args).items() if k in names})
 
 
-def _flag_env(name: str, env: Mapping[str, str], default: Any) -> Any:
-    return env.get(f"TLSERVE_{name.upper()}", default)
+@dataclass(frozen=True)
+class SettingSpec:
+    """One Settings field as the CLI and the docs see it."""
+
+    name: str
+    kind: type  # bool, int, float or str (other types arrive as text and Settings parses them)
+    default: Any
+    help: str  # code in backticks (the docs keep them, the CLI drops them)
+    env: str
+    flag: str
+    choices: tuple[Any, ...] | None
+    metavar: str | None
+
+    @property
+    def default_text(self) -> str:
+        if self.kind is bool:
+            return "on" if self.default else "off"
+        if isinstance(self.default, float):
+            return format(self.default, "g")
+        return str(self.default) if self.default != "" else "unset"
 
 
-def _truthy(text: str | bool) -> bool:
-    return text if isinstance(text, bool) else str(text).strip().lower() in ("1", "true", "yes", "on")
+def _flag_type(hint: Any) -> type:
+    if typing.get_origin(hint) in (typing.Union, types.UnionType):  # `str | None`: the non-None part
+        hint = next(arg for arg in typing.get_args(hint) if arg is not type(None))
+    return hint if hint in (bool, int, float, str) else str
 
 
-def add_arguments(parser: argparse.ArgumentParser, env: Mapping[str, str] | None = None) -> None:
-    """Register every serve flag; a flag's default comes from env TLSERVE_<FLAG> when set."""
-    env = os.environ if env is None else env
-    d = Settings()
-    help_of = {
-        "repository": "serve every DIR/<name>/<version>/model.onnx",
-        "host": "bind address for gRPC and metrics",
-        "port": "gRPC port (0 picks a free one)",
-        "metrics_port": "Prometheus /metrics HTTP port (0 picks a free one)",
-        "device": "auto, cpu, cuda or cuda:N",
-        "max_batch_size": "dynamic batching: largest batch",
-        "max_queue_delay_ms": "dynamic batching: longest wait to fill a batch (ms)",
-        "max_queue_size": "bounded queue per model; full -> RESOURCE_EXHAUSTED",
-        "intra_op_threads": "ONNX Runtime intra-op threads (0 = ORT default)",
-        "inter_op_threads": "ONNX Runtime inter-op threads (0 = ORT default)",
-        "version_policy": "latest:N, all, or specific:V1,V2",
-        "poll_interval": "seconds between repository scans (0 = off; SIGHUP always rescans)",
-        "max_message_bytes": "gRPC max receive message size",
-        "max_image_bytes": "largest encoded image",
-        "max_pixels": "largest decoded image (width x height), checked before decoding",
-        "max_images": "most images per request",
-        "drain_seconds": "graceful-shutdown grace period after SIGTERM",
-        "decode_threads": "image decoding threads (0 = one per CPU)",
-    }
-    for f in dataclasses.fields(Settings):
-        if f.name == "require_gpu":
-            continue
-        default = getattr(d, f.name)
-        kind = type(default) if isinstance(default, (int, float)) else str
-        if f.name == "version_policy":
-            default = "latest:1"
-        parser.add_argument(
-            f"--{f.name.replace('_', '-')}",
-            dest=f.name,
-            type=kind,
-            default=kind(_flag_env(f.name, env, default)),
-            help=f"{help_of[f.name]} (default: %(default)s)",
+def setting_specs(cls: type[Any] = Settings) -> list[SettingSpec]:
+    """Every field of ``cls`` (a dataclass of setting() fields), in declaration order, env and flag filled in."""
+    hints = typing.get_type_hints(cls)
+    specs = []
+    for f in dataclasses.fields(cls):
+        info = f.metadata.get(SETTING)
+        if not isinstance(info, SettingInfo):
+            raise TypeError(f"{cls.__name__}.{f.name} must be declared with setting(default, help)")
+        default = f.default_factory() if f.default_factory is not MISSING else f.default
+        flag = info.flag or f"--{f.name.replace('_', '-')}"
+        env = info.env or f"TLSERVE_{f.name.upper()}"
+        specs.append(
+            SettingSpec(f.name, _flag_type(hints[f.name]), default, info.help, env, flag, info.choices, info.metavar)
         )
-    parser.add_argument(
-        "--require-gpu",
-        dest="require_gpu",
-        action="store_true",
-        default=_truthy(_flag_env("require_gpu", env, False)),
-        help="refuse to start if CUDA was asked for and ONNX Runtime fell back to CPU",
-    )
+    return specs
+
+
+class _FromEnv(str):
+    """A default read from the environment; argparse converts it at parse time, naming the variable on error."""
+
+
+def _parse_bool(text: str) -> bool:
+    word = text.strip().lower()
+    if word in TRUE or word in FALSE:
+        return word in TRUE
+    raise ValueError(text)
+
+
+def _converter(spec: SettingSpec) -> Callable[[str], Any]:
+    parse: Callable[[str], Any] = _parse_bool if spec.kind is bool else spec.kind
+
+    def convert(text: str) -> Any:
+        source = f" (from {spec.env})" if isinstance(text, _FromEnv) else ""
+        try:
+            value = parse(text)
+        except ValueError:
+            want = (
+                f"{'/'.join(TRUE)} or {'/'.join(FALSE[:-1])}" if spec.kind is bool else f"a valid {spec.kind.__name__}"
+            )
+            raise argparse.ArgumentTypeError(f"{text!r}{source} is not {want}") from None
+        if spec.choices is not None and value not in spec.choices:
+            choices = ", ".join(map(str, spec.choices))
+            raise argparse.ArgumentTypeError(f"{text!r}{source} is not one of {choices}")
+        return value
+
+    return convert
+
+
+class _Switch(argparse.Action):
+    """``--x`` / ``--no-x`` that also converts a string default (from the environment) with its ``type``."""
+
+    def __init__(self, option_strings: list[str], dest: str, **kwargs: Any) -> None:
+        super().__init__(option_strings, dest, nargs=0, **kwargs)
+
+    def __call__(self, parser: Any, namespace: Any, values: Any, option_string: str | None = None) -> None:
+        setattr(namespace, self.dest, not (option_string or "").startswith("--no-"))
+
+
+def add_arguments(
+    parser: argparse.ArgumentParser, env: Mapping[str, str] | None = None, cls: type[Any] = Settings
+) -> None:
+    """Register every setting of ``cls`` as a flag; its default comes from its environment variable when set."""
+    env = os.environ if env is None else env
+    for spec in setting_specs(cls):
+        text = env.get(spec.env)
+        default = spec.default if text is None else _FromEnv(text)
+        source = f"env {spec.env}" if text is None else f"set by {spec.env}"
+        shown = spec.default_text if text is None else repr(text)
+        help = f"{spec.help.replace('`', '')} (default: {shown}; {source})".replace("%", "%%")
+        common: dict[str, Any] = dict(dest=spec.name, type=_converter(spec), default=default, help=help)
+        if spec.kind is bool:
+            parser.add_argument(spec.flag, f"--no-{spec.flag.removeprefix('--')}", action=_Switch, **common)
+        else:
+            parser.add_argument(spec.flag, choices=spec.choices, metavar=spec.metavar, **common)

@@ -12,8 +12,9 @@
   ``model.onnx`` (``options`` are ExportOptions fields, e.g. ``logits=True``). Each call takes
   tens of seconds on 2 cores: prefer copying ``fashion/1`` when a plain copy will do.
 
-- ``head_fitter`` (session): ``fit_head(model, preprocessing, uint8_images, targets)``, fits a
-  ``build_model`` model's new head in place on frozen-backbone embeddings (a few seconds).
+- ``head_fitter`` (session): ``fit_head(model, head, preprocessing, uint8_images, targets)``, fits a
+  ``build_model`` model's new head (``head`` = its ``ModelConfig.classifier``) in place on
+  frozen-backbone embeddings (a few seconds).
 
 All of them skip cleanly when torch is not installed (a serve-only install).
 """
@@ -29,19 +30,20 @@ MODEL_NAME = "fashion"
 INPUT_SIZE = 64
 
 
-def fit_head(model, pre, images, targets, steps: int = 150) -> None:
-    """Fit ``model``'s new head on frozen-backbone embeddings of uint8 NCHW ``images`` (full batch, Adam)."""
+def fit_head(model, head_name, pre, images, targets, steps: int = 150) -> None:
+    """Fit ``model``'s new head (``head_name``) on frozen-backbone embeddings of uint8 NCHW ``images``
+    (full batch, Adam)."""
     import torch
 
     from tlserve.export.graph import split_head
     from tlserve.trainer.transforms import normalize
 
     torch.manual_seed(0)
-    body, _ = split_head(model, model.head_name)
+    body, _ = split_head(model, head_name)
     with torch.no_grad():
         x = torch.from_numpy(images)
         embeddings = torch.cat([torch.flatten(body(normalize(x[i : i + 250], pre)), 1) for i in range(0, len(x), 250)])
-    head = model.get_submodule(model.head_name)
+    head = model.get_submodule(head_name)
     optimiser = torch.optim.Adam(head.parameters(), lr=3e-3, weight_decay=1e-4)
     y = torch.from_numpy(targets)
     for _ in range(steps):
@@ -52,7 +54,7 @@ def fit_head(model, pre, images, targets, steps: int = 150) -> None:
 
 @pytest.fixture(scope="session")
 def head_fitter() -> Callable[..., None]:
-    """``fit_head(model, preprocessing, uint8_images, targets)``: fit the new head in place."""
+    """``fit_head(model, head, preprocessing, uint8_images, targets)``: fit the new head in place."""
     pytest.importorskip("torch")
     return fit_head
 
@@ -64,7 +66,7 @@ def fashion_checkpoint(tmp_path_factory) -> Path:
     pytest.importorskip("onnx")
     from tlserve.export.samples import demo_split
     from tlserve.manifest import Manifest
-    from tlserve.trainer.checkpoint import CHECKPOINT_FORMAT, atomic_save
+    from tlserve.trainer import checkpoint
     from tlserve.trainer.demo_data import folder_name, load_arrays
     from tlserve.trainer.models import build_model
     from tlserve.trainer.preprocessing import preprocessing_for
@@ -83,21 +85,11 @@ def fashion_checkpoint(tmp_path_factory) -> Path:
             "dataset": {"path": "embedded demo data", "train": 2000},
         },
     )
-    model = build_model("mobilenet_v2", len(labels), weights="IMAGENET1K_V1").eval()
+    model, config = build_model("mobilenet_v2", len(labels), weights="IMAGENET1K_V1")
     train = demo_split("train", manifest, None)
-    fit_head(model, pre, train.images, train.targets)
+    fit_head(model.eval(), config.classifier, pre, train.images, train.targets)
     path = tmp_path_factory.mktemp("fashion-run") / "checkpoint.pt"
-    atomic_save(
-        {
-            "format": CHECKPOINT_FORMAT,
-            "arch": "mobilenet_v2",
-            "head": "linear",
-            "dropout": 0.0,
-            "model_state": model.state_dict(),
-            "manifest": manifest.to_dict(),
-        },
-        path,
-    )
+    checkpoint.save(checkpoint.build(model, config, manifest), path)
     return path
 
 

@@ -23,7 +23,7 @@ from collections import Counter
 from typing import Any
 
 from tlserve.manifest import Preprocessing
-from tlserve.trainer.config import TrainConfig
+from tlserve.trainer.config import TrainConfig, start_weights
 from tlserve.trainer.data import ImageList, Splits, stratified_split
 from tlserve.trainer.distributed import DistContext
 from tlserve.trainer.engine import Runtime
@@ -56,7 +56,8 @@ def evidence_table(rows: list[tuple[str, str]]) -> str:
 def _quick(
     strategy: str, cfg: TrainConfig, splits: Splits, train, held, pre: Preprocessing, rt: Runtime, dist: DistContext
 ) -> float:
-    model = build_model(cfg.arch, len(splits.classes), cfg.weights, cfg.head, cfg.dropout, pre.input_size).to(rt.device)
+    model, config = build_model(cfg.arch, len(splits.classes), cfg.weights, cfg.head, cfg.dropout, pre.input_size)
+    model = model.to(rt.device)
     phases = plan(strategy, cfg.auto_epochs, 0, cfg.lr, cfg.lr, cfg.backbone_lr_mult)
     quick_cfg = cfg.replace(patience=None, ema=None, progress="off")
     state = fit(
@@ -69,6 +70,7 @@ def _quick(
         rt,
         dist,
         num_classes=len(splits.classes),
+        head=config.classifier,
         tag=f"auto/{strategy} ",
     )
     return state.best_accuracy
@@ -80,7 +82,7 @@ def choose_strategy(
     """Run the probe and the quick fine-tune, decide, log the table; returns the evidence."""
     counts = Counter(t for _, t in splits.train)
     per_class = min(counts.values())
-    if cfg.weights.lower() == "none":
+    if start_weights(cfg.strategy, cfg.weights) is None:
         rows = [("images per class (min)", str(per_class)), ("pretrained weights", "none"), ("choice", "scratch")]
         evidence = {"choice": "scratch", "scenario": "no pretrained weights", "per_class": per_class}
     else:

@@ -72,12 +72,17 @@ def _train(args: argparse.Namespace) -> int:
     # slowed training several-fold here. Must be set before torch loads; an explicit setting wins.
     os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
     from tlserve.trainer.config import resolve
+    from tlserve.trainer.torchfile import CheckpointError
     from tlserve.trainer.train import run
 
     cfg = resolve(vars(args), args.config_file)
     if not cfg.data or not cfg.out:
         raise SystemExit("tlserve train: --data and --out are required (on the command line or in --config)")
-    summary = run(cfg)
+    try:
+        summary = run(cfg)
+    except CheckpointError as exc:  # --weights FILE or --resume's last.pt refused
+        print(f"tlserve train: {exc}")
+        return 1
     if summary.get("auto_table"):
         print("auto strategy, the evidence:\n" + summary.pop("auto_table"))
     for key, value in summary.items():

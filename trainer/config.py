@@ -18,6 +18,14 @@ AUGMENT = ("none", "light", "classic", "strong")
 OPTIMIZERS = ("adamw", "sgd")
 
 
+def start_weights(strategy: str, weights: str | None) -> str | None:
+    """The pretrained weights a run starts from: ``weights``, or None when the strategy is
+    ``scratch`` or the weights are "none". (The one place this rule is written.)"""
+    if strategy == "scratch" or not weights or weights.lower() == "none":
+        return None
+    return weights
+
+
 @dataclass(frozen=True)
 class TrainConfig:
     """Every knob of one training run (see ``docs/training.md``)."""
@@ -77,10 +85,6 @@ class TrainConfig:
             raise ValueError(f"head_epochs must be within 0..epochs, got {self.head_epochs}/{self.epochs}")
         if self.epochs < 1 or self.batch_size < 1:
             raise ValueError("epochs and batch_size must be >= 1")
-
-    @property
-    def pretrained(self) -> bool:
-        return self.strategy != "scratch" and self.weights.lower() != "none"
 
     def replace(self, **changes: Any) -> TrainConfig:
         return dataclasses.replace(self, **changes)

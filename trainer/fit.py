@@ -83,11 +83,18 @@ class PhaseRunner:
     """Optimiser, schedule and scaler for one phase; rebuilt when the phase changes."""
 
     def __init__(
-        self, model: nn.Module, phase: Phase, cfg: TrainConfig, steps_per_epoch: int, rt: Runtime, dist: DistContext
+        self,
+        model: nn.Module,
+        head: str,
+        phase: Phase,
+        cfg: TrainConfig,
+        steps_per_epoch: int,
+        rt: Runtime,
+        dist: DistContext,
     ):
-        set_trainable(model, phase.name, cfg.unfreeze)
+        set_trainable(model, head, phase.name, cfg.unfreeze)
         self.phase, self.net = phase, dist.wrap(model)
-        self.optimizer = make_optimizer(cfg, param_groups(model, phase.lr, phase.backbone_lr_mult))
+        self.optimizer = make_optimizer(cfg, param_groups(model, head, phase.lr, phase.backbone_lr_mult))
         total = max(1, steps_per_epoch * phase.epochs)
         warmup = min(total, max(1, round(cfg.warmup_epochs * steps_per_epoch)))
         self.scheduler = warmup_cosine(self.optimizer, warmup, total)
@@ -126,11 +133,13 @@ def fit(
     dist: DistContext,
     *,
     num_classes: int,
+    head: str,
     on_epoch: Callable[[EpochEnd], None] | None = None,
     resume: dict[str, Any] | None = None,
     tag: str = "",
 ) -> FitState:
-    """Train ``model`` in place through ``phases``; returns the final state (best epoch, history)."""
+    """Train ``model`` in place through ``phases``; returns the final state (best epoch, history).
+    ``head`` is the dotted name of the model's new head (``ModelConfig.classifier``)."""
     state = FitState(**resume["state"]) if resume else FitState()
     weights = class_weights(train_set.targets, num_classes).to(rt.device) if cfg.balance == "loss" else None
     criterion = nn.CrossEntropyLoss(weight=weights, label_smoothing=cfg.label_smoothing)
@@ -151,7 +160,7 @@ def fit(
         )
         if runner is None or runner.phase is not phases[index]:
             first = runner is None
-            runner = PhaseRunner(model, phases[index], cfg, len(loader), rt, dist)
+            runner = PhaseRunner(model, head, phases[index], cfg, len(loader), rt, dist)
             if first and resume and resume.get("phase") == index:
                 runner.load_state_dict(resume["runner"])
         seed_everything(derive(cfg.seed, epoch, dist.rank))

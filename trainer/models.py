@@ -4,15 +4,39 @@ Weights always come through torchvision's weights API (``get_model_weights``), s
 cache ($TORCH_HOME/hub/checkpoints) is the one place pretrained files live. The head is
 replaced generically: the last ``nn.Linear`` of the network is the classifier, whatever the
 family calls it (``fc``, ``classifier[1]``, ``heads.head``...).
+
+``build_model`` returns the network with its :class:`ModelConfig`: what built it and the dotted
+names of its parts (as timm's ``PretrainedCfg`` names ``classifier`` and ``first_conv``). The
+config travels in the checkpoint; nothing is stamped onto the module.
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
 
-import torch
 from torch import nn
 from torchvision import models as tvm
+
+from tlserve.trainer.torchfile import CheckpointError, safe_load
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """How to build the network again, and where its parts are.
+
+    ``classifier``: dotted name of the new head module (its input is the embedding: export cuts
+    the graph there and the strategies train it). ``first_layer``: dotted name of the input
+    layer (the first convolution, or linear layer).
+    """
+
+    arch: str
+    num_classes: int
+    classifier: str
+    first_layer: str
+    head: str = "linear"  # "linear" or "mlp:512,512"
+    dropout: float = 0.0
+    image_size: int | None = None  # ViT builders size their position embeddings from it
 
 
 def resolve_weights(arch: str, spec: str | None) -> tvm.WeightsEnum | None:
@@ -36,6 +60,14 @@ def head_name(model: nn.Module) -> str:
     if not names:
         raise ValueError(f"{type(model).__name__} has no nn.Linear classifier to replace")
     return names[-1]
+
+
+def first_layer_name(model: nn.Module) -> str:
+    """Dotted name of the input layer: the first convolution or linear layer, in registration order."""
+    for name, module in model.named_modules():
+        if isinstance(module, (nn.Conv2d, nn.Linear)) and not name.startswith("AuxLogits"):
+            return name
+    raise ValueError(f"{type(model).__name__} has no convolution or linear layer")
 
 
 def make_head(in_features: int, num_classes: int, head: str = "linear", dropout: float = 0.0) -> nn.Module:
@@ -64,11 +96,11 @@ def _set_module(model: nn.Module, dotted: str, module: nn.Module) -> None:
 
 def _weights_file(path: str) -> tuple[dict, bool]:
     """(state_dict, is_ours): a plain state_dict, or the ``model_state`` of one of our checkpoints."""
-    state = torch.load(path, map_location="cpu", weights_only=False)
+    state = safe_load(path)
     if isinstance(state, dict) and "model_state" in state:
         return state["model_state"], True
     if not isinstance(state, dict):
-        raise ValueError(f"{path}: expected a state_dict or a tlserve checkpoint")
+        raise CheckpointError(f"{path}: expected a state_dict or a tlserve checkpoint")
     return state, False
 
 
@@ -87,8 +119,8 @@ def build_model(
     head: str = "linear",
     dropout: float = 0.0,
     image_size: int | None = None,
-) -> nn.Module:
-    """A torchvision model with (optionally) pretrained weights and a fresh ``num_classes`` head.
+) -> tuple[nn.Module, ModelConfig]:
+    """A torchvision model with (optionally) pretrained weights and a fresh ``num_classes`` head, and its config.
 
     Pretrained weights are loaded first, then the head is replaced (torchvision's builders
     refuse ``num_classes`` together with ``weights``). ``weights`` may also be a file: a plain
@@ -109,7 +141,6 @@ def build_model(
     _set_module(model, name, make_head(in_features, num_classes, head, dropout))
     if arch == "inception_v3":
         model.AuxLogits.fc = nn.Linear(model.AuxLogits.fc.in_features, num_classes)
-    model.head_name = name  # the new head's dotted name: its input is the embedding
     if state is not None:
         model.load_state_dict(state)
-    return model
+    return model, ModelConfig(arch, num_classes, name, first_layer_name(model), head, dropout, image_size)

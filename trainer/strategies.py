@@ -4,7 +4,8 @@
 plain ``nn.Sequential``/``nn.ModuleList`` containers are opened up, and so is any module that
 holds most of the parameters (a trunk such as ViT's ``encoder``); everything else (a residual
 block, an inverted residual, a Conv-BN-act unit, an Inception module) is one block. The new head
-(``model.head_name``) and Inception's auxiliary head are not part of the backbone.
+(``head``, the dotted name in ``ModelConfig.classifier``) and Inception's auxiliary head are not
+part of the backbone.
 """
 
 from __future__ import annotations
@@ -36,9 +37,8 @@ def _is_head(name: str, head: str) -> bool:
     return name == head or name.startswith(head + ".") or name.split(".")[0] in HEADLIKE
 
 
-def backbone_blocks(model: nn.Module) -> list[tuple[str, list[nn.Parameter]]]:
-    """The backbone as ordered ``(name, parameters)`` blocks, input side first."""
-    head = model.head_name
+def backbone_blocks(model: nn.Module, head: str) -> list[tuple[str, list[nn.Parameter]]]:
+    """The backbone as ordered ``(name, parameters)`` blocks, input side first (``head`` left out)."""
     total = sum(p.numel() for n, p in model.named_parameters() if not _is_head(n, head))
     blocks: list[tuple[str, list[nn.Parameter]]] = []
 
@@ -60,20 +60,20 @@ def backbone_blocks(model: nn.Module) -> list[tuple[str, list[nn.Parameter]]]:
     return blocks
 
 
-def head_parameters(model: nn.Module) -> list[nn.Parameter]:
-    return [p for n, p in model.named_parameters() if _is_head(n, model.head_name)]
+def head_parameters(model: nn.Module, head: str) -> list[nn.Parameter]:
+    return [p for n, p in model.named_parameters() if _is_head(n, head)]
 
 
-def set_trainable(model: nn.Module, phase: str, unfreeze: int = 0) -> None:
+def set_trainable(model: nn.Module, head: str, phase: str, unfreeze: int = 0) -> None:
     """``head``: only the head; ``partial``: the head and the top ``unfreeze`` blocks; ``full``: all."""
     for p in model.parameters():
         p.requires_grad_(phase == "full")
     if phase == "full":
         return
-    for p in head_parameters(model):
+    for p in head_parameters(model, head):
         p.requires_grad_(True)
     if phase == "partial" and unfreeze > 0:
-        for _, params in backbone_blocks(model)[-unfreeze:]:
+        for _, params in backbone_blocks(model, head)[-unfreeze:]:
             for p in params:
                 p.requires_grad_(True)
 
@@ -91,12 +91,12 @@ def freeze_batchnorm(model: nn.Module, all_layers: bool = False) -> None:
                 module.eval()
 
 
-def param_groups(model: nn.Module, lr: float, backbone_lr_mult: float) -> list[dict]:
+def param_groups(model: nn.Module, head: str, lr: float, backbone_lr_mult: float) -> list[dict]:
     """Discriminative learning rates: the backbone at ``lr * backbone_lr_mult``, the head at ``lr``."""
-    head_ids = {id(p) for p in head_parameters(model)}
-    head = [p for p in model.parameters() if p.requires_grad and id(p) in head_ids]
+    head_ids = {id(p) for p in head_parameters(model, head)}
+    trained_head = [p for p in model.parameters() if p.requires_grad and id(p) in head_ids]
     body = [p for p in model.parameters() if p.requires_grad and id(p) not in head_ids]
-    groups = [{"params": head, "lr": lr, "name": "head"}]
+    groups = [{"params": trained_head, "lr": lr, "name": "head"}]
     if body:
         groups.append({"params": body, "lr": lr * backbone_lr_mult, "name": "backbone"})
     return groups

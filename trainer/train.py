@@ -21,16 +21,17 @@ from tlserve import __version__
 from tlserve.manifest import Manifest, Preprocessing
 from tlserve.trainer import reports
 from tlserve.trainer.auto import choose_strategy
-from tlserve.trainer.checkpoint import CHECKPOINT_FORMAT, atomic_save, read_checkpoint
-from tlserve.trainer.config import TrainConfig, save_yaml
+from tlserve.trainer.checkpoint import build, load_model, load_resume, save, save_resume
+from tlserve.trainer.config import TrainConfig, save_yaml, start_weights
 from tlserve.trainer.data import ImageList, Splits, load_splits
 from tlserve.trainer.distributed import DistContext, setup
 from tlserve.trainer.engine import Runtime, evaluate, make_runtime
 from tlserve.trainer.fit import EpochEnd, FitState, fit
-from tlserve.trainer.models import build_model
+from tlserve.trainer.models import ModelConfig, build_model
 from tlserve.trainer.preprocessing import preprocessing_for
 from tlserve.trainer.seeding import derive, seed_everything
 from tlserve.trainer.strategies import plan, trainable_count
+from tlserve.trainer.torchfile import file_sha256
 from tlserve.trainer.transforms import EvalTransform, TrainTransform
 
 log = logging.getLogger(__name__)
@@ -39,6 +40,15 @@ log = logging.getLogger(__name__)
 def model_name(cfg: TrainConfig) -> str:
     raw = cfg.name or Path(cfg.data).resolve().name or "model"
     return re.sub(r"[^A-Za-z0-9_.-]+", "-", raw).strip("-") or "model"
+
+
+def weights_provenance(weights: str | None) -> dict[str, Any]:
+    """The starting weights as provenance: their name, or a weights file's name and sha256 (never its path)."""
+    if weights is None:
+        return {"weights": "none"}
+    if Path(weights).is_file():
+        return {"weights": Path(weights).name, "weights_sha256": file_sha256(weights)}
+    return {"weights": weights}
 
 
 def set_threads(cfg: TrainConfig, dist: DistContext) -> None:
@@ -53,12 +63,15 @@ class RunWriter:
         self,
         cfg: TrainConfig,
         strategy: str,
+        model: ModelConfig,
         splits: Splits,
         pre: Preprocessing,
         evidence: dict[str, Any] | None,
         dist: DistContext,
     ):
-        self.cfg, self.strategy, self.splits, self.pre, self.evidence = cfg, strategy, splits, pre, evidence
+        self.cfg, self.strategy, self.model, self.splits, self.pre = cfg, strategy, model, splits, pre
+        self.evidence = evidence
+        self.weights = weights_provenance(start_weights(strategy, cfg.weights))
         self.enabled = dist.is_main
         self.world_size = dist.world_size
         self.dir = Path(cfg.out)
@@ -72,10 +85,10 @@ class RunWriter:
         prov = {
             "strategy": self.strategy,
             "requested_strategy": self.cfg.strategy,
-            "weights": self.cfg.weights if self.strategy != "scratch" else "none",
+            **self.weights,
             "head": self.cfg.head,
             "dropout": self.cfg.dropout,
-            "dataset": {"path": str(self.cfg.data), **self.splits.counts()},
+            "dataset": {"name": Path(self.cfg.data).resolve().name, **self.splits.counts()},
             "val": {"accuracy": best.get("val_accuracy"), "loss": best.get("val_loss")},
             "epochs": state.epoch,
             "best_epoch": state.best_epoch,
@@ -101,29 +114,14 @@ class RunWriter:
             provenance=self.provenance(state, **extra),
         )
 
-    def checkpoint(self, model: nn.Module, manifest: Manifest, epoch: int) -> dict[str, Any]:
-        return {
-            "format": CHECKPOINT_FORMAT,
-            "arch": self.cfg.arch,
-            "head": self.cfg.head,
-            "dropout": self.cfg.dropout,
-            "image_size": self.pre.input_size,
-            "model_state": model.state_dict(),
-            "manifest": manifest.to_dict(),
-            "epoch": epoch,
-            "config": self.cfg.to_dict(),
-        }
-
     def on_epoch(self, end: EpochEnd) -> None:
         if not self.enabled:
             return
         if end.improved:
-            atomic_save(
-                self.checkpoint(end.model, self.manifest(end.state), end.state.epoch), self.dir / "checkpoint.pt"
-            )
-        atomic_save(
-            {"format": CHECKPOINT_FORMAT, "kind": "last", "auto": self.evidence, **end.resume}, self.dir / "last.pt"
-        )
+            manifest = self.manifest(end.state)
+            checkpoint = build(end.model, self.model, manifest, epoch=end.state.epoch, train_config=self.cfg.to_dict())
+            save(checkpoint, self.dir / "checkpoint.pt")
+        save_resume(end.resume, self.evidence, self.dir / "last.pt")
         reports.write_metrics(self.dir, end.state.history)
         reports.plot_curves(self.dir, end.state.history)
 
@@ -135,7 +133,7 @@ def read_resume(cfg: TrainConfig) -> dict[str, Any] | None:
     if not path.is_file():
         log.warning("--resume: %s not found, starting from scratch", path)
         return None
-    state = torch.load(path, map_location="cpu", weights_only=False)
+    state = load_resume(path)
     log.info("resuming from %s after epoch %d", path, state["state"]["epoch"])
     return state
 
@@ -144,9 +142,7 @@ def finish(
     writer: RunWriter, state: FitState, splits: Splits, cfg: TrainConfig, pre: Preprocessing, rt: Runtime
 ) -> dict[str, Any]:
     """Evaluate the best checkpoint on test (or val), write the reports, seal the manifest."""
-    ckpt = read_checkpoint(writer.dir / "checkpoint.pt")
-    model = build_model(cfg.arch, len(splits.classes), None, cfg.head, cfg.dropout, pre.input_size)
-    model.load_state_dict(ckpt["model_state"])
+    model, checkpoint = load_model(writer.dir / "checkpoint.pt")
     split, samples = ("test", splits.test) if splits.test else ("val", splits.val)
     loader = torch.utils.data.DataLoader(ImageList(samples, EvalTransform(pre)), batch_size=cfg.batch_size * 2)
     result = evaluate(model.to(rt.device), loader, nn.CrossEntropyLoss(), pre, rt)
@@ -156,8 +152,7 @@ def finish(
         "stopped_early": state.stopped_early,
     }
     manifest = writer.manifest(state, **extra)
-    ckpt["manifest"] = manifest.to_dict()
-    atomic_save(ckpt, writer.dir / "checkpoint.pt")
+    save(checkpoint.replace(manifest=manifest), writer.dir / "checkpoint.pt")
     summary = {
         "name": manifest.name,
         "architecture": cfg.arch,
@@ -196,13 +191,13 @@ def _run(cfg: TrainConfig, dist: DistContext) -> dict[str, Any]:
     if cfg.strategy == "auto" and evidence is None:
         evidence = choose_strategy(cfg, splits, pre, rt, dist)
     strategy = evidence["choice"] if cfg.strategy == "auto" else cfg.strategy
-    weights = cfg.weights if strategy != "scratch" and cfg.weights.lower() != "none" else None
-    model = build_model(cfg.arch, len(splits.classes), weights, cfg.head, cfg.dropout, pre.input_size)
+    weights = start_weights(strategy, cfg.weights)
+    model, model_config = build_model(cfg.arch, len(splits.classes), weights, cfg.head, cfg.dropout, pre.input_size)
     if resume:
         model.load_state_dict(resume["model_state"])
     model = model.to(rt.device, memory_format=torch.channels_last if rt.channels_last else torch.preserve_format)
     phases = plan(strategy, cfg.epochs, cfg.head_epochs, cfg.lr, cfg.finetune_lr, cfg.backbone_lr_mult)
-    writer = RunWriter(cfg, strategy, splits, pre, evidence, dist)
+    writer = RunWriter(cfg, strategy, model_config, splits, pre, evidence, dist)
     log.info(
         "training %s (%s, weights %s) with %s: %d classes, %s, %d px, %d parameters",
         cfg.arch,
@@ -224,6 +219,7 @@ def _run(cfg: TrainConfig, dist: DistContext) -> dict[str, Any]:
         rt,
         dist,
         num_classes=len(splits.classes),
+        head=model_config.classifier,
         on_epoch=writer.on_epoch,
         resume=resume,
     )

@@ -8,6 +8,8 @@ Eval, written down in the manifest's ``Preprocessing``:
 3. centre crop ``input_size``: ``left = int(round((w - input_size) / 2))``, same for ``top``;
 4. uint8 HWC -> CHW. Scaling by 1/255 and mean/std normalisation belong to the model's graph.
 
+The sizes of steps 2 and 3 come from ``tlserve.geometry``, the arithmetic the server shares.
+
 Training presets start from the same uint8 output and add augmentation.
 """
 
@@ -20,6 +22,7 @@ import torch
 from PIL import Image
 from torchvision.transforms import v2
 
+from tlserve.geometry import center_crop_box, resized_size
 from tlserve.manifest import Preprocessing
 
 PIL_RESAMPLE = {
@@ -30,15 +33,12 @@ PIL_RESAMPLE = {
 
 
 def resize_shorter(img: Image.Image, size: int, interpolation: str) -> Image.Image:
-    w, h = img.size
-    new = (size, int(size * h / w)) if w <= h else (int(size * w / h), size)
-    return img if new == (w, h) else img.resize(new, PIL_RESAMPLE[interpolation])
+    new = resized_size(img.width, img.height, size)
+    return img if new == img.size else img.resize(new, PIL_RESAMPLE[interpolation])
 
 
 def center_crop(img: Image.Image, size: int) -> Image.Image:
-    w, h = img.size
-    left, top = int(round((w - size) / 2.0)), int(round((h - size) / 2.0))
-    return img.crop((left, top, left + size, top + size))
+    return img.crop(center_crop_box(img.width, img.height, size))
 
 
 def to_uint8_chw(img: Image.Image) -> torch.Tensor:

@@ -3,36 +3,21 @@
 Inputs arrive either as ``raw_input_contents`` (little-endian, row-major bytes, one entry per
 input) or as the typed repeated field that matches the datatype; FP16 has no typed field and
 travels raw only. Outputs always go back raw, which every client reads and which costs no
-per-element conversion. Every problem is an :class:`InvalidArgument` naming the tensor.
+per-element conversion; an output asked for as classes goes back as BYTES strings. Every problem
+is an :class:`InvalidArgument` naming the tensor.
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 
 import numpy as np
 
+from tlserve.server.dataplane import Answer, RequestedOutput, TopK
 from tlserve.server.errors import InvalidArgument, count_text, shape_text
+from tlserve.server.oip.datatypes import DTYPES, datatype_of
 from tlserve.server.pb.inference import messages_pb2 as pb
-
-DTYPES: dict[str, np.dtype] = {
-    name: np.dtype(t).newbyteorder("<")
-    for name, t in {
-        "BOOL": np.bool_,
-        "UINT8": np.uint8,
-        "UINT16": np.uint16,
-        "UINT32": np.uint32,
-        "UINT64": np.uint64,
-        "INT8": np.int8,
-        "INT16": np.int16,
-        "INT32": np.int32,
-        "INT64": np.int64,
-        "FP16": np.float16,
-        "FP32": np.float32,
-        "FP64": np.float64,
-    }.items()
-}
 
 TYPED_FIELDS = {
     "BOOL": "bool_contents",
@@ -47,15 +32,7 @@ TYPED_FIELDS = {
     "FP32": "fp32_contents",
     "FP64": "fp64_contents",
 }
-
-
-def datatype_of(dtype: np.dtype | str) -> str:
-    """The protocol's name for a numpy dtype ("uint8" -> "UINT8")."""
-    wanted = np.dtype(dtype)
-    for name, candidate in DTYPES.items():
-        if candidate == wanted:
-            return name
-    raise ValueError(f"no Open Inference Protocol datatype for numpy {wanted}")
+CLASSIFICATION = "classification"  # the output parameter that asks for top classes (Triton's extension)
 
 
 def element_count(name: str, shape: Sequence[int]) -> int:
@@ -114,6 +91,36 @@ def decode_inputs(request: pb.ModelInferRequest) -> dict[str, np.ndarray]:
         else:
             arrays[tensor.name] = decode_typed(tensor.name, tensor.datatype, tensor.shape, tensor.contents)
     return arrays
+
+
+def requested_outputs(request: pb.ModelInferRequest) -> list[RequestedOutput]:
+    """The outputs a request names, each with its classification count (0: the tensor itself)."""
+    return [
+        RequestedOutput(o.name, o.parameters[CLASSIFICATION].int64_param if CLASSIFICATION in o.parameters else 0)
+        for o in request.outputs
+    ]
+
+
+def infer_response(model: str, version: str, request_id: str, outputs: Mapping[str, Answer]) -> pb.ModelInferResponse:
+    """The response to ModelInfer: each output as a tensor, or as classification strings."""
+    response = pb.ModelInferResponse(model_name=model, model_version=version, id=request_id)
+    for name, answer in outputs.items():
+        if isinstance(answer, TopK):
+            encode_bytes(response, name, classification(answer))
+        else:
+            encode_outputs(response, {name: answer})
+    return response
+
+
+def classification(top: TopK) -> np.ndarray:
+    """Triton's classification extension: [N, k] strings "score:index:label", best first."""
+    return np.array(
+        [
+            [f"{s:f}:{i}:{top.labels[i]}".encode() for i, s in zip(row_i, row_s)]
+            for row_i, row_s in zip(top.indices.tolist(), top.scores.tolist())
+        ],
+        dtype=object,
+    )
 
 
 def encode_outputs(response: pb.ModelInferResponse, outputs: dict[str, np.ndarray]) -> None:

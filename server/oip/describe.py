@@ -9,7 +9,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from tlserve.server.model import ServedModel
-from tlserve.server.oip.codec import datatype_of
+from tlserve.server.oip.datatypes import datatype_of
 from tlserve.server.pb.inference import messages_pb2 as pb
 from tlserve.server.pb.inference import model_config_pb2 as config_pb
 from tlserve.server.runtime import CUDA, ORT_DTYPES

@@ -8,7 +8,9 @@ versions of one model loaded, each version reports the model's totals for those.
 
 from __future__ import annotations
 
+import contextlib
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 
 from prometheus_client import CollectorRegistry
@@ -47,6 +49,16 @@ class InferenceStatistics:
         record = self._records.setdefault((name, version), VersionRecord())
         (record.success if ok else record.fail).add(ns)
         record.last_inference_ms = time.time_ns() // 1_000_000
+
+    @contextlib.contextmanager
+    def measure(self, name: str, version: str) -> Iterator[None]:
+        """Record the enclosed inference: its duration, as a success unless it raises."""
+        started, ok = time.perf_counter_ns(), False
+        try:
+            yield
+            ok = True
+        finally:
+            self.record(name, version, time.perf_counter_ns() - started, ok)
 
     def _totals(self, metric: str, name: str) -> tuple[int, float]:
         """(observations, sum) of one model's histogram; zeros before its first observation."""

@@ -20,6 +20,17 @@ FEATURES = [
     "--set",
     "autoscaling.customMetric.enabled=true",
 ]
+# TLS from an existing Secret, token auth from another
+SECURED = [
+    "--set",
+    "tls.enabled=true",
+    "--set",
+    "tls.secretName=tlserve-tls",
+    "--set",
+    "auth.enabled=true",
+    "--set",
+    "auth.tokenSecretName=tlserve-tokens",
+]
 VARIANTS = {
     "defaults": [],
     "gpu": ["-f", str(GPU_VALUES)],
@@ -38,8 +49,23 @@ VARIANTS = {
         "--set",
         "model.initContainer.url=https://models.example.com/fashion.onnx",
     ],
+    "tls-auth": [*SECURED, "--set", "tls.metrics=true", "--set", "serviceMonitor.enabled=true"],
+    "cert-manager-mtls": [
+        "--set",
+        "tls.enabled=true",
+        "--set",
+        "tls.certManager.enabled=true",
+        "--set",
+        "tls.certManager.issuerRef.name=tlserve-ca",
+        "--set",
+        "tls.clientCA.enabled=true",
+        "--set",
+        "tls.clientCA.secretName=tlserve-client-ca",
+        "--set",
+        "reflection.enabled=false",
+    ],
 }
-CRD_KINDS = {"ServiceMonitor", "PrometheusRule"}
+CRD_KINDS = {"ServiceMonitor", "PrometheusRule", "Certificate"}
 
 
 def deployment(rendered: str) -> dict:
@@ -213,6 +239,9 @@ def test_default_values_document_every_server_flag():
 
     flags = set(re.findall(r"`--([a-z-]+)", CONTRACT.read_text()))
     chart_sets = {"repository", "host", "port", "metrics-port"}
+    # set from the tls, auth and reflection values (test_security_values_pass_the_security_flags)
+    chart_sets |= {"tls-cert", "tls-key", "tls-client-ca", "metrics-tls", "health-port", "token-file"}
+    chart_sets |= {"reflection", "no-reflection", "public-reflection"}
     values = yaml.safe_load((CHART / "values.yaml").read_text())["server"]
     kebab = {re.sub(r"([A-Z])", lambda m: "-" + m.group(1).lower(), k) for k in values} - {"log-level"}
     assert kebab == flags - chart_sets
@@ -235,6 +264,9 @@ def test_checkov_kubernetes_on_hardened_values(helm, checkov, tmp_path):
         "networkPolicy.enabled=true",
         "--set",
         "image.digest=sha256:" + "0" * 64,
+        *SECURED,
+        "--set",
+        "tls.metrics=true",
     )
     path = tmp_path / "rendered.yaml"
     path.write_text(rendered)
@@ -260,3 +292,109 @@ def test_checkov_kubernetes_on_hardened_values(helm, checkov, tmp_path):
     policy = manifests(rendered)["NetworkPolicy/tlserve"]
     assert [rule["ports"][0]["port"] for rule in policy["spec"]["ingress"]] == ["grpc", "metrics"]
     assert all(doc["metadata"]["namespace"] == "serving" for doc in manifests(rendered).values())
+
+
+def test_defaults_are_plaintext_without_auth_and_say_so(helm):
+    server = container(helm_template(helm))
+    assert not [a for a in server["args"] if a.startswith(("--tls", "--token", "--health-port"))]
+    assert "health" not in {p["name"] for p in server["ports"]}
+    notes = (CHART / "templates" / "NOTES.txt").read_text()
+    assert "WARNING: neither tls.enabled nor auth.enabled" in notes
+
+
+def test_security_values_pass_the_security_flags(helm):
+    """The flags the chart derives from tls/auth/reflection parse in the real `tlserve serve`."""
+    cli = pytest.importorskip("tlserve.cli")
+    settings_mod = pytest.importorskip("tlserve.server.settings")
+    server = container(helm_template(helm, *VARIANTS["tls-auth"], "--set", "reflection.enabled=false"))
+    settings = settings_mod.Settings.from_args(cli.build_parser().parse_args(server["args"]))
+    assert (settings.tls_cert, settings.tls_key) == ("/etc/tlserve/tls/tls.crt", "/etc/tlserve/tls/tls.key")
+    assert settings.token_file == "/etc/tlserve/auth/tokens" and settings.metrics_tls is True
+    assert settings.tls_client_ca == "" and settings.reflection is False and settings.health_port == 8081
+    mtls = container(helm_template(helm, *VARIANTS["cert-manager-mtls"]))
+    settings = settings_mod.Settings.from_args(cli.build_parser().parse_args(mtls["args"]))
+    assert settings.tls_client_ca == "/etc/tlserve/client-ca/ca.crt" and settings.token_file == ""
+    same_secret = container(helm_template(helm, *SECURED, "--set", "tls.clientCA.enabled=true"))
+    assert "--tls-client-ca=/etc/tlserve/tls/ca.crt" in same_secret["args"]
+
+
+@pytest.mark.parametrize("variant", ["tls-auth", "cert-manager-mtls"])
+def test_secrets_are_mounted_whole_and_read_only(helm, variant):
+    pod = deployment(helm_template(helm, *VARIANTS[variant]))["spec"]["template"]["spec"]
+    server = pod["containers"][0]
+    secrets = {v["name"]: v["secret"] for v in pod["volumes"] if "secret" in v}
+    assert secrets, "the certificates and tokens come from Secrets"
+    mounts = {m["name"]: m for m in server["volumeMounts"]}
+    for name, secret in secrets.items():
+        assert mounts[name]["readOnly"] is True
+        assert "subPath" not in mounts[name], "a subPath mount never sees a rotated Secret"
+        assert secret["defaultMode"] == 0o440
+    expected = {"tls": "tlserve-tls", "auth-tokens": "tlserve-tokens"}
+    if variant == "cert-manager-mtls":
+        expected = {"tls": "tlserve-tls", "tls-client-ca": "tlserve-client-ca"}
+    assert {n: s["secretName"] for n, s in secrets.items()} == expected
+
+
+def test_probes_ask_the_plaintext_health_port_under_tls(helm):
+    """Kubelet gRPC probes cannot speak TLS: under TLS they ask the health-only port."""
+    server = container(helm_template(helm, *VARIANTS["cert-manager-mtls"]))
+    ports = {p["name"]: p["containerPort"] for p in server["ports"]}
+    assert ports["health"] == 8081 and f"--health-port={ports['health']}" in server["args"]
+    for probe in ("startupProbe", "livenessProbe", "readinessProbe"):
+        assert server[probe]["grpc"]["port"] == ports["health"], probe
+    service = manifests(helm_template(helm, *VARIANTS["cert-manager-mtls"]))["Service/tlserve"]
+    assert "health" not in {p["name"] for p in service["spec"]["ports"]}, "only the kubelet asks the health port"
+
+
+def test_cert_manager_certificate_writes_the_mounted_secret(helm):
+    docs = manifests(helm_template(helm, *VARIANTS["cert-manager-mtls"]))
+    certificate = docs["Certificate/tlserve"]
+    assert certificate["apiVersion"] == "cert-manager.io/v1"
+    spec = certificate["spec"]
+    pod = docs["Deployment/tlserve"]["spec"]["template"]["spec"]
+    (tls,) = [v for v in pod["volumes"] if v["name"] == "tls"]
+    assert spec["secretName"] == tls["secret"]["secretName"] == "tlserve-tls"
+    assert spec["issuerRef"] == {"name": "tlserve-ca", "kind": "Issuer", "group": "cert-manager.io"}
+    assert {"tlserve", "tlserve.serving.svc", "tlserve-headless.serving.svc.cluster.local"} <= set(spec["dnsNames"])
+    assert spec["privateKey"]["rotationPolicy"] == "Always" and "server auth" in spec["usages"]
+    assert spec["duration"] == "2160h" and spec["renewBefore"] == "360h"
+    assert set(spec) <= {"secretName", "issuerRef", "commonName", "dnsNames", "duration", "renewBefore"} | {
+        "privateKey",
+        "usages",
+    }
+    own = manifests(helm_template(helm, *VARIANTS["cert-manager-mtls"], "--set", "tls.secretName=own"))
+    assert own["Certificate/tlserve"]["spec"]["secretName"] == "own"
+    assert "Certificate/tlserve" not in manifests(helm_template(helm, *VARIANTS["tls-auth"]))
+
+
+def test_metrics_tls_makes_the_scrape_https(helm):
+    docs = manifests(helm_template(helm, *VARIANTS["tls-auth"]))
+    (endpoint,) = docs["ServiceMonitor/tlserve"]["spec"]["endpoints"]
+    assert endpoint["scheme"] == "https"
+    assert endpoint["tlsConfig"] == {
+        "ca": {"secret": {"name": "tlserve-tls", "key": "ca.crt"}},
+        "serverName": "tlserve.serving.svc",
+    }
+    annotations = docs["Deployment/tlserve"]["spec"]["template"]["metadata"]["annotations"]
+    assert annotations["prometheus.io/scheme"] == "https"
+    plain = manifests(helm_template(helm, "--set", "serviceMonitor.enabled=true"))
+    assert "scheme" not in plain["ServiceMonitor/tlserve"]["spec"]["endpoints"][0]
+
+
+@pytest.mark.parametrize(
+    "values,message",
+    [
+        (["--set", "tls.enabled=true"], "tls.enabled needs tls.secretName"),
+        (["--set", "auth.enabled=true"], "auth.enabled needs auth.tokenSecretName"),
+        (["--set", "tls.metrics=true"], "need tls.enabled=true"),
+        (["--set", "tls.clientCA.enabled=true"], "need tls.enabled=true"),
+        (
+            ["--set", "tls.enabled=true", "--set", "tls.certManager.enabled=true"],
+            "tls.certManager.enabled needs tls.certManager.issuerRef.name",
+        ),
+        (["--set", "tls.certManager.duration=90d"], "tls.certManager.duration"),
+    ],
+)
+def test_incomplete_security_values_are_refused(helm, values, message):
+    proc = run([helm, "template", "t", str(CHART), *values], check=False)
+    assert proc.returncode != 0 and message in proc.stderr, proc.stderr

@@ -22,27 +22,17 @@ def test_inception_v3_at_299_exports_and_verifies(tmp_path):
     import torch
 
     from tlserve.export.api import export_checkpoint
-    from tlserve.trainer.checkpoint import CHECKPOINT_FORMAT, atomic_save
+    from tlserve.trainer import checkpoint
     from tlserve.trainer.models import build_model
     from tlserve.trainer.preprocessing import preprocessing_for
 
     torch.manual_seed(0)
-    model = build_model("inception_v3", 3, weights=None)
+    model, config = build_model("inception_v3", 3, weights=None)
     pre = preprocessing_for("inception_v3", None)
     assert pre.input_size == 299
     manifest = Manifest("flowers", "0", "inception_v3", ["daisy", "rose", "tulip"], pre)
     ckpt = tmp_path / "checkpoint.pt"
-    atomic_save(
-        {
-            "format": CHECKPOINT_FORMAT,
-            "arch": "inception_v3",
-            "head": "linear",
-            "dropout": 0.0,
-            "model_state": model.state_dict(),
-            "manifest": manifest.to_dict(),
-        },
-        ckpt,
-    )
+    checkpoint.save(checkpoint.build(model, config, manifest), ckpt)
     path = export_checkpoint(ckpt, tmp_path / "models", verify_images=16)
     assert path == tmp_path / "models" / "flowers" / "1" / "model.onnx"
     session, got = load(path)

@@ -34,15 +34,17 @@ def test_graph_signature(session):
 
 def test_manifest_round_trip(session, published, fashion_checkpoint):
     from tlserve.manifest import Manifest
-    from tlserve.trainer.checkpoint import file_sha256, read_checkpoint
+    from tlserve.trainer import checkpoint
+    from tlserve.trainer.torchfile import file_sha256
 
     manifest = Manifest.from_metadata(session.get_modelmeta().custom_metadata_map)
-    trained = Manifest.from_dict(read_checkpoint(fashion_checkpoint)["manifest"])
+    trained = checkpoint.load(fashion_checkpoint).manifest
     assert (manifest.name, manifest.version, manifest.precision) == ("fashion", "1", "fp32")
     assert manifest.labels == trained.labels and manifest.preprocessing == trained.preprocessing
     assert manifest.provenance["strategy"] == trained.provenance["strategy"]
     export = manifest.provenance["export"]
     assert export["source_sha256"] == file_sha256(fashion_checkpoint)
+    assert export["source_checkpoint"] == f"{fashion_checkpoint.parent.name}/checkpoint.pt"  # no local path
     assert export["created"].startswith("20")
     assert Manifest.from_json((published / "manifest.json").read_text()) == manifest
     assert json.loads((published / "manifest.json").read_text())["version"] == "1"
@@ -66,10 +68,10 @@ def test_parity_with_pytorch_on_real_photos(session, fashion_checkpoint):
     from tlserve.export.samples import photos
     from tlserve.trainer.checkpoint import load_model
 
-    model, manifest, _ = load_model(fashion_checkpoint)
-    images = photos(manifest.preprocessing).images
+    model, ckpt = load_model(fashion_checkpoint)
+    images = photos(ckpt.manifest.preprocessing).images
     assert len(images) >= 5
-    graph = ServingGraph(model, model.head_name, manifest.preprocessing).eval()
+    graph = ServingGraph(model, ckpt.model.classifier, ckpt.manifest.preprocessing).eval()
     with torch.no_grad():
         ref_prob, ref_emb = (t.numpy() for t in graph(torch.from_numpy(images)))
     for batch in (1, 3, len(images)):

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import pytest
 from PIL import Image
@@ -55,7 +57,7 @@ def easy_run(tmp_path_factory, head_fitter):
     """A 3-class run (pretrained MobileNetV2, head fitted) whose checkpoint config points at its data folder."""
     from tlserve.export.samples import folder_splits
     from tlserve.manifest import Manifest
-    from tlserve.trainer.checkpoint import CHECKPOINT_FORMAT, atomic_save
+    from tlserve.trainer import checkpoint
     from tlserve.trainer.models import build_model
     from tlserve.trainer.preprocessing import preprocessing_for
 
@@ -64,20 +66,10 @@ def easy_run(tmp_path_factory, head_fitter):
     pre = preprocessing_for("mobilenet_v2", "IMAGENET1K_V1", 64)
     manifest = Manifest("easy", "0", "mobilenet_v2", sorted(EASY), pre)
     train, _ = folder_splits(data, manifest, {}, None, None)
-    model = build_model("mobilenet_v2", len(EASY), weights="IMAGENET1K_V1").eval()
-    head_fitter(model, pre, train.images, train.targets)
-    atomic_save(
-        {
-            "format": CHECKPOINT_FORMAT,
-            "arch": "mobilenet_v2",
-            "head": "linear",
-            "dropout": 0.0,
-            "model_state": model.state_dict(),
-            "manifest": manifest.to_dict(),
-            "config": {"data": str(data)},
-        },
-        root / "checkpoint.pt",
-    )
+    model, config = build_model("mobilenet_v2", len(EASY), weights="IMAGENET1K_V1")
+    head_fitter(model.eval(), config.classifier, pre, train.images, train.targets)
+    run = checkpoint.build(model, config, manifest, train_config={"data": str(data)})
+    checkpoint.save(run, root / "checkpoint.pt")
     return root
 
 
@@ -101,6 +93,33 @@ def test_int8_passes_the_gate_and_is_published(int8_version):
     ops = {node.op_type for node in __import__("onnx").load(str(int8_version / "model.onnx")).graph.node}
     assert {"QuantizeLinear", "DequantizeLinear"} <= ops
     print(f"int8 gate: {gate}")
+
+
+def strings(value):
+    """Every string inside a provenance value (keys and values, nested)."""
+    if isinstance(value, dict):
+        for key, item in value.items():
+            yield key
+            yield from strings(item)
+    elif isinstance(value, (list, tuple)):
+        for item in value:
+            yield from strings(item)
+    elif isinstance(value, str):
+        yield value
+
+
+def test_provenance_holds_no_local_paths(int8_version, easy_run):
+    """The checkpoint's config points at an absolute data folder; the published manifest names only basenames."""
+    from tlserve.trainer import checkpoint
+
+    assert Path(checkpoint.load(easy_run / "checkpoint.pt").config["data"]).is_absolute()
+    for file_name in ("model.onnx", "model.ort.onnx"):
+        _, manifest = load(int8_version / file_name)
+        found = list(strings(manifest.provenance))
+        assert not [s for s in found if s.startswith("/") or str(easy_run.parent) in s], found
+        export = manifest.provenance["export"]
+        assert export["source_checkpoint"] == f"{easy_run.name}/checkpoint.pt"
+        assert export["verification"]["images"] == "data (val)"
 
 
 def test_logits_output_and_ort_optimised_copy(int8_version):

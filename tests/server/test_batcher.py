@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -14,6 +15,12 @@ from prometheus_client import CollectorRegistry
 from tlserve.server.batcher import Batcher, BatchingOptions
 from tlserve.server.errors import DeadlineExceeded, ResourceExhausted, ServingError, Unavailable
 from tlserve.server.metrics import Metrics
+from tlserve.server.settings import Settings
+
+
+def batching(**changes) -> BatchingOptions:
+    """The server's default batching with ``changes`` (max_queue_delay in seconds)."""
+    return dataclasses.replace(BatchingOptions.from_settings(Settings()), **changes)
 
 
 class Recorder:
@@ -60,7 +67,7 @@ def test_concurrent_requests_are_batched_and_each_gets_its_own_rows():
     async def body(batcher):
         return await asyncio.gather(*(batcher.submit(r) for r in requests))
 
-    results, recorder, registry = run_with(BatchingOptions(max_batch_size=8, max_queue_delay=0.05), body)
+    results, recorder, registry = run_with(batching(max_batch_size=8, max_queue_delay=0.05), body)
     for request, result in zip(requests, results):
         np.testing.assert_array_equal(result["double"], request * 2)
         np.testing.assert_array_equal(result["sum"], request.sum(1))
@@ -82,9 +89,7 @@ def test_failed_batch_fails_only_its_own_requests():
         later = await batcher.submit(rows([(3, 1)])[0])
         return first.result(), await asyncio.gather(*poisoned, return_exceptions=True), later
 
-    (first, poisoned, later), recorder, _ = run_with(
-        BatchingOptions(max_batch_size=4, max_queue_delay=0.01), body, gate
-    )
+    (first, poisoned, later), recorder, _ = run_with(batching(max_batch_size=4, max_queue_delay=0.01), body, gate)
     assert first["sum"].tolist() == [2] and later["sum"].tolist() == [6]
     assert all(isinstance(e, ServingError) for e in poisoned)
     assert "inference failed for this batch" in str(poisoned[0])
@@ -103,7 +108,7 @@ def test_full_queue_is_resource_exhausted_and_counted():
         gate.set()
         return await asyncio.gather(running, *queued)
 
-    results, _, registry = run_with(BatchingOptions(max_batch_size=1, max_queue_delay=0, max_queue_size=3), body, gate)
+    results, _, registry = run_with(batching(max_batch_size=1, max_queue_delay=0, max_queue_size=3), body, gate)
     assert len(results) == 4
     assert registry.get_sample_value("tlserve_queue_rejections_total", {"model": "m"}) == 1
 
@@ -123,7 +128,7 @@ def test_expired_deadline_dropped_before_compute():
             await doomed
         return await alive
 
-    alive, recorder, _ = run_with(BatchingOptions(max_batch_size=4, max_queue_delay=0), body, gate)
+    alive, recorder, _ = run_with(batching(max_batch_size=4, max_queue_delay=0), body, gate)
     assert alive["sum"].tolist() == [12]
     assert sum(recorder.sizes) == 2  # the expired row never reached the model
 
@@ -138,7 +143,7 @@ def test_stop_drains_queued_requests_then_refuses():
             await batcher.submit(rows([(1, 1)])[0])
         return len(pending)
 
-    count, recorder, _ = run_with(BatchingOptions(max_batch_size=2, max_queue_delay=1.0), body)
+    count, recorder, _ = run_with(batching(max_batch_size=2, max_queue_delay=1.0), body)
     assert count == 5 and sum(recorder.sizes) == 5
 
 
@@ -152,7 +157,7 @@ def test_a_lone_caller_is_not_held_for_the_batching_window():
         return sizes
 
     # a 10-minute window: waiting it out would trip the 30 s guard above
-    sums, recorder, _ = run_with(BatchingOptions(max_batch_size=8, max_queue_delay=600), body)
+    sums, recorder, _ = run_with(batching(max_batch_size=8, max_queue_delay=600), body)
     assert sums == [[0], [2], [4]] and recorder.sizes == [1, 1, 1]
 
 
@@ -172,6 +177,6 @@ def test_overlapping_callers_wait_for_the_window_to_fill_the_batch():
             late.append(asyncio.ensure_future(batcher.submit(rows([(value, 1)])[0])))
         return await asyncio.gather(*early, *late)
 
-    results, recorder, _ = run_with(BatchingOptions(max_batch_size=8, max_queue_delay=600), body, gate)
+    results, recorder, _ = run_with(batching(max_batch_size=8, max_queue_delay=600), body, gate)
     assert [r["sum"].tolist() for r in results] == [[2 * v] for v in range(1, 9)]
     assert recorder.sizes == [1, 8]

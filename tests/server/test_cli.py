@@ -140,3 +140,25 @@ def test_predict_reports_an_unreachable_server():
         timeout=60,
     )
     assert out.returncode == 1 and "UNAVAILABLE" in out.stderr
+
+
+@pytest.mark.parametrize(
+    "args,env,said",
+    [
+        (["--device", "tpu"], {}, "tlserve serve: --device must be auto, cpu, cuda or cuda:N; got 'tpu'"),
+        (
+            [],
+            {"TLSERVE_MAX_IMAGES": "lots"},
+            "argument --max-images: 'lots' (from TLSERVE_MAX_IMAGES) is not a valid int",
+        ),
+    ],
+)
+def test_serve_refuses_a_bad_setting_before_starting(args, env, said, tmp_path):
+    out = subprocess.run(
+        tlserve("serve", "--repository", str(tmp_path), *args),
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env={**os.environ, **env},
+    )
+    assert out.returncode == 2 and said in out.stderr, out.stderr

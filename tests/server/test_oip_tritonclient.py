@@ -48,10 +48,10 @@ def encoded() -> list[bytes]:
 
 
 @pytest.fixture(scope="module")
-def tensors(model, encoded) -> np.ndarray:
+def tensors(served, model, encoded) -> np.ndarray:
     """The photos preprocessed exactly as the server does for encoded images."""
-    pre = model.manifest.preprocessing
-    return np.stack([decode(data, pre, ImageLimits()) for data in encoded])
+    pre, limits = model.manifest.preprocessing, ImageLimits.from_settings(served.handle.settings)
+    return np.stack([decode(data, pre, limits) for data in encoded])
 
 
 def address(served) -> str:

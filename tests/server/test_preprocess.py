@@ -6,6 +6,7 @@ from __future__ import annotations
 import io
 import struct
 import zlib
+from dataclasses import replace
 
 import numpy as np
 import pytest
@@ -14,7 +15,8 @@ from serving_helpers import PHOTOS, photo_bytes, photo_path, png_bytes
 
 from tlserve.manifest import Preprocessing
 from tlserve.server.errors import InvalidArgument
-from tlserve.server.preprocess import ImageLimits, center_crop_box, decode, from_tensor, resized_size, to_model_input
+from tlserve.server.preprocess import ImageLimits, decode, from_tensor, to_model_input
+from tlserve.server.settings import Settings
 
 LIMITS = ImageLimits(max_image_bytes=4_000_000, max_pixels=2_000_000)
 CASES = [(64, 73, "bilinear"), (56, 64, "bicubic"), (32, 32, "nearest"), (48, 55, "bilinear")]
@@ -30,18 +32,6 @@ def pixel_bomb_png(width: int, height: int) -> bytes:
     return (
         b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", zlib.compress(b"\0" * 64)) + chunk(b"IEND", b"")
     )
-
-
-@pytest.mark.parametrize("width,height,size", [(640, 480, 73), (480, 640, 73), (100, 100, 64), (333, 97, 32)])
-def test_resized_size_keeps_aspect_with_torchvision_rounding(width, height, size):
-    w, h = resized_size(width, height, size)
-    assert min(w, h) == size
-    assert (w, h) == ((size, int(size * height / width)) if width <= height else (int(size * width / height), size))
-
-
-def test_center_crop_box_is_centred():
-    assert center_crop_box(73, 73, 64) == (4, 4, 68, 68)  # round(4.5) == 4, as torchvision computes it
-    assert center_crop_box(97, 73, 64) == (16, 4, 80, 68)
 
 
 @pytest.mark.torch
@@ -106,9 +96,9 @@ def test_pixel_bomb_refused_from_the_header(monkeypatch):
 def test_pixel_limit_is_width_times_height():
     pre = Preprocessing(input_size=32, resize_size=36)
     image = png_bytes(Image.new("RGB", (200, 100)))
-    assert decode(image, pre, ImageLimits(max_pixels=20_000)).shape == (3, 32, 32)
+    assert decode(image, pre, replace(LIMITS, max_pixels=20_000)).shape == (3, 32, 32)
     with pytest.raises(InvalidArgument, match="20000 pixels exceeds the limit of 19999"):
-        decode(image, pre, ImageLimits(max_pixels=19_999))
+        decode(image, pre, replace(LIMITS, max_pixels=19_999))
 
 
 def test_extreme_aspect_ratio_refused_before_the_resize_allocates():
@@ -116,14 +106,14 @@ def test_extreme_aspect_ratio_refused_before_the_resize_allocates():
     strip = png_bytes(Image.new("L", (4, 100_000)))  # a few KB; resized it would be 256 x 6,400,000
     assert len(strip) < 10_000
     with pytest.raises(InvalidArgument, match="would resize to 256x6400000"):
-        decode(strip, pre, ImageLimits(max_pixels=1_000_000))
+        decode(strip, pre, replace(LIMITS, max_pixels=1_000_000))
 
 
 def test_only_png_and_jpeg_are_opened():
     buf = io.BytesIO()
     Image.new("RGB", (40, 40)).save(buf, format="GIF")
     with pytest.raises(InvalidArgument, match="not a decodable PNG/JPEG"):
-        decode(buf.getvalue(), Preprocessing(input_size=32, resize_size=36), ImageLimits())
+        decode(buf.getvalue(), Preprocessing(input_size=32, resize_size=36), ImageLimits.from_settings(Settings()))
 
 
 def test_tensor_checked_against_input_size():

@@ -6,6 +6,12 @@ import numpy as np
 import pytest
 
 from tlserve.server.runtime import CPU, Runtime, RuntimeOptions, requested_providers
+from tlserve.server.settings import Settings
+
+
+def cpu_options(**settings) -> RuntimeOptions:
+    """The server's runtime options for these settings, on the CPU."""
+    return RuntimeOptions.from_settings(Settings(device="cpu", **settings))
 
 
 @pytest.fixture(scope="module")
@@ -14,8 +20,8 @@ def model_file(exported_version):
 
 
 def test_io_binding_gives_the_same_outputs_as_plain_run(model_file):
-    plain = Runtime(model_file, RuntimeOptions(device="cpu", intra_op_threads=1))
-    bound = Runtime(model_file, RuntimeOptions(device="cpu", intra_op_threads=1, io_binding=True))
+    plain = Runtime(model_file, cpu_options(intra_op_threads=1))
+    bound = Runtime(model_file, cpu_options(intra_op_threads=1).replace(io_binding=True))
     assert not plain.use_io_binding and bound.use_io_binding
     size = [shape for name, shape, _ in plain.inputs][0][-1]
     batch = np.random.default_rng(1).integers(0, 256, (5, 3, size, size), dtype=np.uint8)
@@ -26,7 +32,7 @@ def test_io_binding_gives_the_same_outputs_as_plain_run(model_file):
 
 
 def test_cpu_device_asks_for_cpu_only_and_reports_no_fallback(model_file):
-    assert requested_providers(RuntimeOptions(device="cpu")) == [CPU]
-    runtime = Runtime(model_file, RuntimeOptions(device="cpu", intra_op_threads=1, inter_op_threads=1))
+    assert requested_providers(cpu_options()) == [CPU]
+    runtime = Runtime(model_file, cpu_options(intra_op_threads=1, inter_op_threads=1))
     assert runtime.provider == CPU and not runtime.fallback
     assert runtime.inputs[0][2] == "uint8"

@@ -16,8 +16,9 @@ def test_inception_v3_trains_a_step_at_299_with_aux_logits(torch_modules):
     from tlserve.trainer.models import build_model
 
     torch.manual_seed(0)
-    model = build_model("inception_v3", 3, weights=None)
-    assert model.head_name == "fc" and model.AuxLogits.fc.out_features == 3
+    model, config = build_model("inception_v3", 3, weights=None)
+    assert (config.classifier, config.first_layer) == ("fc", "Conv2d_1a_3x3.conv")
+    assert model.AuxLogits.fc.out_features == 3
     pre = Preprocessing(input_size=299, resize_size=342)
     images = torch.randint(0, 256, (2, 3, 299, 299), dtype=torch.uint8)
     before = model.fc.weight.detach().clone()
@@ -48,8 +49,9 @@ def test_listed_backbones_take_a_generic_mlp_head(torch_modules, arch):
 
     from tlserve.trainer.models import build_model
 
-    model = build_model(arch, 5, weights=None, head="mlp:512,512", dropout=0.3, image_size=64).eval()
-    head = model.get_submodule(model.head_name)
+    model, config = build_model(arch, 5, weights=None, head="mlp:512,512", dropout=0.3, image_size=64)
+    model.eval()
+    head = model.get_submodule(config.classifier)
     linears = [m for m in head.modules() if isinstance(m, torch.nn.Linear)]
     dropouts = [m for m in head.modules() if isinstance(m, torch.nn.Dropout)]
     assert [m.out_features for m in linears] == [512, 512, 5] and [d.p for d in dropouts] == [0.3, 0.3]
@@ -62,20 +64,23 @@ def test_weights_from_a_plain_state_dict_and_from_our_checkpoint(torch_modules, 
 
     from tlserve.trainer.models import build_model
 
-    source = build_model("resnet18", 4, weights=None)
+    source, _ = build_model("resnet18", 4, weights=None)
     plain = tmp_path / "plain.pt"
     torch.save(source.state_dict(), plain)
     ours = tmp_path / "ours.pt"
     torch.save({"format": "tlserve.checkpoint/1", "model_state": source.state_dict()}, ours)
     for path in (plain, ours):
-        loaded = build_model("resnet18", 4, weights=str(path))
+        loaded, _ = build_model("resnet18", 4, weights=str(path))
         assert torch.equal(loaded.fc.weight, source.fc.weight) and torch.equal(loaded.conv1.weight, source.conv1.weight)
     imagenet = tmp_path / "imagenet.pt"  # the architecture's own 1000-class state_dict: loaded before the head swap
     from torchvision.models import resnet18
 
     torch.save(resnet18().state_dict(), imagenet)
-    backbone = build_model("resnet18", 4, weights=str(imagenet))
-    assert torch.equal(backbone.conv1.weight, torch.load(imagenet)["conv1.weight"]) and backbone.fc.out_features == 4
+    backbone, _ = build_model("resnet18", 4, weights=str(imagenet))
+    assert (
+        torch.equal(backbone.conv1.weight, torch.load(imagenet, weights_only=True)["conv1.weight"])
+        and backbone.fc.out_features == 4
+    )
 
 
 def test_weights_names_resolve_through_torchvision(torch_modules):

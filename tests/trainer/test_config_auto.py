@@ -39,7 +39,7 @@ def test_auto_decides_the_scenario_from_the_evidence(per_class, probe, tuned, ex
 @pytest.mark.torch
 def test_auto_run_records_its_evidence_in_the_manifest(tiny_data, tmp_path, torch_modules, capsys):
     from tlserve.cli import main
-    from tlserve.trainer.checkpoint import load_model
+    from tlserve.trainer import checkpoint
 
     assert (
         main(
@@ -67,7 +67,7 @@ def test_auto_run_records_its_evidence_in_the_manifest(tiny_data, tmp_path, torc
         )
         == 0
     )
-    _, manifest, _ = load_model(tmp_path / "checkpoint.pt")
+    manifest = checkpoint.load(tmp_path / "checkpoint.pt").manifest
     auto = manifest.provenance["auto"]
     assert auto["choice"] == manifest.provenance["strategy"] != "auto"
     assert auto["per_class"] == 8 and 0 <= auto["probe_accuracy"] <= 1 and 0 <= auto["finetune_accuracy"] <= 1

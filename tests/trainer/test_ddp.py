@@ -51,8 +51,8 @@ def test_two_process_ddp_run_on_cpu(tiny_data, tmp_path, torch_modules):
     assert [r["epoch"] for r in rows] == [1, 2]
     assert all(r["images"] == 24 for r in rows)  # 12 per rank, 2 ranks: the whole training set once
     assert sorted(p.name for p in out.iterdir() if p.name.startswith(".")) == []  # no stray temp files
-    from tlserve.trainer.checkpoint import load_model
+    from tlserve.trainer import checkpoint
 
-    _, manifest, _ = load_model(out / "checkpoint.pt")
+    manifest = checkpoint.load(out / "checkpoint.pt").manifest
     assert manifest.provenance["world_size"] == 2
     assert result.stdout.count("run directory:") == 1  # only rank 0 reports

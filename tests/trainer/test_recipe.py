@@ -52,12 +52,13 @@ def test_partial_sgd_ema_patience_mlp_head_run(tiny_data, tmp_path, torch_module
     run = tmp_path / "run"
     rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     assert 1 <= len(rows) <= 3 and {r["phase"] for r in rows} == {"partial"}
-    model, manifest, ckpt = load_model(run / "checkpoint.pt")
-    prov = manifest.provenance
+    model, ckpt = load_model(run / "checkpoint.pt")
+    prov = ckpt.manifest.provenance
     assert prov["strategy"] == "partial" and prov["head"] == "mlp:16"
     assert prov["stopped_early"] == (len(rows) < 3)
     assert prov["best_epoch"] == max(rows, key=lambda r: r["val_accuracy"])["epoch"]
     assert [
-        m.out_features for m in model.get_submodule(model.head_name).modules() if isinstance(m, torch.nn.Linear)
+        m.out_features for m in model.get_submodule(ckpt.model.classifier).modules() if isinstance(m, torch.nn.Linear)
     ] == [16, 3]
-    assert ckpt["config"]["optimizer"] == "sgd" and ckpt["config"]["ema"] == 0.9
+    assert ckpt.config["optimizer"] == "sgd" and ckpt.config["ema"] == 0.9
+    assert (ckpt.model.head, ckpt.model.dropout, ckpt.model.classifier) == ("mlp:16", 0.1, "classifier.1")

@@ -7,6 +7,9 @@ import pytest
 pytestmark = pytest.mark.torch
 
 
+HEAD = "classifier.1"  # MobileNetV2's classifier: Sequential(Dropout, Linear)
+
+
 def _count(params):
     return sum(p.numel() for p in params)
 
@@ -15,7 +18,9 @@ def _count(params):
 def mnv2(torch_modules):
     from tlserve.trainer.models import build_model
 
-    return build_model("mobilenet_v2", 3, weights=None)
+    model, config = build_model("mobilenet_v2", 3, weights=None)
+    assert config.classifier == HEAD
+    return model
 
 
 def _bn_modes(model):
@@ -27,7 +32,7 @@ def _bn_modes(model):
 def test_feature_extract_trains_only_the_head_with_backbone_bn_in_eval(mnv2):
     from tlserve.trainer.strategies import freeze_batchnorm, set_trainable, trainable_count
 
-    set_trainable(mnv2, "head")
+    set_trainable(mnv2, HEAD, "head")
     assert trainable_count(mnv2) == 1280 * 3 + 3
     mnv2.train()
     freeze_batchnorm(mnv2)
@@ -41,9 +46,9 @@ def test_partial_unfreezes_the_top_blocks(mnv2):
 
     from tlserve.trainer.strategies import backbone_blocks, freeze_batchnorm, set_trainable, trainable_count
 
-    names = [name for name, _ in backbone_blocks(mnv2)]
+    names = [name for name, _ in backbone_blocks(mnv2, HEAD)]
     assert names == [f"features.{i}" for i in range(19)]
-    set_trainable(mnv2, "partial", unfreeze=2)
+    set_trainable(mnv2, HEAD, "partial", unfreeze=2)
     expected = _count(mnv2.features[17].parameters()) + _count(mnv2.features[18].parameters()) + 1280 * 3 + 3
     assert trainable_count(mnv2) == expected
     mnv2.train()
@@ -57,12 +62,12 @@ def test_partial_unfreezes_the_top_blocks(mnv2):
 def test_finetune_and_scratch_train_everything(mnv2, phase):
     from tlserve.trainer.strategies import freeze_batchnorm, param_groups, set_trainable, trainable_count
 
-    set_trainable(mnv2, phase)
+    set_trainable(mnv2, HEAD, phase)
     assert trainable_count(mnv2) == _count(mnv2.parameters())
     mnv2.train()
     freeze_batchnorm(mnv2)
     assert all(_bn_modes(mnv2).values())
-    head, body = param_groups(mnv2, 1e-3, 0.1)
+    head, body = param_groups(mnv2, HEAD, 1e-3, 0.1)
     assert (head["lr"], body["lr"]) == (1e-3, pytest.approx(1e-4))
     assert _count(head["params"]) == 1280 * 3 + 3 and _count(body["params"]) == _count(mnv2.parameters()) - 3843
 
@@ -72,7 +77,7 @@ def test_two_phase_keeps_bn_in_inference_once_unfrozen(mnv2):
 
     head, full = plan("two-phase", 5, 2, 3e-3, 1e-3, 0.1)
     assert (head.name, head.epochs, full.name, full.epochs, full.lr) == ("head", 2, "full", 3, 1e-3)
-    set_trainable(mnv2, full.name)
+    set_trainable(mnv2, HEAD, full.name)
     mnv2.train()
     freeze_batchnorm(mnv2, full.bn_inference)
     assert not any(_bn_modes(mnv2).values())
@@ -92,8 +97,9 @@ def test_partial_is_generic_across_families(torch_modules, arch, top):
     from tlserve.trainer.models import build_model
     from tlserve.trainer.strategies import backbone_blocks, head_parameters, set_trainable, trainable_count
 
-    model = build_model(arch, 4, weights=None)
-    blocks = backbone_blocks(model)
+    model, config = build_model(arch, 4, weights=None)
+    blocks = backbone_blocks(model, config.classifier)
     assert [name for name, _ in blocks[-2:]] == top
-    set_trainable(model, "partial", unfreeze=2)
-    assert trainable_count(model) == _count(p for _, ps in blocks[-2:] for p in ps) + _count(head_parameters(model))
+    set_trainable(model, config.classifier, "partial", unfreeze=2)
+    head = _count(head_parameters(model, config.classifier))
+    assert trainable_count(model) == _count(p for _, ps in blocks[-2:] for p in ps) + head

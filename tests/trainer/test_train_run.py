@@ -69,7 +69,8 @@ def test_checkpoint_loads_with_its_manifest(tiny_run, tiny_data):
 
     from tlserve.trainer.checkpoint import load_model
 
-    model, manifest, ckpt = load_model(tiny_run / "checkpoint.pt")
+    model, ckpt = load_model(tiny_run / "checkpoint.pt")
+    manifest = ckpt.manifest
     assert manifest.name == "tiny" and manifest.version == "0" and manifest.architecture == "mobilenet_v2"
     assert manifest.labels == tuple(sorted(p.name for p in (tiny_data / "train").iterdir()))
     pre = manifest.preprocessing
@@ -86,20 +87,23 @@ def test_checkpoint_loads_with_its_manifest(tiny_run, tiny_data):
     prov = manifest.provenance
     assert prov["dataset"]["train"] == 24 and prov["dataset"]["val"] == 12 and prov["dataset"]["test"] == 12
     assert prov["strategy"] == "two-phase" and prov["epochs"] == 2 and "created" in prov
+    assert prov["dataset"]["name"] == tiny_data.name and prov["weights"] == "none"
+    assert str(tiny_data) not in str(prov) and str(tiny_run) not in str(prov)  # no local paths
     assert 0.0 <= prov["val"]["accuracy"] <= 1.0 and 0.0 <= prov["test"]["accuracy"] <= 1.0
     out = model(torch.zeros(2, 3, 32, 32))
     assert out.shape == (2, manifest.num_classes)
-    assert model.head_name == "classifier.1"
+    assert (ckpt.model.classifier, ckpt.model.first_layer) == ("classifier.1", "features.0.0")
+    assert ckpt.epoch == prov["best_epoch"] and ckpt.config["data"] == str(tiny_data)
 
 
 def test_checkpoint_manifest_matches_the_eval_transform(tiny_run, tiny_data):
     """The eval pipeline is built from the manifest's own values."""
     from PIL import Image
 
-    from tlserve.trainer.checkpoint import load_model
+    from tlserve.trainer import checkpoint
     from tlserve.trainer.transforms import EvalTransform
 
-    _, manifest, _ = load_model(tiny_run / "checkpoint.pt")
+    manifest = checkpoint.load(tiny_run / "checkpoint.pt").manifest
     image = next((tiny_data / "test").rglob("*.png"))
     with Image.open(image) as img:
         tensor = EvalTransform(manifest.preprocessing)(img)

@@ -105,3 +105,61 @@ app.kubernetes.io/component: inference
 {{- . }}
 {{- end }}
 {{- end }}
+
+{{/* The kubernetes.io/tls Secret the server's certificate comes from (tls.enabled). */}}
+{{- define "tlserve.tlsSecretName" -}}
+{{- if .Values.tls.secretName }}
+{{- .Values.tls.secretName }}
+{{- else if .Values.tls.certManager.enabled }}
+{{- printf "%s-tls" (include "tlserve.fullname" .) }}
+{{- else }}
+{{- fail "tls.enabled needs tls.secretName (a kubernetes.io/tls Secret), or tls.certManager.enabled=true" }}
+{{- end }}
+{{- end }}
+
+{{/* Path of the client CA bundle in the container (tls.clientCA.enabled). */}}
+{{- define "tlserve.clientCAPath" -}}
+{{- if .Values.tls.clientCA.secretName }}
+{{- printf "%s/%s" .Values.tls.clientCA.mountPath .Values.tls.clientCA.key }}
+{{- else }}
+{{- printf "%s/%s" .Values.tls.mountPath .Values.tls.clientCA.key }}
+{{- end }}
+{{- end }}
+
+{{/* Security flags of `tlserve serve`, from tls, auth and reflection. */}}
+{{- define "tlserve.securityArgs" -}}
+{{- if .Values.tls.enabled }}
+- --tls-cert={{ .Values.tls.mountPath }}/tls.crt
+- --tls-key={{ .Values.tls.mountPath }}/tls.key
+- --health-port={{ .Values.ports.health }}
+{{- if .Values.tls.clientCA.enabled }}
+- --tls-client-ca={{ include "tlserve.clientCAPath" . }}
+{{- end }}
+{{- if .Values.tls.metrics }}
+- --metrics-tls
+{{- end }}
+{{- else if or .Values.tls.metrics .Values.tls.clientCA.enabled }}
+{{- fail "tls.metrics and tls.clientCA.enabled need tls.enabled=true" }}
+{{- end }}
+{{- if .Values.auth.enabled }}
+{{- if not .Values.auth.tokenSecretName }}
+{{- fail "auth.enabled needs auth.tokenSecretName (a Secret holding the token file)" }}
+{{- end }}
+- --token-file={{ .Values.auth.mountPath }}/{{ .Values.auth.tokenSecretKey }}
+{{- if .Values.auth.publicReflection }}
+- --public-reflection
+{{- end }}
+{{- end }}
+{{- if not .Values.reflection.enabled }}
+- --no-reflection
+{{- end }}
+{{- end }}
+
+{{/* The port the kubelet's gRPC probes ask: the plaintext health-only port under TLS, else the gRPC port. */}}
+{{- define "tlserve.probePort" -}}
+{{- if .Values.tls.enabled }}
+{{- .Values.ports.health }}
+{{- else }}
+{{- .Values.ports.grpc }}
+{{- end }}
+{{- end }}
