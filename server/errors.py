@@ -9,6 +9,7 @@ message. Anything that is not a :class:`ServingError` is logged with its traceba
 from __future__ import annotations
 
 import logging
+from collections.abc import Sequence
 
 import grpc
 
@@ -65,3 +66,16 @@ def to_status(exc: BaseException) -> tuple[grpc.StatusCode, str]:
         return exc.code, str(exc) or exc.code.name.lower()
     log.error("unhandled error while serving a request", exc_info=exc)
     return grpc.StatusCode.INTERNAL, INTERNAL_MESSAGE
+
+
+def shape_text(shape: Sequence[int], show: int = 6) -> str:
+    """A caller's tensor shape for a message, short however many dimensions it has."""
+    dims = [int(d) for d in shape]
+    if len(dims) <= show:
+        return str(dims)
+    return f"[{', '.join(map(str, dims[:show]))}, ...] ({len(dims)} dimensions)"
+
+
+def count_text(count: int) -> str:
+    """An element or byte count for a message; one past 64 bits is given as a power of two."""
+    return str(count) if count < 2**64 else f"over 2^{count.bit_length() - 1}"

@@ -18,7 +18,7 @@ from PIL import Image, UnidentifiedImageError
 
 from tlserve.geometry import center_crop_box, resized_size
 from tlserve.manifest import Preprocessing
-from tlserve.server.errors import InvalidArgument
+from tlserve.server.errors import InvalidArgument, shape_text
 
 if TYPE_CHECKING:
     from tlserve.server.settings import Settings
@@ -104,7 +104,7 @@ def from_tensor(shape: list[int], data: bytes, pre: Preprocessing, index: int = 
     """A raw uint8 CHW tensor, checked against the model's input size."""
     want = [3, pre.input_size, pre.input_size]
     if list(shape) != want:
-        raise InvalidArgument(f"image {index}: tensor shape {list(shape)} must be {want} (uint8 CHW)")
+        raise InvalidArgument(f"image {index}: tensor shape {shape_text(shape)} must be {want} (uint8 CHW)")
     if len(data) != 3 * pre.input_size * pre.input_size:
         raise InvalidArgument(
             f"image {index}: tensor has {len(data)} bytes, shape {want} needs {3 * pre.input_size * pre.input_size}"

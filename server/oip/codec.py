@@ -15,7 +15,7 @@ from collections.abc import Mapping, Sequence
 import numpy as np
 
 from tlserve.server.dataplane import Answer, RequestedOutput, TopK
-from tlserve.server.errors import InvalidArgument
+from tlserve.server.errors import InvalidArgument, count_text, shape_text
 from tlserve.server.oip.datatypes import DTYPES, datatype_of
 from tlserve.server.pb.inference import messages_pb2 as pb
 
@@ -37,7 +37,7 @@ CLASSIFICATION = "classification"  # the output parameter that asks for top clas
 
 def element_count(name: str, shape: Sequence[int]) -> int:
     if any(d < 0 for d in shape):
-        raise InvalidArgument(f"input {name!r}: shape {list(shape)} has a negative dimension")
+        raise InvalidArgument(f"input {name!r}: shape {shape_text(shape)} has a negative dimension")
     return math.prod(int(d) for d in shape)  # Python ints: a huge shape cannot overflow to a small count
 
 
@@ -47,7 +47,8 @@ def decode_raw(name: str, datatype: str, shape: Sequence[int], raw: bytes) -> np
     expected = element_count(name, shape) * dtype.itemsize
     if len(raw) != expected:
         raise InvalidArgument(
-            f"input {name!r}: {len(raw)} raw bytes, but {datatype} shape {list(shape)} needs {expected}"
+            f"input {name!r}: {len(raw)} raw bytes, but {datatype} shape {shape_text(shape)} "
+            f"needs {count_text(expected)}"
         )
     return np.frombuffer(raw, dtype=dtype).reshape(shape)
 
@@ -61,7 +62,9 @@ def decode_typed(name: str, datatype: str, shape: Sequence[int], contents: pb.In
     values = getattr(contents, field)
     count = element_count(name, shape)
     if len(values) != count:
-        raise InvalidArgument(f"input {name!r}: {len(values)} values in {field}, but shape {list(shape)} needs {count}")
+        raise InvalidArgument(
+            f"input {name!r}: {len(values)} values in {field}, but shape {shape_text(shape)} needs {count_text(count)}"
+        )
     wide = np.asarray(values, dtype=np.float64 if dtype.kind == "f" else None)
     if dtype.kind in "iu" and wide.size:
         info = np.iinfo(dtype)
