@@ -9,12 +9,32 @@ message. Anything that is not a :class:`ServingError` is logged with its traceba
 from __future__ import annotations
 
 import logging
+from collections.abc import Sequence
 
 import grpc
 
 log = logging.getLogger(__name__)
 
 INTERNAL_MESSAGE = "internal error"
+QUOTE_LIMIT = 100  # characters of a caller's string a status message may repeat
+
+
+def quote(text: object, limit: int = QUOTE_LIMIT) -> str:
+    """``repr(text)`` for a status message, cut to about ``limit`` characters: a longer string keeps
+    its first ``limit`` characters, then an ellipsis and its original length, so an error describes
+    what the caller sent without echoing it (a 1 MB model name must not become a 1 MB status)."""
+    text = str(text)
+    if len(text) <= limit:
+        return repr(text)
+    return f"{text[:limit]!r}... ({len(text)} characters)"
+
+
+def shape_text(shape: Sequence[int], limit: int = 8) -> str:
+    """A caller's tensor shape for a status message: ``[1, 3, 64, 64]``, or its first ``limit``
+    dimensions and how many there are."""
+    if len(shape) <= limit:
+        return str([int(d) for d in shape])
+    return f"[{', '.join(str(int(d)) for d in shape[:limit])}, ...] ({len(shape)} dimensions)"
 
 
 class ServingError(Exception):
