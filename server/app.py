@@ -20,7 +20,7 @@ from PIL import Image, PngImagePlugin
 from prometheus_client import CollectorRegistry, start_http_server
 
 from tlserve.server.admission import Budget
-from tlserve.server.cpus import available_cpus
+from tlserve.server.cpus import available_cpus, lower_priority
 from tlserve.server.dataplane import DataPlane
 from tlserve.server.gpu import register_gpu_metrics
 from tlserve.server.grpc_options import grpc_options
@@ -48,7 +48,7 @@ class ServerHandle:
         self.metrics = Metrics(registry)
         self.health = HealthReporter()
         threads = settings.decode_threads or available_cpus()  # the cgroup quota, not the node's cores
-        self._decode_pool = ThreadPoolExecutor(max_workers=threads, thread_name_prefix="decode")
+        self._decode_pool = ThreadPoolExecutor(threads, thread_name_prefix="decode", initializer=lower_priority)
         self._header_pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="headers")
         self._infer_pool = ThreadPoolExecutor(max_workers=4, thread_name_prefix="infer")
         self.repository = ModelRepository(

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import math
 import os
+import threading
 from pathlib import Path
 
 CGROUP_ROOT = Path("/sys/fs/cgroup")
@@ -43,3 +44,12 @@ def available_cpus(root: Path = CGROUP_ROOT) -> int:
     if quota is not None and quota > 0:
         cpus = min(cpus, math.ceil(quota))
     return max(1, cpus)
+
+
+def lower_priority(niceness: int = 5) -> None:
+    """Raise this thread's nice value (Linux threads have their own), so the event loop, which
+    answers health checks and routes calls, is scheduled ahead of the pool's heavy work."""
+    try:
+        os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), niceness)
+    except (AttributeError, OSError):  # not on Linux, or not allowed
+        pass

@@ -34,7 +34,8 @@ RESAMPLE = {
 }
 
 
-PNG_TEXT_BYTES = 4 << 20  # text chunks a PNG header may carry (Pillow parses them on open; its default is 64 MB)
+PNG_TEXT_BYTES = 1 << 20  # text chunks a PNG header may carry (Pillow parses them on open; its default is 64 MB)
+PNG_HEADER_BYTES = 2 * PNG_TEXT_BYTES  # what opening a PNG may inflate: its text chunks and a 1 MB ICC profile
 FORMATS = ("PNG", "JPEG")  # what the API promises; Pillow would otherwise try every format it knows
 
 
@@ -64,6 +65,7 @@ class Header:
     height: int
     bytes_per_pixel: int  # peak memory while decoding, per pixel (see decode_bytes_per_pixel)
     resized_pixels: int
+    header_bytes: int  # what opening the file inflates besides the pixels (PNG text, ICC profile)
 
     @property
     def pixels(self) -> int:
@@ -72,7 +74,7 @@ class Header:
     @property
     def decode_bytes(self) -> int:
         """The most memory decoding this image holds at once."""
-        return self.pixels * self.bytes_per_pixel + self.resized_pixels * 4
+        return self.pixels * self.bytes_per_pixel + self.resized_pixels * 4 + self.header_bytes
 
 
 STORED_BYTES = {"1": 1, "L": 1, "P": 1, "I;16": 2, "I;16B": 2, "I;16L": 2}  # Pillow keeps other modes in 4 bytes
@@ -156,7 +158,8 @@ def read_header(data: bytes, pre: Preprocessing, limits: ImageLimits, index: int
     """What decoding ``data`` would cost, from its header alone (no pixel is decoded)."""
     with contextlib.closing(open_checked(data, limits, index)) as img:
         resized = _resized_pixels(img, pre, limits, index)
-        return Header(img.width, img.height, decode_bytes_per_pixel(img), resized)
+        extra = PNG_HEADER_BYTES if img.format == "PNG" else 0
+        return Header(img.width, img.height, decode_bytes_per_pixel(img), resized, extra)
 
 
 def decode(data: bytes, pre: Preprocessing, limits: ImageLimits, index: int = 0) -> np.ndarray:

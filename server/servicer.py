@@ -31,6 +31,8 @@ class InferenceServicer(tlserve_pb2_grpc.InferenceServicer):
         async for request in request_iterator:
             async with observe_rpc(self._metrics, context, "ClassifyStream") as call:
                 response = await self._classify(request, context, call)
+            if call.error is not None:  # the status is set: the stream ends with it
+                return
             yield response
 
     async def Embed(self, request: pb.EmbedRequest, context: grpc.aio.ServicerContext) -> pb.EmbedResponse:

@@ -137,11 +137,11 @@ class Settings:
     inter_op_threads: int = setting(0, "ONNX Runtime inter-op threads (0 = ORT default)")
     version_policy: VersionPolicy = setting(VersionPolicy(), "`latest:N`, `all`, or `specific:V1,V2`")
     poll_interval: float = setting(0.0, "seconds between repository scans for new versions (0 = off; SIGHUP rescans)")
-    max_message_bytes: int = setting(16 * MIB, "gRPC max message size, received and sent")
+    max_message_bytes: int = setting(4 * MIB, "gRPC max message size, received and sent")
     max_concurrent_rpcs: int = setting(
-        32, "calls in progress at once, every service counted (0 = unlimited); more -> RESOURCE_EXHAUSTED from gRPC"
+        24, "calls in progress at once, every service counted (0 = unlimited); more -> RESOURCE_EXHAUSTED from gRPC"
     )
-    max_concurrent_streams: int = setting(16, "HTTP/2 streams (calls) open at once on one connection")
+    max_concurrent_streams: int = setting(32, "HTTP/2 streams (calls) open at once on one connection")
     keepalive_min_ping_interval_ms: int = setting(
         10_000, "shortest interval between a client's keepalive pings without data; faster ones count as strikes"
     )
@@ -153,13 +153,13 @@ class Settings:
         300_000, "close each connection after this long (with jitter), so L4 load balancers rebalance (0 = never)"
     )
     max_connection_age_grace_ms: int = setting(30_000, "time in-flight calls get after a connection reaches its age")
-    max_image_bytes: int = setting(8 * MIB, "largest encoded image")
+    max_image_bytes: int = setting(4 * MIB, "largest encoded image")
     max_pixels: int = setting(16_000_000, "largest image (width x height), read from its header before decoding")
     max_request_pixels: int = setting(
         128_000_000, "most pixels in one request, summed over its encoded images, checked before decoding"
     )
     max_decode_bytes: int = setting(
-        384 * MIB,
+        256 * MIB,
         "memory admitted for decoding at once, server-wide (estimated from image headers); more -> RESOURCE_EXHAUSTED",
     )
     max_images: int = setting(64, "most images per request")

@@ -38,7 +38,7 @@ def test_defaults_match_the_server_contract():
     s = parse([])
     assert (s.repository, s.host, s.port, s.metrics_port, s.device) == ("models", "0.0.0.0", 50051, 8080, "auto")
     assert (s.max_batch_size, s.max_queue_delay_ms, s.max_queue_size) == (32, 2.0, 256)
-    assert (s.max_message_bytes, s.max_image_bytes, s.max_pixels, s.max_images) == (16777216, 8388608, 16000000, 64)
+    assert (s.max_message_bytes, s.max_image_bytes, s.max_pixels, s.max_images) == (4194304, 4194304, 16000000, 64)
     assert s.version_policy == VersionPolicy("latest", 1) and s.drain_seconds == 10 and not s.require_gpu
 
 
