@@ -225,6 +225,8 @@ def main(argv: list[str] | None = None) -> int:
         sampler = start_sampler(process.pid, address, args.seconds)
         codes = asyncio.run(drive(address, mix, callers, args.seconds))
         samples = sampled(sampler)
+        time.sleep(2)
+        after = rss_bytes(process.pid)
     finally:
         process.terminate()
         process.wait(30)
@@ -238,7 +240,7 @@ def main(argv: list[str] | None = None) -> int:
         shown = ", ".join(f"{code} {n}" for code, n in counted.most_common()) or "none"
         print(f"  {kind:<11} x{callers[kind]} ({sizes} each): {shown}")
     verdict = "under" if peak <= budget.total else "OVER"
-    print(f"RSS: {at_rest / MIB:.0f} MiB at rest, peak {peak / MIB:.0f} MiB; ", end="")
+    print(f"RSS: {at_rest / MIB:.0f} MiB at rest, peak {peak / MIB:.0f} MiB, {after / MIB:.0f} MiB 2 s after; ", end="")
     print(f"budget {budget.total / MIB:.0f} MiB ({verdict})")
     print(budget.table())
     slowest = max(samples.health)

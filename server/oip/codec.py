@@ -36,16 +36,6 @@ TYPED_FIELDS = {
 CLASSIFICATION = "classification"  # the output parameter that asks for top classes (Triton's extension)
 
 
-# field -> the numpy dtype its values are stored in, so conversion never widens beyond the field
-FIELD_DTYPES: dict[str, type] = {
-    "bool_contents": np.bool_,
-    "uint_contents": np.uint32,
-    "uint64_contents": np.uint64,
-    "int_contents": np.int32,
-    "int64_contents": np.int64,
-    "fp32_contents": np.float32,
-    "fp64_contents": np.float64,
-}
 MAX_INPUTS = 16  # more input tensors than any model takes are refused before they are looked at
 MAX_OUTPUTS = 64
 MAX_RANK = 8
@@ -138,12 +128,14 @@ def decode_typed(name: str, datatype: str, shape: Sequence[int], contents: pb.In
         raise InvalidArgument(
             f"input {quote(name)}: {len(values)} values in {field}, but shape {shape_text(shape)} needs {count}"
         )
-    stored: np.ndarray = np.asarray(values, dtype=FIELD_DTYPES[field])  # the field's own width: no int64/float64 detour
-    if dtype.kind in "iu" and stored.size and stored.dtype != dtype:
+    try:  # straight into the tensor's dtype: one array of its width, and numpy refuses out-of-range values
+        array = np.fromiter(values, dtype=dtype, count=count)
+    except OverflowError:
         info = np.iinfo(dtype)
-        if stored.min() < info.min or stored.max() > info.max:
-            raise InvalidArgument(f"input {quote(name)}: values out of the {datatype} range [{info.min}, {info.max}]")
-    return _reshaped(name, stored.astype(dtype, copy=False), shape)
+        raise InvalidArgument(
+            f"input {quote(name)}: values out of the {datatype} range [{info.min}, {info.max}]"
+        ) from None
+    return _reshaped(name, array, shape)
 
 
 def decode_inputs(request: pb.ModelInferRequest) -> dict[str, np.ndarray]:
