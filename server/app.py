@@ -20,6 +20,7 @@ from PIL import Image, PngImagePlugin
 from prometheus_client import CollectorRegistry, start_http_server
 
 from tlserve.server.admission import Budget
+from tlserve.server.allocator import keep_large_blocks_returnable
 from tlserve.server.cpus import available_cpus, lower_priority
 from tlserve.server.dataplane import DataPlane
 from tlserve.server.gpu import register_gpu_metrics
@@ -141,6 +142,7 @@ def create_server(settings: Settings, registry: CollectorRegistry) -> ServerHand
     """Build (not start) the server; call inside a running event loop."""
     Image.MAX_IMAGE_PIXELS = settings.max_pixels  # Pillow's own bomb guard, behind our header check
     PngImagePlugin.MAX_TEXT_MEMORY = PNG_TEXT_BYTES  # text chunks are parsed with the header: 64 MB by default
+    keep_large_blocks_returnable()  # a decoded image's memory goes back to the OS after its request
     return ServerHandle(settings, registry)
 
 

@@ -18,7 +18,7 @@ from tlserve.server.settings import Settings
 
 MIB = 1 << 20
 # RSS of `tlserve serve` at rest with the demo model (MobileNetV2, 64 px; its session is 37 MiB) loaded
-# and warmed up: 130 MiB measured.
+# and warmed up: 101-130 MiB measured.
 BASELINE_BYTES = 160 * MIB
 # One call's message lives as gRPC's receive buffer, its bytes, the parsed protobuf and what the servicer
 # takes out of it. Measured peaks per message byte: raw tensors and images 3-5x; typed OIP `uint_contents`
