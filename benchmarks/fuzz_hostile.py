@@ -7,7 +7,7 @@ Starts ``tlserve serve`` as its own process on 127.0.0.1 (CPU) and sends it requ
 hypothesis from valid ones (real photos, valid tensors) and then mutated, through the task API
 and the Open Inference Protocol, checking health after every call. Each example's RPC group is
 drawn with the weights the test splits its examples by; ``--wide`` also draws the cases the test keeps apart
-as pending (1 MB strings, ranks up to 70). Prints, per RPC: requests tried and every status seen;
+as wide (1 MB strings, ranks up to 70). Prints, per RPC: requests tried and every status seen;
 then the server's peak RSS (VmHWM), the slowest health check, and each unexpected answer (a
 status no caller mistake may get, a long or echoing message, health not SERVING) with the case
 that caused it. Unless ``--no-repro``, groups with a problem run again so that hypothesis
@@ -135,7 +135,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seconds", type=float, default=540.0, help="stop after this long, whatever is left")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--repository", type=Path, help="fuzz this repository's first model (default: export one)")
-    parser.add_argument("--wide", action="store_true", help="also the pending cases (1 MB strings, rank 70 shapes)")
+    parser.add_argument("--wide", action="store_true", help="also the wide cases (1 MB strings, rank 70 shapes)")
     parser.add_argument("--no-repro", action="store_true", help="do not rerun failing groups to shrink an example")
     parser.add_argument("--repro-seconds", type=float, default=60.0, help="time for each failing group's rerun")
     args = parser.parse_args(argv)

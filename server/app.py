@@ -18,12 +18,16 @@ from concurrent.futures import ThreadPoolExecutor
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection, reflection_pb2
-from PIL import Image
+from PIL import Image, PngImagePlugin
 from prometheus_client import CollectorRegistry
 
+from tlserve.server.admission import Budget
+from tlserve.server.allocator import keep_large_blocks_returnable
+from tlserve.server.cpus import available_cpus, lower_priority
 from tlserve.server.dataplane import DataPlane
 from tlserve.server.drain import DrainGate
 from tlserve.server.gpu import register_gpu_metrics
+from tlserve.server.grpc_options import grpc_options
 from tlserve.server.health import HealthReporter
 from tlserve.server.images import ImageDecoder
 from tlserve.server.lifecycle import Action, Lifecycle, State, force_exit, install_signal_handlers
@@ -33,7 +37,7 @@ from tlserve.server.oip.reflection import reflection_pool
 from tlserve.server.oip.servicer import add_oip_service
 from tlserve.server.pb.tlserve.v1 import tlserve_pb2, tlserve_pb2_grpc
 from tlserve.server.ports import GRPC_OPTIONS, bind_port
-from tlserve.server.preprocess import ImageLimits
+from tlserve.server.preprocess import PNG_TEXT_BYTES, ImageLimits
 from tlserve.server.repository import ModelRepository, ReloadReport, RepositoryOptions
 from tlserve.server.runtime import GPUUnavailable
 from tlserve.server.security import CONFIG_ERRORS, Security
@@ -58,8 +62,9 @@ class ServerHandle:
         self.health = HealthReporter()
         self.lifecycle = Lifecycle()
         self.gate = DrainGate(self.lifecycle, self.metrics)
-        threads = settings.decode_threads or (os.cpu_count() or 1)
-        self._decode_pool = ThreadPoolExecutor(max_workers=threads, thread_name_prefix="decode")
+        threads = settings.decode_threads or available_cpus()  # the cgroup quota, not the node's cores
+        self._decode_pool = ThreadPoolExecutor(threads, thread_name_prefix="decode", initializer=lower_priority)
+        self._header_pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="headers")
         self._infer_pool = ThreadPoolExecutor(max_workers=4, thread_name_prefix="infer")
         self.repository = ModelRepository(
             RepositoryOptions.from_settings(settings),
@@ -68,13 +73,19 @@ class ServerHandle:
             on_change=self.health.update,
         )
         self.decoder = ImageDecoder(
-            limits=ImageLimits.from_settings(settings), max_images=settings.max_images, executor=self._decode_pool
+            limits=ImageLimits.from_settings(settings),
+            max_images=settings.max_images,
+            executor=self._decode_pool,
+            threads=threads,
+            budget=Budget(
+                "decoding", settings.max_decode_bytes, self.metrics.decode_bytes, self.metrics.decode_rejections
+            ),
+            headers=self._header_pool,
         )
-        limit = settings.max_message_bytes
         self.server = grpc.aio.server(
             interceptors=[*self.security.interceptors(self.metrics), self.gate],
-            options=[("grpc.max_receive_message_length", limit), ("grpc.max_send_message_length", limit)]
-            + GRPC_OPTIONS,
+            options=grpc_options(settings) + GRPC_OPTIONS,
+            maximum_concurrent_rpcs=settings.max_concurrent_rpcs or None,
         )
         self.dataplane = DataPlane(self.repository, self.decoder)
         tlserve_pb2_grpc.add_InferenceServicer_to_server(InferenceServicer(self.dataplane, self.metrics), self.server)
@@ -182,6 +193,7 @@ class ServerHandle:
         await self.repository.close()
         await self._metrics_http.stop()
         self._decode_pool.shutdown(wait=False)
+        self._header_pool.shutdown(wait=False)
         self._infer_pool.shutdown(wait=False)
         self.lifecycle.to(State.STOPPED)
 
@@ -189,6 +201,8 @@ class ServerHandle:
 def create_server(settings: Settings, registry: CollectorRegistry) -> ServerHandle:
     """Build (not start) the server; call inside a running event loop."""
     Image.MAX_IMAGE_PIXELS = settings.max_pixels  # Pillow's own bomb guard, behind our header check
+    PngImagePlugin.MAX_TEXT_MEMORY = PNG_TEXT_BYTES  # text chunks are parsed with the header: 64 MB by default
+    keep_large_blocks_returnable()  # a decoded image's memory goes back to the OS after its request
     return ServerHandle(settings, registry)
 
 

@@ -1,4 +1,4 @@
-"""Dynamic batching for one model: a bounded queue, one future per request, batches of at most
+"""Dynamic batching for one model: a queue bounded in requests and in bytes, one future per request, batches of at most
 ``max_batch_size`` rows gathered for at most ``max_queue_delay`` seconds.
 
 The window is only waited for when traffic says it will pay: each arrival notes how many
@@ -43,7 +43,8 @@ class BatchingOptions:
 
     max_batch_size: int
     max_queue_delay: float  # seconds
-    max_queue_size: int
+    max_queue_size: int  # requests waiting
+    max_queue_bytes: int  # bytes of their input tensors
 
     @classmethod
     def from_settings(cls, settings: Settings) -> BatchingOptions:
@@ -51,6 +52,7 @@ class BatchingOptions:
             max_batch_size=settings.max_batch_size,
             max_queue_delay=settings.max_queue_delay,
             max_queue_size=settings.max_queue_size,
+            max_queue_bytes=settings.max_queue_bytes,
         )
 
 
@@ -75,6 +77,10 @@ class _Request:
     def rows(self) -> int:
         return int(self.batch.shape[0])
 
+    @property
+    def nbytes(self) -> int:
+        return int(self.batch.nbytes)
+
 
 class Batcher:
     """Queue and batch requests for ``run`` (a blocking callable, executed on ``executor``)."""
@@ -95,6 +101,7 @@ class Batcher:
         self._executor = executor
         self._metrics = metrics
         self._queue: deque[_Request] = deque()
+        self._queued_bytes = 0
         self._wakeup = asyncio.Event()
         self._closed = False
         self._worker: asyncio.Task | None = None
@@ -130,17 +137,28 @@ class Batcher:
             raise Unavailable(f"model {self.model!r} is unloading")
         if self._stuck:
             raise Unavailable(f"model {self.model!r}: an inference run is stuck; retry later")
-        if len(self._queue) >= self.options.max_queue_size:
-            self._metrics.queue_rejections.labels(self.model).inc()
-            raise ResourceExhausted(
-                f"model {self.model!r}: queue is full ({self.options.max_queue_size} requests waiting); retry later"
-            )
+        self._admit(batch.nbytes)
         request = _Request(batch, deadline, asyncio.get_running_loop().create_future())
         self._note_arrival()
         self._queue.append(request)
+        self._queued_bytes += request.nbytes
         self._metrics.queue_depth.labels(self.model).set(len(self._queue))
         self._wakeup.set()
         return await request.future
+
+    def _admit(self, nbytes: int) -> None:
+        """Refuse a request the queue has no room for, by count or by bytes (an empty queue takes any
+        one request, so a request up to ``max_batch_size`` rows always gets through on its own)."""
+        options = self.options
+        full_count = len(self._queue) >= options.max_queue_size
+        full_bytes = bool(self._queue) and self._queued_bytes + nbytes > options.max_queue_bytes
+        if not (full_count or full_bytes):
+            return
+        self._metrics.queue_rejections.labels(self.model).inc()
+        raise ResourceExhausted(
+            f"model {self.model!r}: queue is full ({len(self._queue)} requests, {self._queued_bytes} bytes waiting; "
+            f"limits {options.max_queue_size} requests, {options.max_queue_bytes} bytes); retry later"
+        )
 
     async def _loop(self) -> None:
         while True:
@@ -188,6 +206,7 @@ class Batcher:
         now = time.monotonic()
         while self._queue and (not taken or rows + self._queue[0].rows <= self.options.max_batch_size):
             request = self._queue.popleft()
+            self._queued_bytes -= request.nbytes
             if request.future.done():  # caller cancelled
                 continue
             self._metrics.queue_duration.labels(self.model).observe(now - request.enqueued)
@@ -256,6 +275,7 @@ class Batcher:
         self._fail(batch, error)
         self._fail(list(self._queue), error)
         self._queue.clear()
+        self._queued_bytes = 0
         self._metrics.queue_depth.labels(self.model).set(0)
         run.add_done_callback(lambda f: f.cancelled() or f.exception())  # its outcome no longer matters
         if self._closed:  # stopping: leave the run behind (stop() reports it abandoned)

@@ -5,6 +5,10 @@ from __future__ import annotations
 import argparse
 import sys
 import time
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from tlserve.server.settings import Settings
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -17,6 +21,11 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         description="Serve every DIR/<name>/<version>/model.onnx over gRPC; flags also read env TLSERVE_<FLAG>.",
     )
     add_arguments(serve)
+    serve.add_argument(
+        "--print-memory-budget",
+        action="store_true",
+        help="print the worst-case memory for these flags and the repository's models, then exit",
+    )
     serve.set_defaults(func=run_serve)
 
     predict = subparsers.add_parser("predict", help="classify images through a running server")
@@ -69,7 +78,27 @@ def run_serve(args: argparse.Namespace) -> int:
     except ValueError as exc:
         print(f"tlserve serve: {exc}", file=sys.stderr)
         return 2
+    if getattr(args, "print_memory_budget", False):
+        return print_memory_budget(settings)
     return serve(settings)
+
+
+def print_memory_budget(settings: Settings) -> int:
+    from pathlib import Path
+
+    from tlserve.server.budget import memory_budget
+    from tlserve.server.repository import scan
+
+    found = scan(Path(settings.repository))
+    models = max(1, sum(len(settings.version_policy.select(list(versions))) for versions in found.values()))
+    try:
+        budget = memory_budget(settings, models)
+    except ValueError as exc:
+        print(f"tlserve serve: {exc}", file=sys.stderr)
+        return 2
+    print(f"worst-case memory for {models} model version(s) under {settings.repository}:")
+    print(budget.table())
+    return 0
 
 
 def run_predict(args: argparse.Namespace) -> int:

@@ -22,7 +22,7 @@ def request_images(images) -> list[ImageInput]:
         if source == "encoded":
             out.append(image.encoded)
         elif source == "tensor":
-            out.append((list(image.tensor.shape), image.tensor.data))
+            out.append((image.tensor.shape, image.tensor.data))  # the shape is checked by length first
         else:
             raise InvalidArgument(f"image {index}: set either encoded bytes or a tensor")
     return out

@@ -9,18 +9,18 @@ asked for. Every refusal is a :mod:`tlserve.server.errors` exception.
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+import asyncio
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Union
+from typing import Any, TypeVar, Union
 
 import numpy as np
 
 from tlserve.server.batcher import Outputs
-from tlserve.server.errors import FailedPrecondition, InvalidArgument
+from tlserve.server.errors import FailedPrecondition, InvalidArgument, quote, shape_text
 from tlserve.server.images import ImageDecoder, ImageInput
 from tlserve.server.model import ServedModel
-from tlserve.server.oip.datatypes import datatype_of
-from tlserve.server.preprocess import to_model_input
+from tlserve.server.oip.datatypes import DTYPES, datatype_of
 from tlserve.server.repository import ModelRepository, ReloadReport
 
 
@@ -42,6 +42,14 @@ class RequestedOutput:
 
 
 Answer = Union[np.ndarray, TopK]
+T = TypeVar("T")
+
+
+def _datatype(array: np.ndarray) -> str:
+    try:
+        return datatype_of(array.dtype)
+    except ValueError:
+        return str(array.dtype)
 
 
 def top_k(scores: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
@@ -98,13 +106,16 @@ class DataPlane:
         """[N, D] embeddings; FailedPrecondition when the model has no embedding output."""
         name = model.manifest.outputs.embedding
         if not name:
-            raise FailedPrecondition(f"model {model.name!r} has no embedding output")
+            raise FailedPrecondition(f"model {quote(model.name)} has no embedding output")
         with model.lease():
             return (await self._infer_images(model, images, deadline))[name]
 
+    def check_image_count(self, count: int) -> None:
+        """Refuse a request with no images or too many, before anything else is read from it."""
+        self._decoder.check_count(count)
+
     async def _infer_images(self, model: ServedModel, images: Sequence[ImageInput], deadline: float | None) -> Outputs:
-        pre = model.manifest.preprocessing
-        batch = to_model_input(await self._decoder.batch(images, pre), pre)
+        batch = await self._decoder.batch(images, model.manifest.preprocessing, deadline)
         return await model.infer(self._checked_input(model, {model.input_name: batch}), deadline)
 
     # --- tensors in -----------------------------------------------------------------------
@@ -125,23 +136,35 @@ class DataPlane:
             o.name: self._top_k(model, outputs[o.name], o.classes) if o.classes else outputs[o.name] for o in wanted
         }
 
+    async def convert(self, function: Callable[..., T], *args: Any) -> T:
+        """``function(*args)`` on the decode pool: for conversions proportional to a request's size
+        (tensor contents to arrays), which must not run on the event loop."""
+        return await asyncio.get_running_loop().run_in_executor(self._decoder.executor, function, *args)
+
     # --- the checks, each once -------------------------------------------------------------
-    def _checked_input(self, model: ServedModel, inputs: Mapping[str, np.ndarray]) -> np.ndarray:
-        """The model's one input, checked against its name, datatype, shape and the per-request limit."""
+    def check_inputs(self, model: ServedModel, inputs: Mapping[str, tuple[str, Sequence[int]]]) -> None:
+        """The model's one input checked from its name, datatype and shape alone, before any contents
+        are converted: the name, the datatype, [N, 3, S, S], and N against the per-request limit."""
         name, size = model.input_name, model.manifest.preprocessing.input_size
         if list(inputs) != [name]:
-            raise InvalidArgument(f"model {model.name!r} takes one input {name!r}, got {sorted(inputs)}")
-        batch = inputs[name]
-        want, got = datatype_of(model.input_dtype), datatype_of(batch.dtype)
+            names = ", ".join(quote(n) for n in sorted(inputs)[:4]) + (" ..." if len(inputs) > 4 else "")
+            raise InvalidArgument(f"model {quote(model.name)} takes one input {name!r}, got [{names}]")
+        got, shape = inputs[name]
+        want = datatype_of(model.input_dtype)
         if got != want:
-            raise InvalidArgument(f"input {name!r} of model {model.name!r} must be {want}, got {got}")
-        if batch.ndim != 4 or tuple(batch.shape[1:]) != (3, size, size):
+            shown = got if got in DTYPES else quote(got, 20)
+            raise InvalidArgument(f"input {name!r} of model {quote(model.name)} must be {want}, got {shown}")
+        if len(shape) != 4 or tuple(shape[1:]) != (3, size, size):
             raise InvalidArgument(
-                f"input {name!r} of model {model.name!r} must have shape [N, 3, {size}, {size}], "
-                f"got {list(batch.shape)}"
+                f"input {name!r} of model {quote(model.name)} must have shape [N, 3, {size}, {size}], "
+                f"got {shape_text(shape)}"
             )
-        self._decoder.check_count(batch.shape[0])
-        return batch
+        self._decoder.check_count(int(shape[0]))
+
+    def _checked_input(self, model: ServedModel, inputs: Mapping[str, np.ndarray]) -> np.ndarray:
+        """The model's one input array, checked as :meth:`check_inputs` does."""
+        self.check_inputs(model, {name: (_datatype(array), array.shape) for name, array in inputs.items()})
+        return inputs[model.input_name]
 
     def _checked_outputs(self, model: ServedModel, requested: Sequence[RequestedOutput]) -> Sequence[RequestedOutput]:
         if not requested:
@@ -149,11 +172,12 @@ class DataPlane:
         for output in requested:
             if output.name not in model.output_names:
                 raise InvalidArgument(
-                    f"model {model.name!r} has no output {output.name!r} (outputs: {', '.join(model.output_names)})"
+                    f"model {quote(model.name)} has no output {quote(output.name)} "
+                    f"(outputs: {', '.join(model.output_names)})"
                 )
             if output.classes < 0:
                 raise InvalidArgument(
-                    f"output {output.name!r}: classification count must be positive, got {output.classes}"
+                    f"output {quote(output.name)}: classification count must be positive, got {output.classes}"
                 )
         return requested
 

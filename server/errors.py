@@ -16,6 +16,17 @@ import grpc
 log = logging.getLogger(__name__)
 
 INTERNAL_MESSAGE = "internal error"
+QUOTE_LIMIT = 100  # characters of a caller's string a status message may repeat
+
+
+def quote(text: object, limit: int = QUOTE_LIMIT) -> str:
+    """``repr(text)`` for a status message, cut to about ``limit`` characters: a longer string keeps
+    its first ``limit`` characters, then an ellipsis and its original length, so an error describes
+    what the caller sent without echoing it (a 1 MB model name must not become a 1 MB status)."""
+    text = str(text)
+    if len(text) <= limit:
+        return repr(text)
+    return f"{text[:limit]!r}... ({len(text)} characters)"
 
 
 class ServingError(Exception):

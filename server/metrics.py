@@ -51,6 +51,12 @@ class Metrics:
         self.queue_rejections = Counter(
             "tlserve_queue_rejections", "Requests refused because the queue was full", ("model",), registry=registry
         )
+        self.decode_bytes = Gauge(
+            "tlserve_decode_admitted_bytes", "Decoding memory reserved by admitted requests", registry=registry
+        )
+        self.decode_rejections = Counter(
+            "tlserve_decode_rejections", "Requests refused because the decode budget was full", registry=registry
+        )
         self.model_ready = Gauge(
             "tlserve_model_ready", "1 while the model version is ready", ("model", "version"), registry=registry
         )

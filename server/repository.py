@@ -23,7 +23,7 @@ from typing import Any, TypeVar
 
 from tlserve.contract import FP16_FILE, MODEL_FILE
 from tlserve.server.batcher import BatchingOptions
-from tlserve.server.errors import FailedPrecondition, InvalidArgument, NotFound, Unavailable
+from tlserve.server.errors import FailedPrecondition, InvalidArgument, NotFound, Unavailable, quote
 from tlserve.server.loader import LoadOptions, load_version, public_reason
 from tlserve.server.metrics import Metrics
 from tlserve.server.model import ServedModel
@@ -160,22 +160,22 @@ class ModelRepository:
         if not versions:
             failures = [msg for (n, _), (_, msg) in self._failed.items() if n == name]
             if failures:  # permanent until the files change: FAILED_PRECONDITION, not a retry invitation
-                raise FailedPrecondition(f"model {name!r} is not loaded: {failures[0]}")
-            raise NotFound(f"model {name!r} not found (serving: {', '.join(sorted(self._models)) or 'nothing'})")
+                raise FailedPrecondition(f"model {quote(name)} is not loaded: {failures[0]}")
+            raise NotFound(f"model {quote(name)} not found (serving: {', '.join(sorted(self._models)) or 'nothing'})")
         if version:
             model = versions.get(version)
             if model is None:
                 raise NotFound(
-                    f"model {name!r} has no version {version!r} loaded "
+                    f"model {quote(name)} has no version {quote(version)} loaded "
                     f"(loaded: {', '.join(sorted(versions, key=version_key))})"
                 )
             if not model.ready:
-                raise Unavailable(f"model {name!r} version {version} is not ready")
+                raise Unavailable(f"model {quote(name)} version {version} is not ready")
             return model
         for v in sorted(versions, key=version_key, reverse=True):
             if versions[v].ready:
                 return versions[v]
-        raise Unavailable(f"model {name!r} has no ready version")
+        raise Unavailable(f"model {quote(name)} has no ready version")
 
     def _default_name(self) -> str:
         names = self.names()

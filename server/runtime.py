@@ -18,6 +18,7 @@ import numpy as np
 import onnxruntime as ort
 
 from tlserve.contract import ORT_DTYPES
+from tlserve.server.cpus import available_cpus
 from tlserve.server.errors import FailedPrecondition
 
 if TYPE_CHECKING:
@@ -48,7 +49,7 @@ class RuntimeOptions:
         return cls(
             device=settings.device,
             require_gpu=settings.require_gpu,
-            intra_op_threads=settings.intra_op_threads,
+            intra_op_threads=settings.intra_op_threads or available_cpus(),
             inter_op_threads=settings.inter_op_threads,
         )
 

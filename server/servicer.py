@@ -26,6 +26,7 @@ class InferenceServicer(tlserve_pb2_grpc.InferenceServicer):
 
     async def _classify(self, request: pb.ClassifyRequest, context, call: RpcCall) -> pb.ClassifyResponse:
         model = call.serves(self._plane.model(request.model.name, request.model.version))
+        self._plane.check_image_count(len(request.images))
         top = await self._plane.classify(model, request_images(request.images), request.top_k, deadline_of(context))
         return pb.ClassifyResponse(model=model.name, version=model.version, results=classifications(top))
 
@@ -42,6 +43,7 @@ class InferenceServicer(tlserve_pb2_grpc.InferenceServicer):
     async def Embed(self, request: pb.EmbedRequest, context: grpc.aio.ServicerContext) -> pb.EmbedResponse:
         async with observe_rpc(self._metrics, context, "Embed") as call:
             model = call.serves(self._plane.model(request.model.name, request.model.version))
+            self._plane.check_image_count(len(request.images))
             vectors = await self._plane.embed(model, request_images(request.images), deadline_of(context))
             return pb.EmbedResponse(model=model.name, version=model.version, embeddings=embeddings(vectors))
 

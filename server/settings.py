@@ -21,6 +21,7 @@ from typing import Any, TypeVar, overload
 
 T = TypeVar("T")
 SETTING = "tlserve.setting"  # the field-metadata key that setting() fills
+MIB = 1 << 20
 TRUE, FALSE = ("1", "true", "yes", "on"), ("0", "false", "no", "off", "")
 
 
@@ -129,13 +130,38 @@ class Settings:
     max_batch_size: int = setting(32, "dynamic batching: largest batch")
     max_queue_delay_ms: float = setting(2.0, "dynamic batching: longest wait to fill a batch, in milliseconds")
     max_queue_size: int = setting(256, "bounded queue per model; full -> RESOURCE_EXHAUSTED")
-    intra_op_threads: int = setting(0, "ONNX Runtime intra-op threads (0 = ORT default)")
+    max_queue_bytes: int = setting(
+        64 * MIB, "bytes of input tensors waiting in one model's batch queue; more -> RESOURCE_EXHAUSTED"
+    )
+    intra_op_threads: int = setting(0, "ONNX Runtime intra-op threads (0 = one per available CPU)")
     inter_op_threads: int = setting(0, "ONNX Runtime inter-op threads (0 = ORT default)")
     version_policy: VersionPolicy = setting(VersionPolicy(), "`latest:N`, `all`, or `specific:V1,V2`")
     poll_interval: float = setting(0.0, "seconds between repository scans for new versions (0 = off; SIGHUP rescans)")
-    max_message_bytes: int = setting(16 * 1024 * 1024, "gRPC max message size, received and sent")
-    max_image_bytes: int = setting(8 * 1024 * 1024, "largest encoded image")
-    max_pixels: int = setting(40_000_000, "largest decoded image (width x height), checked before decoding")
+    max_message_bytes: int = setting(4 * MIB, "gRPC max message size, received and sent")
+    max_concurrent_rpcs: int = setting(
+        24, "calls in progress at once, every service counted (0 = unlimited); more -> RESOURCE_EXHAUSTED from gRPC"
+    )
+    max_concurrent_streams: int = setting(32, "HTTP/2 streams (calls) open at once on one connection")
+    keepalive_min_ping_interval_ms: int = setting(
+        10_000, "shortest interval between a client's keepalive pings without data; faster ones count as strikes"
+    )
+    keepalive_permit_without_calls: bool = setting(
+        False, "accept keepalive pings on a connection without calls (off: such pings count as strikes)"
+    )
+    keepalive_max_ping_strikes: int = setting(2, "too-frequent pings tolerated before the connection is closed")
+    max_connection_age_ms: int = setting(
+        300_000, "close each connection after this long (with jitter), so L4 load balancers rebalance (0 = never)"
+    )
+    max_connection_age_grace_ms: int = setting(30_000, "time in-flight calls get after a connection reaches its age")
+    max_image_bytes: int = setting(4 * MIB, "largest encoded image")
+    max_pixels: int = setting(16_000_000, "largest image (width x height), read from its header before decoding")
+    max_request_pixels: int = setting(
+        128_000_000, "most pixels in one request, summed over its encoded images, checked before decoding"
+    )
+    max_decode_bytes: int = setting(
+        256 * MIB,
+        "memory admitted for decoding at once, server-wide (estimated from image headers); more -> RESOURCE_EXHAUSTED",
+    )
     max_images: int = setting(64, "most images per request")
     drain_seconds: float = setting(10.0, "graceful-shutdown grace period after SIGTERM")
     unhealthy_after_failures: int = setting(
@@ -145,7 +171,7 @@ class Settings:
         30.0, "a session.run taking longer is stuck: its requests get UNAVAILABLE, the model NOT_SERVING (0 = off)"
     )
     health_probe_seconds: float = setting(5.0, "seconds between warm-up probes of an unhealthy model")
-    decode_threads: int = setting(0, "image decoding threads (0 = one per CPU)")
+    decode_threads: int = setting(0, "image decoding threads (0 = one per available CPU)")
     tls_cert: str = setting(
         "",
         "PEM server certificate chain; enables TLS on the gRPC port. Re-read when the file changes (checked at most "
@@ -181,10 +207,15 @@ class Settings:
         device = self.device
         if not (device in ("auto", "cpu", "cuda") or (device.startswith("cuda:") and device[5:].isdigit())):
             raise ValueError(f"--device must be auto, cpu, cuda or cuda:N; got {device!r}")
-        for name in ("max_batch_size", "max_queue_size", "max_images"):
+        positive = "max_batch_size max_queue_size max_queue_bytes max_message_bytes max_image_bytes max_pixels"
+        positive += " max_request_pixels max_decode_bytes max_images max_concurrent_streams"
+        for name in positive.split():
             if getattr(self, name) < 1:
                 raise ValueError(f"--{name.replace('_', '-')} must be >= 1; got {getattr(self, name)}")
-        for name in ("unhealthy_after_failures", "inference_timeout_seconds", "drain_seconds"):
+        not_negative = "max_concurrent_rpcs keepalive_min_ping_interval_ms keepalive_max_ping_strikes"
+        not_negative += " max_connection_age_ms max_connection_age_grace_ms decode_threads intra_op_threads"
+        not_negative += " unhealthy_after_failures inference_timeout_seconds drain_seconds"
+        for name in not_negative.split():
             if getattr(self, name) < 0:
                 raise ValueError(f"--{name.replace('_', '-')} must be >= 0; got {getattr(self, name)}")
         if self.health_probe_seconds <= 0:

@@ -11,11 +11,12 @@ from __future__ import annotations
 
 import math
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 
 import numpy as np
 
 from tlserve.server.dataplane import Answer, RequestedOutput, TopK
-from tlserve.server.errors import InvalidArgument, count_text, shape_text
+from tlserve.server.errors import InvalidArgument, count_text, quote, shape_text
 from tlserve.server.oip.datatypes import DTYPES, datatype_of
 from tlserve.server.pb.inference import messages_pb2 as pb
 
@@ -35,10 +36,75 @@ TYPED_FIELDS = {
 CLASSIFICATION = "classification"  # the output parameter that asks for top classes (Triton's extension)
 
 
+MAX_INPUTS = 16  # more input tensors than any model takes are refused before they are looked at
+MAX_OUTPUTS = 64
+MAX_RANK = 8
+MAX_BYTES = 1 << 62  # a shape describing more is refused as such, whatever its contents
+
+
+@dataclass(frozen=True)
+class TensorHeader:
+    """An input tensor's name, datatype and shape, checked, before any of its contents is read."""
+
+    name: str
+    datatype: str
+    shape: tuple[int, ...]
+
+    @property
+    def count(self) -> int:
+        return math.prod(self.shape)
+
+
 def element_count(name: str, shape: Sequence[int]) -> int:
-    if any(d < 0 for d in shape):
-        raise InvalidArgument(f"input {name!r}: shape {shape_text(shape)} has a negative dimension")
-    return math.prod(int(d) for d in shape)  # Python ints: a huge shape cannot overflow to a small count
+    """The elements ``shape`` describes, in Python ints; a negative, too many or too large dimensions
+    are refused (numpy would raise its own errors on them)."""
+    if len(shape) > MAX_RANK:
+        raise InvalidArgument(f"input {quote(name)}: shape {shape_text(shape)} has more than {MAX_RANK} dimensions")
+    dims = [int(d) for d in shape]
+    if any(d < 0 for d in dims):
+        raise InvalidArgument(f"input {quote(name)}: shape {shape_text(dims)} has a negative dimension")
+    count = math.prod(dims)  # Python ints: a huge shape cannot overflow to a small count
+    if count == 0 and math.prod(d for d in dims if d) > MAX_BYTES:  # numpy refuses even an empty one
+        raise InvalidArgument(f"input {quote(name)}: shape {shape_text(dims)} is too large")
+    return count
+
+
+def input_headers(request: pb.ModelInferRequest) -> dict[str, TensorHeader]:
+    """Every input's header, checked against its contents' size (raw byte length or typed value
+    count) with nothing converted: O(number of inputs), safe on the event loop."""
+    if len(request.inputs) > MAX_INPUTS:
+        raise InvalidArgument(f"{len(request.inputs)} input tensors; at most {MAX_INPUTS} are accepted")
+    raws = request.raw_input_contents
+    if raws and len(raws) != len(request.inputs):
+        raise InvalidArgument(
+            f"{len(raws)} raw_input_contents for {len(request.inputs)} inputs; send one per input, in order"
+        )
+    headers: dict[str, TensorHeader] = {}
+    for i, tensor in enumerate(request.inputs):
+        name = tensor.name
+        if name in headers:
+            raise InvalidArgument(f"input {quote(name)} is given twice")
+        if raws and tensor.HasField("contents"):
+            raise InvalidArgument(f"input {quote(name)}: typed contents and raw_input_contents together")
+        dtype = _dtype(name, tensor.datatype)
+        count = element_count(name, tensor.shape)
+        if raws:
+            size, expected = len(raws[i]), count * dtype.itemsize
+            if size != expected:
+                raise InvalidArgument(
+                    f"input {quote(name)}: {size} raw bytes, but {tensor.datatype} shape "
+                    f"{shape_text(tensor.shape)} needs {count_text(expected)}"
+                )
+        else:
+            field = _typed_field(name, tensor.datatype)
+            values = len(getattr(tensor.contents, field))
+            if values != count:
+                raise InvalidArgument(
+                    f"input {quote(name)}: {values} values in {field}, but shape {shape_text(tensor.shape)} "
+                    f"needs {count_text(count)}"
+                )
+        headers[name] = TensorHeader(name, tensor.datatype, tuple(int(d) for d in tensor.shape))
+    return headers
 
 
 def decode_raw(name: str, datatype: str, shape: Sequence[int], raw: bytes) -> np.ndarray:
@@ -47,54 +113,66 @@ def decode_raw(name: str, datatype: str, shape: Sequence[int], raw: bytes) -> np
     expected = element_count(name, shape) * dtype.itemsize
     if len(raw) != expected:
         raise InvalidArgument(
-            f"input {name!r}: {len(raw)} raw bytes, but {datatype} shape {shape_text(shape)} "
+            f"input {quote(name)}: {len(raw)} raw bytes, but {datatype} shape {shape_text(shape)} "
             f"needs {count_text(expected)}"
         )
-    return np.frombuffer(raw, dtype=dtype).reshape(shape)
+    return _reshaped(name, np.frombuffer(raw, dtype=dtype), shape)
 
 
 def decode_typed(name: str, datatype: str, shape: Sequence[int], contents: pb.InferTensorContents) -> np.ndarray:
     """An input tensor from the typed repeated field of its datatype, range-checked for narrow types."""
     dtype = _dtype(name, datatype)
-    field = TYPED_FIELDS.get(datatype)
-    if field is None:
-        raise InvalidArgument(f"input {name!r}: {datatype} has no typed contents; send it in raw_input_contents")
+    field = _typed_field(name, datatype)
     values = getattr(contents, field)
     count = element_count(name, shape)
     if len(values) != count:
         raise InvalidArgument(
-            f"input {name!r}: {len(values)} values in {field}, but shape {shape_text(shape)} needs {count_text(count)}"
+            f"input {quote(name)}: {len(values)} values in {field}, but shape {shape_text(shape)} "
+            f"needs {count_text(count)}"
         )
-    wide = np.asarray(values, dtype=np.float64 if dtype.kind == "f" else None)
-    if dtype.kind in "iu" and wide.size:
+    try:  # straight into the tensor's dtype: one array of its width, and numpy refuses out-of-range values
+        array = np.fromiter(values, dtype=dtype, count=count)
+    except OverflowError:
         info = np.iinfo(dtype)
-        if wide.min() < info.min or wide.max() > info.max:
-            raise InvalidArgument(f"input {name!r}: values out of the {datatype} range [{info.min}, {info.max}]")
-    return wide.astype(dtype, copy=False).reshape(shape)
+        raise InvalidArgument(
+            f"input {quote(name)}: values out of the {datatype} range [{info.min}, {info.max}]"
+        ) from None
+    return _reshaped(name, array, shape)
 
 
 def decode_inputs(request: pb.ModelInferRequest) -> dict[str, np.ndarray]:
-    """Every input of a request by name, from raw or typed contents (never both)."""
+    """Every input of a request by name, from raw or typed contents (never both). Proportional to
+    the request's size: call it off the event loop, after :func:`input_headers` was checked."""
+    headers = input_headers(request)
     raws = request.raw_input_contents
-    if raws and len(raws) != len(request.inputs):
-        raise InvalidArgument(
-            f"{len(raws)} raw_input_contents for {len(request.inputs)} inputs; send one per input, in order"
-        )
     arrays: dict[str, np.ndarray] = {}
     for i, tensor in enumerate(request.inputs):
-        if tensor.name in arrays:
-            raise InvalidArgument(f"input {tensor.name!r} is given twice")
-        if raws and tensor.HasField("contents"):
-            raise InvalidArgument(f"input {tensor.name!r}: typed contents and raw_input_contents together")
+        header = headers[tensor.name]
         if raws:
-            arrays[tensor.name] = decode_raw(tensor.name, tensor.datatype, tensor.shape, raws[i])
+            arrays[header.name] = decode_raw(header.name, header.datatype, header.shape, raws[i])
         else:
-            arrays[tensor.name] = decode_typed(tensor.name, tensor.datatype, tensor.shape, tensor.contents)
+            arrays[header.name] = decode_typed(header.name, header.datatype, header.shape, tensor.contents)
     return arrays
+
+
+def _reshaped(name: str, flat: np.ndarray, shape: Sequence[int]) -> np.ndarray:
+    try:
+        return flat.reshape(tuple(shape))
+    except ValueError:  # element_count refuses what numpy would; this keeps any other refusal the caller's
+        raise InvalidArgument(f"input {quote(name)}: cannot take shape {shape_text(shape)}") from None
+
+
+def _typed_field(name: str, datatype: str) -> str:
+    field = TYPED_FIELDS.get(datatype)
+    if field is None:
+        raise InvalidArgument(f"input {quote(name)}: {datatype} has no typed contents; send it in raw_input_contents")
+    return field
 
 
 def requested_outputs(request: pb.ModelInferRequest) -> list[RequestedOutput]:
     """The outputs a request names, each with its classification count (0: the tensor itself)."""
+    if len(request.outputs) > MAX_OUTPUTS:
+        raise InvalidArgument(f"{len(request.outputs)} requested outputs; at most {MAX_OUTPUTS} are accepted")
     return [
         RequestedOutput(o.name, o.parameters[CLASSIFICATION].int64_param if CLASSIFICATION in o.parameters else 0)
         for o in request.outputs
@@ -133,7 +211,9 @@ def encode_outputs(response: pb.ModelInferResponse, outputs: dict[str, np.ndarra
 
 def _dtype(name: str, datatype: str) -> np.dtype:
     if datatype not in DTYPES:
-        raise InvalidArgument(f"input {name!r}: unsupported datatype {datatype!r} (supported: {', '.join(DTYPES)})")
+        raise InvalidArgument(
+            f"input {quote(name)}: unsupported datatype {quote(datatype)} (supported: {', '.join(DTYPES)})"
+        )
     return DTYPES[datatype]
 
 

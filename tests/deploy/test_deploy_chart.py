@@ -139,7 +139,34 @@ def test_args_are_accepted_by_the_real_serve_parser(helm):
     assert (str(settings.repository), settings.port, settings.metrics_port) == ("/models", 50051, 8080)
     assert settings.device == "cuda" and settings.require_gpu is True
     assert settings.max_batch_size == 64 and settings.max_queue_size == 256
-    assert settings.max_message_bytes == 16777216 and settings.drain_seconds == 10
+    assert settings.max_message_bytes == 4194304 and settings.drain_seconds == 10
+    assert settings.max_concurrent_rpcs == 24 and settings.max_decode_bytes == 268435456
+
+
+QUANTITY = {"Ki": 1 << 10, "Mi": 1 << 20, "Gi": 1 << 30, "Ti": 1 << 40, "k": 10**3, "M": 10**6, "G": 10**9}
+
+
+def quantity_bytes(text) -> int:
+    """A Kubernetes memory quantity ("2Gi", "1500M", 2147483648) in bytes."""
+    text = str(text)
+    for suffix, factor in sorted(QUANTITY.items(), key=lambda kv: -len(kv[0])):
+        if text.endswith(suffix):
+            return int(float(text[: -len(suffix)]) * factor)
+    return int(text)
+
+
+@pytest.mark.parametrize("values", [[], ["-f", str(GPU_VALUES)]], ids=["defaults", "gpu"])
+def test_memory_limit_covers_the_servers_memory_budget(helm, values):
+    """resources.limits.memory >= memory_budget() of the flags the chart passes (one model version)."""
+    cli = pytest.importorskip("tlserve.cli")
+    settings_mod = pytest.importorskip("tlserve.server.settings")
+    budget_mod = pytest.importorskip("tlserve.server.budget")
+    server = container(helm_template(helm, *values))
+    settings = settings_mod.Settings.from_args(cli.build_parser().parse_args(server["args"]))
+    budget = budget_mod.memory_budget(settings, models=1)
+    limit = quantity_bytes(server["resources"]["limits"]["memory"])
+    assert limit >= budget.total, budget.table()
+    assert quantity_bytes("2Gi") == 2 << 30 and quantity_bytes("1500M") == 1_500_000_000
 
 
 def test_gpu_values_schedule_on_gpu_nodes(helm):

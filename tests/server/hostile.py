@@ -216,7 +216,7 @@ def long_text(lengths: Sequence[int], chars: st.SearchStrategy[str] = ANY_CHAR) 
 @dataclass(frozen=True)
 class Reach:
     """How far the strategies go: the main fuzz stays inside what the server handles today; the
-    pending tests (see test_fuzz.py) reach the cases another branch is fixing."""
+    wide tests (see test_fuzz.py) reach the long strings and impossible shapes."""
 
     long_strings: bool = False  # caller strings past MAX_ECHO (to 1 MiB), long runs of escaped characters
     max_rank: int = 64  # OIP / tensor shapes up to this rank (numpy's limit)
@@ -234,7 +234,7 @@ class Reach:
 
 MAIN = Reach()
 WIDE = Reach(long_strings=True, max_rank=70, huge_zero_shapes=True)  # everything
-PENDING = Reach(long_strings=True, max_rank=70, huge_zero_shapes=True, only_those=True)  # what the main fuzz leaves out
+PENDING = Reach(long_strings=True, max_rank=70, huge_zero_shapes=True, only_those=True)  # the wide cases
 
 
 def metadata_headers() -> st.SearchStrategy[tuple[tuple[str, str | bytes], ...]]:

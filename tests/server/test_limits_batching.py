@@ -25,7 +25,7 @@ def assert_refused(live, images, code, text):
 
 
 def test_too_many_images(live):  # live: max_images=8
-    images = [pb.Image(encoded=photo_bytes("coffee.png"))] * 9
+    images = [pb.Image(encoded=photo_bytes("chelsea.png"))] * 9  # 2.2 MB: within --max-message-bytes
     assert_refused(live, images, grpc.StatusCode.INVALID_ARGUMENT, "9 images in one request exceeds the limit of 8")
 
 

@@ -11,6 +11,7 @@ import grpc
 import pytest
 
 from tlserve.server import errors
+from tlserve.server.cpus import available_cpus
 from tlserve.server.preprocess import ImageLimits
 from tlserve.server.repository import RepositoryOptions
 from tlserve.server.settings import Settings, VersionPolicy, add_arguments, setting, setting_specs
@@ -37,7 +38,7 @@ def test_defaults_match_the_server_contract():
     s = parse([])
     assert (s.repository, s.host, s.port, s.metrics_port, s.device) == ("models", "0.0.0.0", 50051, 8080, "auto")
     assert (s.max_batch_size, s.max_queue_delay_ms, s.max_queue_size) == (32, 2.0, 256)
-    assert (s.max_message_bytes, s.max_image_bytes, s.max_pixels, s.max_images) == (16777216, 8388608, 40000000, 64)
+    assert (s.max_message_bytes, s.max_image_bytes, s.max_pixels, s.max_images) == (4194304, 4194304, 16000000, 64)
     assert s.version_policy == VersionPolicy("latest", 1) and s.drain_seconds == 10 and not s.require_gpu
 
 
@@ -134,10 +135,12 @@ def test_every_option_comes_from_its_setting():
         max_batch_size=7,
         max_queue_delay_ms=4.0,
         max_queue_size=11,
+        max_queue_bytes=23,
         version_policy="all",
         drain_seconds=13.0,
         max_image_bytes=17,
         max_pixels=19,
+        max_request_pixels=29,
     )
     repo = RepositoryOptions.from_settings(s)
     assert (repo.root, repo.policy, repo.drain_seconds) == (Path("/srv/models"), VersionPolicy("all"), 13.0)
@@ -149,7 +152,9 @@ def test_every_option_comes_from_its_setting():
         5,
     )
     assert (batching.max_batch_size, batching.max_queue_delay, batching.max_queue_size) == (7, 0.004, 11)
-    assert ImageLimits.from_settings(s) == ImageLimits(max_image_bytes=17, max_pixels=19)
+    assert batching.max_queue_bytes == 23
+    assert ImageLimits.from_settings(s) == ImageLimits(max_image_bytes=17, max_pixels=19, max_request_pixels=29)
+    assert RepositoryOptions.from_settings(Settings()).load.runtime.intra_op_threads == available_cpus()
 
 
 def test_version_policy_orders_numerically():

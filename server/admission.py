@@ -1,0 +1,73 @@
+"""A budget a request reserves before its work starts: a full budget refuses at once, it never queues.
+
+One ``Budget`` is shared by every request of the server (the decode memory budget is the one in use);
+it lives on the event loop, so reserving and releasing need no lock.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator
+
+from prometheus_client import Counter, Gauge
+
+from tlserve.server.errors import InvalidArgument, ResourceExhausted
+
+MB = 1_000_000
+
+
+class Budget:
+    """``capacity`` bytes shared by concurrent requests, with what is in use as a gauge and the refusals counted."""
+
+    def __init__(self, what: str, capacity: int, in_use: Gauge | None = None, rejections: Counter | None = None):
+        self.what = what
+        self.capacity = capacity
+        self.in_use = 0
+        self._gauge = in_use
+        self._rejections = rejections
+
+    def take(self, amount: int) -> Reservation:
+        """Reserve ``amount`` bytes until the returned reservation is released. More than the whole
+        budget is the request's fault (InvalidArgument); more than what is free now is the server's
+        load (ResourceExhausted: retry later)."""
+        if amount > self.capacity:
+            raise InvalidArgument(
+                f"the request needs {amount / MB:.0f} MB for {self.what} at once, more than the server's "
+                f"budget of {self.capacity / MB:.0f} MB; send fewer or smaller images per request"
+            )
+        if self.in_use + amount > self.capacity:
+            if self._rejections is not None:
+                self._rejections.inc()
+            raise ResourceExhausted(
+                f"server busy: the {self.what} budget is full ({self.in_use / MB:.0f} of {self.capacity / MB:.0f} "
+                f"MB in use, this request needs {amount / MB:.0f} MB); retry later"
+            )
+        self._add(amount)
+        return Reservation(self, amount)
+
+    @contextlib.contextmanager
+    def reserve(self, amount: int) -> Iterator[None]:
+        """:meth:`take` for the ``with`` block."""
+        reservation = self.take(amount)
+        try:
+            yield
+        finally:
+            reservation.release()
+
+    def _add(self, amount: int) -> None:
+        self.in_use += amount
+        if self._gauge is not None:
+            self._gauge.set(self.in_use)
+
+
+class Reservation:
+    """Bytes held on a budget; ``release()`` gives them back (once, however often it is called)."""
+
+    def __init__(self, budget: Budget, amount: int) -> None:
+        self._budget = budget
+        self.amount = amount
+
+    def release(self) -> None:
+        if self.amount:
+            self._budget._add(-self.amount)
+            self.amount = 0

@@ -1,0 +1,73 @@
+"""The server's worst-case memory for given settings: the sum of the budgets it enforces.
+
+    total = baseline                                   interpreter, libraries, gRPC, one idle ORT session
+          + max_decode_bytes                           decoding admitted at once (headers estimate each image)
+          + max_concurrent_rpcs x max_message_bytes x MESSAGE_COPIES   calls being received and converted
+          + models x (max_queue_bytes + ORT_RUN_BYTES) each version's batch queue and one batch's run
+
+Each term is a limit the server enforces before the work it pays for starts (see docs/serving.md,
+"Memory budget"); the constants are measured (``benchmarks/hostile_memory.py`` prints the peak RSS
+against this figure). ``tlserve serve --print-memory-budget`` prints it for the flags given.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from tlserve.server.settings import Settings
+
+MIB = 1 << 20
+# RSS of `tlserve serve` at rest with the demo model (MobileNetV2, 64 px; its session is 37 MiB) loaded
+# and warmed up: 101-130 MiB measured.
+BASELINE_BYTES = 160 * MIB
+# One call's message lives as gRPC's receive buffer, its bytes, the parsed protobuf and what the servicer
+# takes out of it. Measured peaks per message byte: raw tensors and images 3-5x; typed OIP `uint_contents`
+# 10.4x (protobuf stores each 1-byte value in 4 bytes, and its arena keeps the array's earlier copies).
+MESSAGE_COPIES = 10
+# ORT's working set for one batch of 32 rows of the demo model, measured: 17 MiB (it grows with the
+# batch and the input's pixels: about 200 MiB for a 224 px MobileNetV2).
+ORT_RUN_BYTES = 64 * MIB
+
+
+@dataclass(frozen=True)
+class MemoryBudget:
+    """The worst case, term by term (bytes), and the settings behind each term."""
+
+    parts: dict[str, int]
+    formulas: dict[str, str]
+
+    @property
+    def total(self) -> int:
+        return sum(self.parts.values())
+
+    def table(self) -> str:
+        width = max(len(name) for name in self.parts)
+        lines = [
+            f"{name:<{width}}  {value / MIB:8.0f} MiB  {self.formulas[name]}" for name, value in self.parts.items()
+        ]
+        lines.append(f"{'total':<{width}}  {self.total / MIB:8.0f} MiB")
+        return "\n".join(lines)
+
+
+def memory_budget(settings: Settings, models: int = 1) -> MemoryBudget:
+    """The process's worst case for ``settings`` with ``models`` loaded versions; ValueError when a
+    term is unbounded (``--max-concurrent-rpcs 0``)."""
+    if settings.max_concurrent_rpcs == 0:
+        raise ValueError("no memory bound: --max-concurrent-rpcs 0 lets every call in; set a limit")
+    messages = settings.max_concurrent_rpcs * settings.max_message_bytes * MESSAGE_COPIES
+    return MemoryBudget(
+        parts={
+            "baseline": BASELINE_BYTES,
+            "decoding": settings.max_decode_bytes,
+            "messages": messages,
+            "batch queues": models * settings.max_queue_bytes,
+            "inference": models * ORT_RUN_BYTES,
+        },
+        formulas={
+            "baseline": "interpreter, libraries, one idle session (measured)",
+            "decoding": "--max-decode-bytes",
+            "messages": f"--max-concurrent-rpcs x --max-message-bytes x {MESSAGE_COPIES}",
+            "batch queues": f"{models} model(s) x --max-queue-bytes",
+            "inference": f"{models} model(s) x {ORT_RUN_BYTES // MIB} MiB, one batch's run (measured)",
+        },
+    )

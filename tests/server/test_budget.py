@@ -1,0 +1,75 @@
+"""The memory budget: each term from its setting, the defaults within 1.5 GiB, and `serve --print-memory-budget`."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+
+from tlserve.server.budget import BASELINE_BYTES, MESSAGE_COPIES, MIB, ORT_RUN_BYTES, memory_budget
+from tlserve.server.errors import quote, shape_text
+from tlserve.server.settings import Settings
+
+
+def test_defaults_fit_in_one_and_a_half_gib():
+    budget = memory_budget(Settings())
+    assert budget.total <= 1536 * MIB, budget.table()
+
+
+def test_each_term_follows_its_setting():
+    s = Settings(max_decode_bytes=100 * MIB, max_concurrent_rpcs=3, max_message_bytes=2 * MIB, max_queue_bytes=7 * MIB)
+    budget = memory_budget(s, models=2)
+    assert budget.parts == {
+        "baseline": BASELINE_BYTES,
+        "decoding": 100 * MIB,
+        "messages": 3 * 2 * MIB * MESSAGE_COPIES,
+        "batch queues": 2 * 7 * MIB,
+        "inference": 2 * ORT_RUN_BYTES,
+    }
+    assert budget.total == sum(budget.parts.values())
+    assert "--max-decode-bytes" in budget.table() and f"{budget.total // MIB} MiB" in budget.table()
+
+
+def test_no_rpc_cap_has_no_memory_bound():
+    with pytest.raises(ValueError, match="--max-concurrent-rpcs 0"):
+        memory_budget(Settings(max_concurrent_rpcs=0))
+
+
+def test_serve_prints_the_budget_for_its_flags_and_repository(tmp_path):
+    for version in ("1", "2"):
+        (tmp_path / "m" / version).mkdir(parents=True)
+        (tmp_path / "m" / version / "model.onnx").write_bytes(b"")  # counted, never loaded
+    command = [sys.executable, "-m", "tlserve", "serve", "--repository", str(tmp_path), "--print-memory-budget"]
+    out = subprocess.run([*command, "--version-policy", "all"], capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0, out.stderr
+    expected = memory_budget(Settings(version_policy="all"), models=2)
+    assert "2 model version(s)" in out.stdout and out.stdout.splitlines()[-1].split() == [
+        "total",
+        str(expected.total // MIB),
+        "MiB",
+    ]
+    refused = subprocess.run([*command, "--max-concurrent-rpcs", "0"], capture_output=True, text=True, timeout=60)
+    assert refused.returncode == 2 and "no memory bound" in refused.stderr
+
+
+def test_quote_cuts_long_caller_strings():
+    assert quote("fashion") == "'fashion'"
+    cut = quote("x" * 1_000_000)
+    assert cut == repr("x" * 100) + "... (1000000 characters)"
+    assert quote("y" * 50, limit=10) == repr("y" * 10) + "... (50 characters)"
+
+
+def test_shape_text_shows_at_most_a_few_dimensions():
+    assert shape_text([1, 3, 64, 64]) == "[1, 3, 64, 64]"
+    assert shape_text([1] * 70) == "[1, 1, 1, 1, 1, 1, 1, 1, ...] (70 dimensions)"
+
+
+def test_glibc_keeps_large_blocks_returnable():
+    import platform
+
+    from tlserve.server.allocator import keep_large_blocks_returnable
+
+    if platform.libc_ver()[0] != "glibc":
+        pytest.skip("mallopt tuning is glibc's")
+    assert keep_large_blocks_returnable() is True
