@@ -98,7 +98,7 @@ def test_rendered_manifests_pass_kubernetes_validate_strict(helm, kubernetes_val
 
 def test_probes_are_native_grpc_on_the_contract_health_services(helm):
     server = container(helm_template(helm))
-    grpc_port = next(p["containerPort"] for p in server["ports"] if p["name"] == "grpc")
+    grpc_port = next(p["containerPort"] for p in server["ports"] if p["name"] == "health")  # the health-only port
     assert server["livenessProbe"]["grpc"] == {"port": grpc_port, "service": ""}
     assert server["readinessProbe"]["grpc"] == {"port": grpc_port, "service": "tlserve.model.fashion"}
     startup = server["startupProbe"]
@@ -323,8 +323,7 @@ def test_checkov_kubernetes_on_hardened_values(helm, checkov, tmp_path):
 
 def test_defaults_are_plaintext_without_auth_and_say_so(helm):
     server = container(helm_template(helm))
-    assert not [a for a in server["args"] if a.startswith(("--tls", "--token", "--health-port"))]
-    assert "health" not in {p["name"] for p in server["ports"]}
+    assert not [a for a in server["args"] if a.startswith(("--tls", "--token"))]
     notes = (CHART / "templates" / "NOTES.txt").read_text()
     assert "WARNING: neither tls.enabled nor auth.enabled" in notes
 
@@ -362,14 +361,16 @@ def test_secrets_are_mounted_whole_and_read_only(helm, variant):
     assert {n: s["secretName"] for n, s in secrets.items()} == expected
 
 
-def test_probes_ask_the_plaintext_health_port_under_tls(helm):
-    """Kubelet gRPC probes cannot speak TLS: under TLS they ask the health-only port."""
-    server = container(helm_template(helm, *VARIANTS["cert-manager-mtls"]))
+@pytest.mark.parametrize("variant", [(), tuple(VARIANTS["cert-manager-mtls"])], ids=["plaintext", "mtls"])
+def test_probes_ask_the_plaintext_health_port(helm, variant):
+    """Kubelet gRPC probes cannot speak TLS, and the serving port caps concurrent calls (a saturated pod
+    would fail liveness): with or without TLS they ask the health-only port."""
+    server = container(helm_template(helm, *variant))
     ports = {p["name"]: p["containerPort"] for p in server["ports"]}
     assert ports["health"] == 8081 and f"--health-port={ports['health']}" in server["args"]
     for probe in ("startupProbe", "livenessProbe", "readinessProbe"):
         assert server[probe]["grpc"]["port"] == ports["health"], probe
-    service = manifests(helm_template(helm, *VARIANTS["cert-manager-mtls"]))["Service/tlserve"]
+    service = manifests(helm_template(helm, *variant))["Service/tlserve"]
     assert "health" not in {p["name"] for p in service["spec"]["ports"]}, "only the kubelet asks the health port"
 
 

@@ -128,10 +128,10 @@ app.kubernetes.io/component: inference
 
 {{/* Security flags of `tlserve serve`, from tls, auth and reflection. */}}
 {{- define "tlserve.securityArgs" -}}
+- --health-port={{ .Values.ports.health }}
 {{- if .Values.tls.enabled }}
 - --tls-cert={{ .Values.tls.mountPath }}/tls.crt
 - --tls-key={{ .Values.tls.mountPath }}/tls.key
-- --health-port={{ .Values.ports.health }}
 {{- if .Values.tls.clientCA.enabled }}
 - --tls-client-ca={{ include "tlserve.clientCAPath" . }}
 {{- end }}
@@ -155,11 +155,9 @@ app.kubernetes.io/component: inference
 {{- end }}
 {{- end }}
 
-{{/* The port the kubelet's gRPC probes ask: the plaintext health-only port under TLS, else the gRPC port. */}}
+{{/* The port the kubelet's gRPC probes ask: always the plaintext health-only port. It speaks no TLS (kubelet
+probes cannot), needs no token, and is outside the serving port's cap on concurrent calls and its drain gate, so
+a saturated or draining server still answers its probes. */}}
 {{- define "tlserve.probePort" -}}
-{{- if .Values.tls.enabled }}
 {{- .Values.ports.health }}
-{{- else }}
-{{- .Values.ports.grpc }}
-{{- end }}
 {{- end }}
