@@ -124,6 +124,7 @@ def _train(args: argparse.Namespace) -> int:
 def where(run: Path) -> str:
     """The lines that end `tlserve train`: where the report, the curves and the checkpoint are."""
     lines = [
+        f"run directory: {run}",
         f"report: {run / 'report.md'}",
         f"curves: {run / 'loss.png'}, {run / 'accuracy.png'}",
     ]

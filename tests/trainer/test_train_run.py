@@ -192,7 +192,7 @@ def test_metrics_rows_carry_the_epoch_lines_figures(tiny_run):
 
 def test_the_end_says_where_the_report_and_curves_are(tiny_train):
     out, _, stdout = tiny_train
-    assert f"report: {out / 'report.md'}" in stdout
+    assert f"run directory: {out}\nreport: {out / 'report.md'}" in stdout
     assert f"curves: {out / 'loss.png'}, {out / 'accuracy.png'}" in stdout
     assert f"reliability diagram: {out / 'reliability.png'}" in stdout
     assert "temperature:" in stdout and "test_ece:" in stdout
