@@ -73,3 +73,11 @@ def test_an_uncalibrated_export_has_no_calibration_and_one_division_less(model_r
         return sum(n.op_type == "Div" for n in onnx.load(str(root / "fashion" / "1" / "model.onnx")).graph.node)
 
     assert divisions(calibrated_repository) == divisions(model_repository) + 1
+
+
+def test_inspect_says_how_the_probabilities_are_calibrated(calibrated_repository, model_repository):
+    from tlserve.export.inspect_model import describe, render
+
+    text = render(describe(calibrated_repository / "fashion" / "1" / "model.onnx"))
+    assert "calibration: temperature, probabilities = softmax(logits / 2.5000), ECE 0.1000 -> 0.0200 on val" in text
+    assert "calibration: none" in render(describe(model_repository / "fashion" / "1" / "model.onnx"))
