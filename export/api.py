@@ -102,16 +102,27 @@ def export_model(
     config: dict[str, Any] | None = None,
     source: dict[str, Any] | None = None,
 ) -> Path:
-    """Trace, verify, embed and publish ``model``; returns the published model.onnx."""
+    """Trace, verify, embed and publish ``model``; returns the published model.onnx. The manifest's
+    calibration temperature, when it has one, is folded into the graph (and so into the parity reference)."""
     if options.precision not in PRECISIONS:
         raise ValueError(f"precision must be one of {PRECISIONS}, got {options.precision!r}")
     repository = Path(repository)
     name = name or manifest.name
     resolve_version(repository, name, version)  # fail fast on an existing version, before any work
     manifest = serving_manifest(manifest, options)
+    temperature = manifest.calibration.temperature if manifest.calibration else None
     graph = ServingGraph(
-        model.eval(), head_name, manifest.preprocessing, uint8_input=not options.float_input, with_logits=options.logits
+        model.eval(),
+        head_name,
+        manifest.preprocessing,
+        uint8_input=not options.float_input,
+        with_logits=options.logits,
+        temperature=temperature,
     ).eval()
+    if temperature is not None:
+        log.info(
+            "folding the calibration temperature %.4f into the graph: probabilities = softmax(logits / T)", temperature
+        )
     gate = options.gate_images if options.precision == "int8" else options.verify_images
     calibration, val = run_data(
         manifest, config or {}, options.data, max(gate, options.verify_images), options.calibration_images

@@ -7,7 +7,7 @@ import argparse
 
 def _export(args: argparse.Namespace) -> int:
     from tlserve.export.api import export_checkpoint, export_pretrained
-    from tlserve.export.inspect_model import describe
+    from tlserve.export.inspect_model import calibration_line, describe
     from tlserve.export.publish import PublishError
     from tlserve.export.verify import VerificationError
 
@@ -31,9 +31,10 @@ def _export(args: argparse.Namespace) -> int:
     except (VerificationError, PublishError, ValueError, FileNotFoundError) as exc:
         print(f"tlserve export: {exc}; nothing was published")
         return 1
-    verification = describe(path)["manifest"].provenance["export"]["verification"]
-    for file_name, report in verification.items():
+    manifest = describe(path)["manifest"]
+    for file_name, report in manifest.provenance["export"]["verification"].items():
         print(f"{file_name}: {report}")
+    print(calibration_line(manifest))
     print(f"published {path}")
     return 0
 

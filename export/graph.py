@@ -27,7 +27,9 @@ class ServingGraph(nn.Module):
     With ``uint8_input`` the input is 0-255 uint8 and ``/255`` plus mean/std run in the graph
     (folded into one ``(x - 255*mean) / (255*std)``); otherwise the input is float32 that the
     caller has already scaled and normalised (``prepare`` does it the same way). Returns
-    ``(probabilities, embedding)`` and, with ``with_logits``, the logits last.
+    ``(probabilities, embedding)`` and, with ``with_logits``, the logits last. With a calibration
+    ``temperature`` the probabilities are ``softmax(logits / temperature)`` (one Div in the graph);
+    the ``logits`` output stays the raw, uncalibrated logits.
     """
 
     def __init__(
@@ -37,8 +39,12 @@ class ServingGraph(nn.Module):
         preprocessing: Preprocessing,
         uint8_input: bool = True,
         with_logits: bool = False,
+        temperature: float | None = None,
     ) -> None:
         super().__init__()
+        if temperature is not None and not temperature > 0:
+            raise ValueError(f"the calibration temperature must be > 0, got {temperature}")
+        self.temperature = temperature
         self.body, self.head = split_head(model, head_name)
         self.uint8_input = uint8_input
         self.with_logits = with_logits
@@ -57,5 +63,6 @@ class ServingGraph(nn.Module):
             x = (x - self.pixel_mean) / self.pixel_std
         embedding = torch.flatten(self.body(x), 1)
         logits = self.head(embedding)
-        probabilities = torch.softmax(logits, dim=1)
+        scaled = logits if self.temperature is None else logits / self.temperature
+        probabilities = torch.softmax(scaled, dim=1)
         return (probabilities, embedding, logits) if self.with_logits else (probabilities, embedding)

@@ -9,6 +9,7 @@ from typing import Any
 import onnx
 
 from tlserve.export.metadata import read_manifest
+from tlserve.manifest import Manifest
 
 
 def dims(value_info: onnx.ValueInfoProto) -> list[Any]:
@@ -36,6 +37,16 @@ def describe(path: str | os.PathLike) -> dict[str, Any]:
     }
 
 
+def calibration_line(manifest: Manifest) -> str:
+    calibration = manifest.calibration
+    if calibration is None:
+        return "calibration: none (probabilities are the raw softmax)"
+    line = f"calibration: {calibration.method}, probabilities = softmax(logits / {calibration.temperature:.4f})"
+    if calibration.ece_before is not None and calibration.ece_after is not None:
+        line += f", ECE {calibration.ece_before:.4f} -> {calibration.ece_after:.4f} on {calibration.split}"
+    return line
+
+
 def render(info: dict[str, Any]) -> str:
     manifest = info["manifest"]
     pre = manifest.preprocessing
@@ -49,6 +60,7 @@ def render(info: dict[str, Any]) -> str:
         f"{pre.input_dtype} {pre.layout}, normalise in graph: {pre.normalize_in_graph}, mean {pre.mean}, "
         f"std {pre.std}",
     ]
+    lines.append(calibration_line(manifest))
     lines += [f"input  {name}: {kind} {shape}" for name, kind, shape in info["inputs"]]
     lines += [f"output {name}: {kind} {shape}" for name, kind, shape in info["outputs"]]
     lines += ["manifest:", manifest.to_json(indent=2)]

@@ -12,6 +12,11 @@
   ``model.onnx`` (``options`` are ExportOptions fields, e.g. ``logits=True``). Each call takes
   tens of seconds on 2 cores: prefer copying ``fashion/1`` when a plain copy will do.
 
+- ``calibrated_checkpoint`` (session): the same run with a calibration temperature of
+  :data:`CALIBRATION_TEMPERATURE` in its checkpoint and manifest (as ``tlserve train`` writes it).
+- ``calibrated_repository`` (session): a repository holding ``fashion/1`` exported from it with
+  ``logits=True``: ``probabilities`` are ``softmax(logits / T)``, ``logits`` the raw ones.
+
 - ``head_fitter`` (session): ``fit_head(model, head, preprocessing, uint8_images, targets)``, fits a
   ``build_model`` model's new head (``head`` = its ``ModelConfig.classifier``) in place on
   frozen-backbone embeddings (a few seconds).
@@ -28,6 +33,7 @@ import pytest
 
 MODEL_NAME = "fashion"
 INPUT_SIZE = 64
+CALIBRATION_TEMPERATURE = 2.5  # far from 1, so calibrated and raw scores differ plainly
 
 
 def fit_head(model, head_name, pre, images, targets, steps: int = 150) -> None:
@@ -109,4 +115,30 @@ def model_repository(tmp_path_factory, export_version) -> Path:
     """A model repository holding ``fashion/1/model.onnx`` (+ manifest.json); read-only for tests."""
     root = tmp_path_factory.mktemp("models")
     export_version(root, version="1")
+    return root
+
+
+@pytest.fixture(scope="session")
+def calibrated_checkpoint(fashion_checkpoint, tmp_path_factory) -> Path:
+    """``fashion_checkpoint`` calibrated with T = CALIBRATION_TEMPERATURE (checkpoint and manifest)."""
+    from tlserve.manifest import Calibration
+    from tlserve.trainer import checkpoint
+
+    ckpt = checkpoint.load(fashion_checkpoint)
+    calibration = Calibration(temperature=CALIBRATION_TEMPERATURE, ece_before=0.1, ece_after=0.02)
+    path = tmp_path_factory.mktemp("calibrated-run") / "checkpoint.pt"
+    checkpoint.save(
+        ckpt.replace(manifest=ckpt.manifest.replace(calibration=calibration), temperature=CALIBRATION_TEMPERATURE),
+        path,
+    )
+    return path
+
+
+@pytest.fixture(scope="session")
+def calibrated_repository(calibrated_checkpoint, tmp_path_factory) -> Path:
+    """A repository holding ``fashion/1`` exported (with a logits output) from the calibrated checkpoint."""
+    from tlserve.export.api import export_checkpoint
+
+    root = tmp_path_factory.mktemp("calibrated-models")
+    export_checkpoint(calibrated_checkpoint, root, name=MODEL_NAME, version="1", logits=True)
     return root

@@ -91,3 +91,31 @@ def test_check_graph_accepts_the_matching_signature():
 def test_check_graph_refuses_a_mismatch(inputs, outputs, message):
     with pytest.raises(ManifestError, match=message):
         make().check_graph(inputs=inputs, outputs=outputs)
+
+
+def test_calibration_round_trips_and_is_optional():
+    from tlserve.manifest import Calibration
+
+    calibrated = make(calibration=Calibration(temperature=1.7, split="test", ece_before=0.08, ece_after=0.01))
+    data = json.loads(calibrated.to_json())
+    assert data["calibration"]["temperature"] == 1.7 and data["calibration"]["method"] == "temperature"
+    assert data["schema_version"] == 1  # an optional field: old readers of schema 1 files are unaffected
+    assert Manifest.from_metadata({METADATA_KEY: calibrated.to_json()}) == calibrated
+    plain = make()
+    assert plain.calibration is None and "calibration" not in json.loads(plain.to_json())
+
+
+def test_a_manifest_written_before_calibration_existed_still_loads():
+    old = json.loads(make().to_json())
+    assert "calibration" not in old
+    assert Manifest.from_dict(old).calibration is None
+    assert Manifest.from_dict({**old, "calibration": None}) == make()
+
+
+@pytest.mark.parametrize(
+    "calibration, message",
+    [({"temperature": 0}, "temperature"), ({"temperature": 2, "method": "platt"}, "method"), ({}, "malformed")],
+)
+def test_a_malformed_calibration_is_refused(calibration, message):
+    with pytest.raises(ManifestError, match=message):
+        Manifest.from_dict({**json.loads(make().to_json()), "calibration": calibration})

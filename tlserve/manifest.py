@@ -18,6 +18,7 @@ METADATA_KEY = "tlserve.manifest"
 INTERPOLATIONS = ("nearest", "bilinear", "bicubic")
 INPUT_DTYPES = ("uint8", "float32", "float16")
 PRECISIONS = ("fp32", "fp16", "int8")
+CALIBRATION_METHODS = ("temperature",)
 
 
 class ManifestError(ValueError):
@@ -70,6 +71,32 @@ class Outputs:
 
 
 @dataclass(frozen=True)
+class Calibration:
+    """How the served ``probabilities`` were calibrated: ``softmax(logits / temperature)``.
+
+    The temperature was fitted on the validation split; ``ece_before``/``ece_after`` (expected
+    calibration error, ``bins`` equal-width bins of top-1 confidence) and the NLLs are measured on
+    ``split`` (the test split when the run has one). The exported graph has it folded in.
+    """
+
+    temperature: float
+    method: str = "temperature"
+    split: str = "val"
+    bins: int = 15
+    ece_before: float | None = None
+    ece_after: float | None = None
+    nll_before: float | None = None
+    nll_after: float | None = None
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "temperature", float(self.temperature))
+        if self.method not in CALIBRATION_METHODS:
+            raise ManifestError(f"calibration method must be one of {CALIBRATION_METHODS}, got {self.method!r}")
+        if not 0.0 < self.temperature < float("inf"):
+            raise ManifestError(f"calibration temperature must be a finite number > 0, got {self.temperature}")
+
+
+@dataclass(frozen=True)
 class Manifest:
     """Everything a server needs to know about one model file."""
 
@@ -83,6 +110,7 @@ class Manifest:
     precision: str = "fp32"
     provenance: Mapping[str, Any] = field(default_factory=dict)
     schema_version: int = SCHEMA_VERSION
+    calibration: Calibration | None = None  # optional: absent in uncalibrated and older model files
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "labels", tuple(str(label) for label in self.labels))
@@ -109,7 +137,11 @@ class Manifest:
         return dataclasses.replace(self, **changes)
 
     def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
+        """Plain data; ``calibration`` only when there is one, so uncalibrated manifests read as before."""
+        body = dataclasses.asdict(self)
+        if body["calibration"] is None:
+            del body["calibration"]
+        return body
 
     def to_json(self, indent: int | None = None) -> str:
         return json.dumps(self.to_dict(), indent=indent, sort_keys=True)
@@ -120,6 +152,8 @@ class Manifest:
             body = dict(data)
             body["preprocessing"] = Preprocessing(**body["preprocessing"])
             body["outputs"] = Outputs(**body.get("outputs", {}))
+            if body.get("calibration") is not None:
+                body["calibration"] = Calibration(**body["calibration"])
             return cls(**body)
         except ManifestError:
             raise

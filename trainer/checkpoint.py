@@ -4,7 +4,9 @@
 ``weights_only=True``: ``format`` (= CHECKPOINT_FORMAT), ``model`` (the :class:`ModelConfig`:
 arch, num_classes, the classifier's and first layer's dotted names, head spec, dropout,
 image_size), ``model_state`` (the full state_dict, new head included), ``manifest``
-(``Manifest.to_dict()``) and the training extras ``epoch`` and ``config`` (the run's TrainConfig).
+(``Manifest.to_dict()``), the training extras ``epoch`` and ``config`` (the run's TrainConfig), and
+``temperature``: the calibration temperature export folds into the graph (absent or None when the
+run was not calibrated; it always equals the manifest's ``calibration.temperature``).
 Format 1 files (arch/head/dropout/image_size at the top level, no names) still load: their
 names come from building the architecture. The run's ``last.pt`` (``save_resume``) carries what
 ``--resume`` needs: model, optimiser, schedule, EMA and loop state.
@@ -39,6 +41,12 @@ class Checkpoint:
     model_state: Mapping[str, torch.Tensor]
     epoch: int | None = None
     config: Mapping[str, Any] = field(default_factory=dict)  # the run's TrainConfig; export finds its data there
+    temperature: float | None = None  # calibration: served probabilities are softmax(logits / temperature)
+
+    def __post_init__(self) -> None:
+        calibrated = self.manifest.calibration.temperature if self.manifest.calibration else None
+        if self.temperature != calibrated:
+            raise ValueError(f"temperature {self.temperature} disagrees with the manifest's calibration {calibrated}")
 
     def replace(self, **changes: Any) -> Checkpoint:
         return dataclasses.replace(self, **changes)
@@ -52,6 +60,7 @@ class Checkpoint:
             "manifest": plain(self.manifest.to_dict()),
             "epoch": self.epoch,
             "config": plain(self.config),
+            "temperature": self.temperature,
         }
 
 
@@ -63,10 +72,12 @@ def build(
     epoch: int | None = None,
     train_config: Mapping[str, Any] | None = None,
 ) -> Checkpoint:
-    """The checkpoint of ``model``, which ``build_model`` made together with ``config``."""
+    """The checkpoint of ``model``, which ``build_model`` made together with ``config``; its temperature is
+    the manifest's calibration's (None when uncalibrated)."""
     if config.num_classes != manifest.num_classes:
         raise ValueError(f"the model has {config.num_classes} classes, its manifest {manifest.num_classes} labels")
-    return Checkpoint(config, manifest, model.state_dict(), epoch, dict(train_config or {}))
+    temperature = manifest.calibration.temperature if manifest.calibration else None
+    return Checkpoint(config, manifest, model.state_dict(), epoch, dict(train_config or {}), temperature)
 
 
 def save(checkpoint: Checkpoint, path: str | os.PathLike) -> None:
@@ -95,7 +106,9 @@ def load(path: str | os.PathLike) -> Checkpoint:
         config = (
             ModelConfig(**data["model"]) if data["format"] == CHECKPOINT_FORMAT else _format_1_config(data, manifest)
         )
-        return Checkpoint(config, manifest, data["model_state"], data.get("epoch"), data.get("config") or {})
+        return Checkpoint(
+            config, manifest, data["model_state"], data.get("epoch"), data.get("config") or {}, data.get("temperature")
+        )
     except (KeyError, TypeError, ValueError, ManifestError) as exc:
         raise CheckpointError(f"{path} is not a valid tlserve checkpoint ({type(exc).__name__}: {exc})") from None
 

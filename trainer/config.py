@@ -16,6 +16,7 @@ STRATEGIES = ("two-phase", "feature-extract", "partial", "finetune", "scratch", 
 BALANCE = ("none", "sampler", "loss")
 AUGMENT = ("none", "light", "classic", "strong")
 OPTIMIZERS = ("adamw", "sgd")
+CALIBRATE = ("temperature", "off")
 
 
 def start_weights(strategy: str, weights: str | None) -> str | None:
@@ -73,11 +74,19 @@ class TrainConfig:
     auto_epochs: int = 2
     auto_small_per_class: int = 100
     auto_margin: float = 0.02
+    # after training: temperature scaling on val (folded into the exported graph), or off
+    calibrate: str = "temperature"
     progress: str = "auto"
     extra: Mapping[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
-        checks = (("strategy", STRATEGIES), ("balance", BALANCE), ("augment", AUGMENT), ("optimizer", OPTIMIZERS))
+        checks = (
+            ("strategy", STRATEGIES),
+            ("balance", BALANCE),
+            ("augment", AUGMENT),
+            ("optimizer", OPTIMIZERS),
+            ("calibrate", CALIBRATE),
+        )
         for name, choices in checks:
             if getattr(self, name) not in choices:
                 raise ValueError(f"{name} must be one of {choices}, got {getattr(self, name)!r}")

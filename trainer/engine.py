@@ -59,6 +59,7 @@ class EpochStats:
     loss: float
     accuracy: float
     images: int
+    lr: float = 0.0  # of the first parameter group (the head), at the epoch's last batch
 
 
 def train_epoch(
@@ -78,8 +79,9 @@ def train_epoch(
 ) -> EpochStats:
     """Train for one pass over ``loader``; ``prepare`` sets train/eval modes (frozen BatchNorm)."""
     prepare()
-    total_loss, correct, seen = 0.0, 0, 0
+    total_loss, correct, seen, lr = 0.0, 0, 0, 0.0
     for images, targets in progress(loader):
+        lr = optimizer.param_groups[0]["lr"]
         x, y = rt.batch(images, pre), targets.to(rt.device, non_blocking=True)
         with rt.autocast():
             loss, logits = _loss(criterion, model(x), y)
@@ -104,7 +106,7 @@ def train_epoch(
         total_loss += loss.item() * len(y)
         correct += (logits.argmax(1) == y).sum().item()
         seen += len(y)
-    return EpochStats(total_loss / max(1, seen), correct / max(1, seen), seen)
+    return EpochStats(total_loss / max(1, seen), correct / max(1, seen), seen, lr)
 
 
 @dataclass
@@ -113,12 +115,22 @@ class EvalResult:
     accuracy: float
     predictions: torch.Tensor
     targets: torch.Tensor
+    logits: torch.Tensor | None = None  # float32 on the CPU, with ``keep_logits``
 
 
 @torch.no_grad()
-def evaluate(model: nn.Module, loader: Iterable, criterion: nn.Module, pre: Preprocessing, rt: Runtime) -> EvalResult:
+def evaluate(
+    model: nn.Module,
+    loader: Iterable,
+    criterion: nn.Module,
+    pre: Preprocessing,
+    rt: Runtime,
+    *,
+    keep_logits: bool = False,
+) -> EvalResult:
+    """One pass without gradients; ``keep_logits`` also returns every logit (for calibration)."""
     model.eval()
-    losses, preds, targets = [], [], []
+    losses, preds, targets, kept = [], [], [], []
     for images, y in loader:
         x, y = rt.batch(images, pre), y.to(rt.device)
         with rt.autocast():
@@ -126,5 +138,8 @@ def evaluate(model: nn.Module, loader: Iterable, criterion: nn.Module, pre: Prep
         losses.append(criterion(logits.float(), y).item() * len(y))
         preds.append(logits.argmax(1).cpu())
         targets.append(y.cpu())
+        if keep_logits:
+            kept.append(logits.float().cpu())
     p, t = torch.cat(preds), torch.cat(targets)
-    return EvalResult(sum(losses) / max(1, len(t)), (p == t).float().mean().item() if len(t) else 0.0, p, t)
+    accuracy = (p == t).float().mean().item() if len(t) else 0.0
+    return EvalResult(sum(losses) / max(1, len(t)), accuracy, p, t, torch.cat(kept) if keep_logits else None)

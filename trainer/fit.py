@@ -6,8 +6,8 @@ import bisect
 import itertools
 import logging
 import math
-import sys
-from collections.abc import Callable, Iterable, Sequence
+import time
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -21,6 +21,7 @@ from tlserve.trainer.data import ImageList, class_weights, default_workers
 from tlserve.trainer.distributed import DistContext
 from tlserve.trainer.engine import EvalResult, Runtime, evaluate, train_epoch
 from tlserve.trainer.loaders import eval_loader, train_loader
+from tlserve.trainer.progress import epoch_line, eta_seconds, progress_bar, show_progress
 from tlserve.trainer.seeding import derive, seed_everything
 from tlserve.trainer.strategies import Phase, freeze_batchnorm, param_groups, set_trainable, trainable_count
 
@@ -65,18 +66,6 @@ def warmup_cosine(optimizer: torch.optim.Optimizer, warmup_steps: int, total_ste
         return 0.5 * (1 + math.cos(math.pi * min(1.0, (step - warmup_steps) / max(1, total_steps - warmup_steps))))
 
     return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
-
-
-def progress_bar(enabled: bool, desc: str) -> Callable[[Iterable], Iterable]:
-    if not enabled:
-        return iter
-    from tqdm.auto import tqdm
-
-    return lambda it: tqdm(it, desc=desc, leave=False, dynamic_ncols=True, file=sys.stderr)
-
-
-def show_progress(cfg: TrainConfig, dist: DistContext) -> bool:
-    return dist.is_main and (cfg.progress == "on" or (cfg.progress == "auto" and sys.stderr.isatty()))
 
 
 class PhaseRunner:
@@ -165,6 +154,7 @@ def fit(
                 runner.load_state_dict(resume["runner"])
         seed_everything(derive(cfg.seed, epoch, dist.rank))
         net = runner.net
+        started = time.perf_counter()
         stats = train_epoch(
             net,
             loader,
@@ -179,6 +169,7 @@ def fit(
             ema=ema,
             progress=progress_bar(show_progress(cfg, dist), f"{tag}epoch {epoch + 1}/{ends[-1]}"),
         )
+        trained = time.perf_counter()
         kept = ema.module if ema is not None else model
         result = evaluate(kept, val_loader, val_criterion, pre, rt)
         improved = result.accuracy > state.best_accuracy
@@ -196,23 +187,15 @@ def fit(
                 "train_accuracy": stats.accuracy,
                 "val_loss": result.loss,
                 "val_accuracy": result.accuracy,
-                "lr": runner.optimizer.param_groups[0]["lr"],
+                "lr": runner.optimizer.param_groups[0]["lr"],  # after the epoch: the next batch's
+                "last_batch_lr": stats.lr,
                 "images": stats.images * dist.world_size,
+                "images_per_second": stats.images * dist.world_size / max(1e-9, trained - started),
+                "seconds": time.perf_counter() - started,  # train + val
             }
         )
         if dist.is_main:
-            log.info(
-                "%sepoch %d/%d [%s] train loss %.4f acc %.4f | val loss %.4f acc %.4f%s",
-                tag,
-                epoch + 1,
-                ends[-1],
-                runner.phase.name,
-                stats.loss,
-                stats.accuracy,
-                result.loss,
-                result.accuracy,
-                " *" if improved else "",
-            )
+            log.info(epoch_line(state.history[-1], ends[-1], eta_seconds(state.history, ends[-1]), improved, tag))
         if on_epoch is not None:
             on_epoch(
                 EpochEnd(

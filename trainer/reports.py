@@ -1,4 +1,5 @@
-"""Run reports: metrics.jsonl, loss/accuracy curves, confusion matrix, per-class P/R/F1, report.md."""
+"""Run reports: metrics.jsonl, loss/accuracy curves, confusion matrix, per-class P/R/F1, calibration
+(calibration.json, reliability.png), report.md."""
 
 from __future__ import annotations
 
@@ -108,14 +109,88 @@ def write_class_report(run_dir: Path, targets, predictions, labels: Sequence[str
     return metrics
 
 
+def _reliability_panel(ax, rel, title: str) -> None:
+    """Accuracy per confidence bin (filled) against the bin's mean confidence (hatched outline) and the
+    diagonal; ECE is the gap between the two, weighted by each bin's share of images (the numbers on top)."""
+    width = 1.0 / rel.bins
+    centres = (np.arange(rel.bins) + 0.5) * width
+    filled = rel.counts > 0
+    x = centres[filled]
+    ax.bar(x, rel.accuracy[filled], width=width, color="tab:blue", edgecolor="black", alpha=0.7, label="accuracy")
+    ax.bar(
+        x,
+        rel.confidence[filled],
+        width=width,
+        fill=False,
+        edgecolor="tab:red",
+        hatch="//",
+        linewidth=1,
+        label="mean confidence",
+    )
+    for xi, top, count in zip(x, np.maximum(rel.accuracy, rel.confidence)[filled], rel.counts[filled]):
+        ax.text(xi, min(top, 0.97) + 0.01, str(count), ha="center", va="bottom", fontsize=6)
+    ax.plot([0, 1], [0, 1], "k--", linewidth=1, label="perfectly calibrated")
+    ax.set_xlim(0, 1)
+    ax.set_ylim(0, 1.05)
+    ax.set_xlabel("top-1 confidence")
+    ax.set_ylabel("accuracy")
+    ax.set_title(f"{title}: ECE {rel.ece:.4f}")
+    ax.legend(loc="upper left", fontsize=8)
+
+
+def plot_reliability(path: Path, before, after, split: str, temperature: float) -> None:
+    """reliability.png: the reliability diagram of ``split`` before and after temperature scaling."""
+    fig, axes = plt.subplots(1, 2, figsize=(10, 4.5), dpi=100)
+    _reliability_panel(axes[0], before, "raw softmax")
+    _reliability_panel(axes[1], after, f"temperature {temperature:.3f}")
+    fig.suptitle(f"reliability diagram ({split}, {before.bins} bins)")
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+
+
+def write_calibration(run_dir: Path, report) -> None:
+    """calibration.json and reliability.png of a :class:`~tlserve.trainer.calibration.CalibrationReport`."""
+    write_text_atomic(run_dir / "calibration.json", json.dumps(report.to_dict(), indent=2) + "\n")
+    plot_reliability(run_dir / "reliability.png", report.before, report.after, report.shown, report.temperature)
+
+
+def calibration_markdown(calibration: Mapping[str, Any]) -> list[str]:
+    """The report's calibration section, from ``CalibrationReport.to_dict()``."""
+    lines = [
+        "",
+        "## Calibration",
+        "",
+        f"Temperature scaling, fitted on {calibration['fitted_on']}: T = {calibration['temperature']:.4f}. "
+        f"Served probabilities are softmax(logits / T) (folded into the exported graph); top-1 is unchanged. "
+        f"ECE: {calibration['bins']} equal-width bins of top-1 confidence.",
+        "",
+        "| split | images | top-1 | ECE before | ECE after | NLL before | NLL after |",
+        "|---|---:|---:|---:|---:|---:|---:|",
+    ]
+    for split, f in calibration["splits"].items():
+        lines.append(
+            f"| {split} | {f['images']} | {f['accuracy']:.4f} | {f['ece_before']:.4f} | {f['ece_after']:.4f} | "
+            f"{f['nll_before']:.4f} | {f['nll_after']:.4f} |"
+        )
+    return [*lines, "", "![reliability diagram](reliability.png)"]
+
+
 def write_report(
-    run_dir: Path, summary: Mapping[str, Any], class_metrics: Mapping[str, Any], evidence_table: str | None = None
+    run_dir: Path,
+    summary: Mapping[str, Any],
+    class_metrics: Mapping[str, Any],
+    evidence_table: str | None = None,
+    calibration: Mapping[str, Any] | None = None,
 ) -> None:
-    """report.md: the run at a glance, linking the curves, the confusion matrix and the tables."""
+    """report.md: the run at a glance, linking the curves, the confusion matrix, the reliability diagram
+    (when calibrated) and the tables."""
     lines = [f"# Training report: {summary['name']}", "", "| | |", "|---|---|"]
     lines += [f"| {key} | {value} |" for key, value in summary.items()]
     if evidence_table:
         lines += ["", "## Strategy choice (auto)", "", "```", evidence_table, "```"]
+    if calibration:
+        lines += calibration_markdown(calibration)
     lines += [
         "",
         "## Curves",
@@ -129,7 +204,9 @@ def write_report(
         per_class_markdown(class_metrics),
         "![confusion matrix](confusion_matrix.png)",
         "",
-        "Files: `checkpoint.pt` (best), `last.pt` (resume), `metrics.jsonl`, `per_class.json`, `config.yaml`.",
+        "Files: `checkpoint.pt` (best), `last.pt` (resume), `metrics.jsonl`, `per_class.json`, "
+        + ("`calibration.json`, " if calibration else "")
+        + "`config.yaml`.",
         "",
     ]
     write_text_atomic(run_dir / "report.md", "\n".join(lines))

@@ -2,7 +2,8 @@
 
 The run directory holds ``checkpoint.pt`` (best), ``last.pt`` (resume), ``metrics.jsonl``,
 ``loss.png``, ``accuracy.png``, ``confusion_matrix.png``, ``per_class.json``/``.md``,
-``report.md`` and ``config.yaml``. Under torchrun every rank trains; only rank 0 writes.
+``calibration.json`` and ``reliability.png`` (unless ``--calibrate off``), ``report.md`` and
+``config.yaml``. Under torchrun every rank trains; only rank 0 writes.
 """
 
 from __future__ import annotations
@@ -21,11 +22,12 @@ from tlserve import __version__
 from tlserve.manifest import Manifest, Preprocessing
 from tlserve.trainer import reports
 from tlserve.trainer.auto import choose_strategy
+from tlserve.trainer.calibration import CalibrationReport, calibrate
 from tlserve.trainer.checkpoint import build, load_model, load_resume, save, save_resume
 from tlserve.trainer.config import TrainConfig, save_yaml, start_weights
 from tlserve.trainer.data import ImageList, Splits, load_splits
 from tlserve.trainer.distributed import DistContext, setup
-from tlserve.trainer.engine import Runtime, evaluate, make_runtime
+from tlserve.trainer.engine import EvalResult, Runtime, evaluate, make_runtime
 from tlserve.trainer.fit import EpochEnd, FitState, fit
 from tlserve.trainer.models import ModelConfig, build_model
 from tlserve.trainer.preprocessing import preprocessing_for
@@ -138,21 +140,48 @@ def read_resume(cfg: TrainConfig) -> dict[str, Any] | None:
     return state
 
 
+def held_out(
+    model: nn.Module, splits: Splits, cfg: TrainConfig, pre: Preprocessing, rt: Runtime
+) -> dict[str, EvalResult]:
+    """The best model on test (when there is one) and, when calibrating or without test, on val: logits kept."""
+    wanted = {"test": splits.test} if splits.test else {}
+    if cfg.calibrate != "off" or not splits.test:
+        wanted = {"val": splits.val, **wanted}
+    keep = cfg.calibrate != "off"
+    results = {}
+    for split, samples in wanted.items():
+        loader = torch.utils.data.DataLoader(ImageList(samples, EvalTransform(pre)), batch_size=cfg.batch_size * 2)
+        results[split] = evaluate(model, loader, nn.CrossEntropyLoss(), pre, rt, keep_logits=keep)
+    return results
+
+
+def calibrate_run(cfg: TrainConfig, results: dict[str, EvalResult]) -> CalibrationReport | None:
+    """Temperature scaling fitted on val's logits (``--calibrate temperature``), measured on every split."""
+    if cfg.calibrate == "off":
+        return None
+    return calibrate({split: (r.logits, r.targets) for split, r in results.items() if r.logits is not None})
+
+
 def finish(
     writer: RunWriter, state: FitState, splits: Splits, cfg: TrainConfig, pre: Preprocessing, rt: Runtime
 ) -> dict[str, Any]:
-    """Evaluate the best checkpoint on test (or val), write the reports, seal the manifest."""
+    """Evaluate the best checkpoint on test (or val), calibrate it, write the reports, seal the manifest."""
     model, checkpoint = load_model(writer.dir / "checkpoint.pt")
-    split, samples = ("test", splits.test) if splits.test else ("val", splits.val)
-    loader = torch.utils.data.DataLoader(ImageList(samples, EvalTransform(pre)), batch_size=cfg.batch_size * 2)
-    result = evaluate(model.to(rt.device), loader, nn.CrossEntropyLoss(), pre, rt)
+    results = held_out(model.to(rt.device), splits, cfg, pre, rt)
+    split = "test" if "test" in results else "val"
+    result = results[split]
     class_metrics = reports.write_class_report(writer.dir, result.targets, result.predictions, splits.classes, split)
+    calibration = calibrate_run(cfg, results)
     extra = {
         split: {"accuracy": result.accuracy, "loss": result.loss, "macro_f1": class_metrics["macro_f1"]},
         "stopped_early": state.stopped_early,
     }
     manifest = writer.manifest(state, **extra)
-    save(checkpoint.replace(manifest=manifest), writer.dir / "checkpoint.pt")
+    if calibration is not None:
+        manifest = manifest.replace(calibration=calibration.manifest_entry())
+        reports.write_calibration(writer.dir, calibration)
+    temperature = calibration.temperature if calibration is not None else None
+    save(checkpoint.replace(manifest=manifest, temperature=temperature), writer.dir / "checkpoint.pt")
     summary = {
         "name": manifest.name,
         "architecture": cfg.arch,
@@ -166,8 +195,12 @@ def finish(
         "image_size": pre.input_size,
         "train/val/test": "/".join(str(v) for v in splits.counts().values()),
     }
+    if calibration is not None:
+        summary["temperature"] = round(calibration.temperature, 4)
+        for name, figures in calibration.splits.items():
+            summary[f"{name}_ece"] = f"{figures.ece_before:.4f} -> {figures.ece_after:.4f}"
     table = (writer.evidence or {}).get("table")
-    reports.write_report(writer.dir, summary, class_metrics, table)
+    reports.write_report(writer.dir, summary, class_metrics, table, calibration.to_dict() if calibration else None)
     return {**summary, "auto_table": table} if table else summary
 
 

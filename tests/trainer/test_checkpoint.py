@@ -84,6 +84,33 @@ def test_a_config_that_does_not_match_its_architecture_is_refused(small, tmp_pat
         checkpoint.load_model(tmp_path / "checkpoint.pt")
 
 
+def test_the_temperature_round_trips_and_must_agree_with_the_manifest(small, tmp_path):
+    import torch
+
+    from tlserve.manifest import Calibration
+    from tlserve.trainer import checkpoint
+    from tlserve.trainer.torchfile import CheckpointError
+
+    model, config, manifest = small
+    assert checkpoint.build(model, config, manifest).temperature is None
+    calibrated = manifest.replace(calibration=Calibration(temperature=1.8, ece_before=0.1, ece_after=0.02))
+    built = checkpoint.build(model, config, calibrated)
+    assert built.temperature == 1.8
+    checkpoint.save(built, tmp_path / "checkpoint.pt")
+    back = checkpoint.load(tmp_path / "checkpoint.pt")
+    assert back.temperature == 1.8 and back.manifest.calibration == calibrated.calibration
+    with pytest.raises(ValueError, match="disagrees"):
+        built.replace(temperature=2.0)
+    raw = torch.load(tmp_path / "checkpoint.pt", weights_only=True)
+    torch.save({**raw, "temperature": None}, tmp_path / "mismatch.pt")
+    with pytest.raises(CheckpointError, match="disagrees"):
+        checkpoint.load(tmp_path / "mismatch.pt")
+    old = {key: value for key, value in raw.items() if key != "temperature"}  # written before calibration existed
+    old["manifest"] = manifest.to_dict()
+    torch.save(old, tmp_path / "old.pt")
+    assert checkpoint.load(tmp_path / "old.pt").temperature is None
+
+
 def test_unreadable_and_foreign_files_are_refused_by_name(torch_modules, tmp_path):
     import torch
 
