@@ -90,7 +90,7 @@ def print_memory_budget(settings: Settings) -> int:
     from tlserve.server.repository import scan
 
     found = scan(Path(settings.repository))
-    models = max(1, sum(len(settings.version_policy.select(list(versions))) for versions in found.values()))
+    models = max(1, sum(len(settings.version_policy.select(list(versions))) for versions in found.models.values()))
     try:
         budget = memory_budget(settings, models)
     except ValueError as exc:
