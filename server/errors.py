@@ -22,11 +22,15 @@ QUOTE_LIMIT = 100  # characters of a caller's string a status message may repeat
 def quote(text: object, limit: int = QUOTE_LIMIT) -> str:
     """``repr(text)`` for a status message, cut to about ``limit`` characters: a longer string keeps
     its first ``limit`` characters, then an ellipsis and its original length, so an error describes
-    what the caller sent without echoing it (a 1 MB model name must not become a 1 MB status)."""
+    what the caller sent without echoing it (a 1 MB model name must not become a 1 MB status). The
+    cut applies to the repr too: escapes (``\\U000d78ed`` is ten characters) cannot stretch it."""
     text = str(text)
-    if len(text) <= limit:
-        return repr(text)
-    return f"{text[:limit]!r}... ({len(text)} characters)"
+    shown = repr(text[:limit])
+    if len(shown) > limit + 2:
+        shown = shown[: limit + 1] + shown[0]
+    elif len(text) <= limit:
+        return shown
+    return f"{shown}... ({len(text)} characters)"
 
 
 class ServingError(Exception):

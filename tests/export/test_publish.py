@@ -91,4 +91,4 @@ def test_server_scan_sees_only_complete_versions(repo):
     scan = pytest.importorskip("tlserve.server.repository").scan
     (repo / "m" / ".staging-2-dead").mkdir()
     (repo / "m" / ".staging-2-dead" / "model.onnx").write_bytes(b"half")
-    assert {version for version in scan(repo)["m"]} == {"1"}
+    assert set(scan(repo).models["m"]) == {"1"}

@@ -62,7 +62,7 @@ def test_quote_cuts_long_caller_strings():
 
 def test_shape_text_shows_at_most_a_few_dimensions():
     assert shape_text([1, 3, 64, 64]) == "[1, 3, 64, 64]"
-    assert shape_text([1] * 70) == "[1, 1, 1, 1, 1, 1, 1, 1, ...] (70 dimensions)"
+    assert shape_text([1] * 70) == "[1, 1, 1, 1, 1, 1, ...] (70 dimensions)"
 
 
 def test_glibc_keeps_large_blocks_returnable():
