@@ -150,6 +150,7 @@ class DrainGate(grpc.aio.ServerInterceptor):
         iterator = requests.__aiter__()
         draining = self._lifecycle.draining
         stop = asyncio.ensure_future(draining.wait())
+        read: asyncio.Future[Any] | None = None
         try:
             while not draining.is_set():
                 read = asyncio.ensure_future(iterator.__anext__())
@@ -166,3 +167,6 @@ class DrainGate(grpc.aio.ServerInterceptor):
                 yield message
         finally:
             stop.cancel()
+            if read is not None:  # closed while a read was pending (the handler ended): retrieve its outcome
+                read.cancel()
+                read.add_done_callback(lambda f: f.cancelled() or f.exception())
