@@ -205,3 +205,23 @@ class Callers:
         self._stop.set()
         for thread in self._threads:
             thread.join(60)
+
+
+class HeldLease:
+    """A lease on a model, taken and given back on the server's loop (as a request would hold it)."""
+
+    def __init__(self, server, model) -> None:
+        self._server, self._lease = server, model.lease()
+
+    async def _enter(self):
+        self._lease.__enter__()
+
+    async def _exit(self):
+        self._lease.__exit__(None, None, None)
+
+    def __enter__(self):
+        self._server.call(self._enter())
+        return self
+
+    def __exit__(self, *exc):
+        self._server.call(self._exit())

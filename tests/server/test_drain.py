@@ -10,7 +10,7 @@ import time
 import grpc
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
-from serving_helpers import MODEL, copy_version, photo_bytes
+from serving_helpers import MODEL, HeldLease, copy_version, photo_bytes
 
 from tlserve.server.drain import SHUTTING_DOWN
 from tlserve.server.pb.inference import messages_pb2 as oip
@@ -29,26 +29,6 @@ def fresh_repo(exported_version, tmp_path):
 def begin_stop(server, grace: float):
     """``handle.stop(grace)`` started on the server's loop; the concurrent future of its end."""
     return asyncio.run_coroutine_threadsafe(server.handle.stop(grace=grace), server.loop)
-
-
-class HeldLease:
-    """A lease on a model, taken and given back on the server's loop (as a request would hold it)."""
-
-    def __init__(self, server, model) -> None:
-        self._server, self._lease = server, model.lease()
-
-    async def _enter(self):
-        self._lease.__enter__()
-
-    async def _exit(self):
-        self._lease.__exit__(None, None, None)
-
-    def __enter__(self):
-        self._server.call(self._enter())
-        return self
-
-    def __exit__(self, *exc):
-        self._server.call(self._exit())
 
 
 def test_calls_in_flight_finish_and_new_calls_are_refused(fresh_repo, exported_version, make_server):

@@ -11,7 +11,7 @@ import time
 import grpc
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
-from serving_helpers import MODEL, Hammer, copy_version, photo_bytes, write_with_manifest
+from serving_helpers import MODEL, Hammer, HeldLease, copy_version, photo_bytes, write_with_manifest
 
 from tlserve.server.pb.tlserve.v1 import tlserve_pb2 as pb
 from tlserve.server.runtime import GPUUnavailable
@@ -197,26 +197,6 @@ def test_a_version_folder_must_be_a_plain_integer(fresh_repo, exported_version, 
 
 def test_version_names_sort_as_integers_only_when_plain_ascii_digits():
     assert sorted(["10", "9", "²", "b"], key=version_key) == ["b", "²", "9", "10"]
-
-
-class HeldLease:
-    """A lease on a model, held from the server's loop as a request would hold it."""
-
-    def __init__(self, server, model) -> None:
-        self._server, self._lease = server, model.lease()
-
-    async def _enter(self):
-        self._lease.__enter__()
-
-    async def _exit(self):
-        self._lease.__exit__(None, None, None)
-
-    def __enter__(self):
-        self._server.call(self._enter())
-        return self
-
-    def __exit__(self, *exc):
-        self._server.call(self._exit())
 
 
 def test_a_cancelled_reload_still_unloads_the_old_version_to_the_end(fresh_repo, exported_version, make_server):
