@@ -24,8 +24,6 @@ import json
 import logging
 import os
 import signal
-import socket
-import subprocess
 import sys
 import tempfile
 import time
@@ -38,6 +36,7 @@ import numpy as np
 import onnxruntime as ort
 from PIL import Image
 from prometheus_client.parser import text_string_to_metric_families
+from served import start_server
 
 from tlserve.manifest import Manifest
 from tlserve.server.pb.inference import messages_pb2 as oip
@@ -48,7 +47,6 @@ from tlserve.server.settings import Settings
 log = logging.getLogger("bench_serving")
 
 OIP_INFER = "/inference.GRPCInferenceService/ModelInfer"
-OIP_READY = "/inference.GRPCInferenceService/ServerReady"
 TASK_CLASSIFY = "/tlserve.v1.Inference/Classify"
 MODES = ("raw ORT", "OIP uint8", "task JPEG")
 
@@ -228,53 +226,6 @@ def measure_served(
     count, elapsed, latencies = asyncio.run(drive(address, method, payload, concurrency, seconds, warmup))
     after = batcher_totals(metrics_url, model)
     return count, elapsed, latencies, (after[0] - before[0], after[1] - before[1])
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def start_server(repository: Path, extra: list[str]) -> tuple[subprocess.Popen, str, str]:
-    """``tlserve serve`` in its own process; returns it, its gRPC address and its metrics URL."""
-    port, metrics_port = free_port(), free_port()
-    command = [
-        sys.executable,
-        "-m",
-        "tlserve",
-        "--log-level",
-        "WARNING",
-        "serve",
-        "--repository",
-        str(repository),
-        "--host",
-        "127.0.0.1",
-        "--port",
-        str(port),
-        "--metrics-port",
-        str(metrics_port),
-        "--device",
-        "cpu",
-        *extra,
-    ]
-    log.info("starting: %s", " ".join(command))
-    process = subprocess.Popen(command)
-    address = f"127.0.0.1:{port}"
-    deadline = time.monotonic() + 180
-    with grpc.insecure_channel(address) as channel:
-        ready = channel.unary_unary(OIP_READY)
-        while time.monotonic() < deadline:
-            if process.poll() is not None:
-                raise SystemExit(f"server exited with {process.returncode}")
-            try:
-                if oip.ServerReadyResponse.FromString(ready(b"", timeout=2)).ready:
-                    return process, address, f"http://127.0.0.1:{metrics_port}/metrics"
-            except grpc.RpcError:
-                pass
-            time.sleep(0.5)
-    process.terminate()
-    raise SystemExit("server did not become ready in 180 s")
 
 
 def check_agreement(address: str, oip_payload: bytes, task_payload: bytes, raw_top: int) -> str:

@@ -40,6 +40,7 @@ from pathlib import Path
 
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
+from served import free_port
 
 from tlserve.server.pb.tlserve.v1 import tlserve_pb2 as pb
 from tlserve.server.pb.tlserve.v1 import tlserve_pb2_grpc
@@ -50,12 +51,6 @@ from bench_serving import export_stock, model_of, photo_jpeg  # noqa: E402
 log = logging.getLogger("fault_under_load")
 LOST = ("CANCELLED", "UNKNOWN", "INTERNAL", "DEADLINE_EXCEEDED", "no answer")
 SERVING = health_pb2.HealthCheckResponse.SERVING
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def publish(src: Path, dst: Path) -> None:

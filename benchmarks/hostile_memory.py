@@ -29,7 +29,6 @@ import asyncio
 import io
 import json
 import math
-import socket
 import subprocess
 import sys
 import time
@@ -39,6 +38,7 @@ from pathlib import Path
 
 import grpc
 import numpy as np
+import served
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from PIL import Image
 
@@ -51,7 +51,6 @@ from tlserve.server.settings import Settings
 
 CLASSIFY = "/tlserve.v1.Inference/Classify"
 INFER = "/inference.GRPCInferenceService/ModelInfer"
-READY = "/inference.GRPCInferenceService/ServerReady"
 
 
 @dataclass
@@ -59,12 +58,6 @@ class Samples:
     rss: list[int] = field(default_factory=list)
     health: list[float] = field(default_factory=list)
     health_failures: Counter = field(default_factory=Counter)
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def rss_bytes(pid: int) -> int:
@@ -126,26 +119,10 @@ def requests(settings: Settings, name: str, manifest: Manifest) -> dict[str, tup
 
 
 def start_server(repository: Path, server_args: list[str]) -> tuple[subprocess.Popen, str, Settings]:
-    port, metrics_port = free_port(), free_port()
-    argv = ["serve", "--repository", str(repository), "--host", "127.0.0.1", "--port", str(port)]
-    argv += ["--metrics-port", str(metrics_port), "--device", "cpu", *server_args]
-    settings = Settings.from_args(build_parser().parse_args(argv))
-    process = subprocess.Popen([sys.executable, "-m", "tlserve", "--log-level", "ERROR", *argv])
-    address = f"127.0.0.1:{port}"
-    deadline = time.monotonic() + 180
-    with grpc.insecure_channel(address) as channel:
-        ready = channel.unary_unary(READY)
-        while time.monotonic() < deadline:
-            if process.poll() is not None:
-                raise SystemExit(f"server exited with {process.returncode}")
-            try:
-                if oip.ServerReadyResponse.FromString(ready(b"", timeout=2)).ready:
-                    return process, address, settings
-            except grpc.RpcError:
-                pass
-            time.sleep(0.5)
-    process.terminate()
-    raise SystemExit("server did not become ready in 180 s")
+    """The server (see served.py) and the settings its flags make, for the budget."""
+    process, address, _ = served.start_server(repository, server_args, log_level="ERROR")
+    argv = served.serve_argv(repository, 0, 0, server_args)
+    return process, address, Settings.from_args(build_parser().parse_args(argv))
 
 
 def sample(pid: int, address: str, seconds: float, period: float = 0.1) -> Samples:
