@@ -20,7 +20,9 @@ from tlserve.export.verify import Tolerance, verify_parity
 
 log = logging.getLogger(__name__)
 
-FP16_TOLERANCE = Tolerance(max_abs_prob=5e-2, min_top1_agreement=0.98)  # 64 images: one near-tie flip allowed
+# fp16 rounding moves probabilities by ~1e-2: a flip between classes the reference scores within 0.02 is a tie;
+# beyond that, at most one image in 64 may flip
+FP16_TOLERANCE = Tolerance(max_abs_prob=5e-2, min_top1_agreement=0.98, tie_margin=0.02)
 ANY = Tolerance(max_abs_prob=1.0, min_top1_agreement=0.0)  # int8: the accuracy gate decides instead
 
 

