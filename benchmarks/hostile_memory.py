@@ -109,7 +109,15 @@ def requests(settings: Settings, name: str, manifest: Manifest) -> dict[str, tup
     ).contents.uint_contents.extend([7] * (huge_rows * 3 * size * size))
     raw_max = oip.ModelInferRequest(model_name=name, raw_input_contents=[rows.tobytes()])
     raw_max.inputs.add(name=manifest.input_name, datatype="UINT8", shape=rows.shape)
+    filling = int(settings.max_message_bytes * 0.95)
+    small_int64 = oip.ModelInferRequest(model_name=name)
+    small_int64.inputs.add(name=manifest.input_name, datatype="INT64", shape=[filling]).contents.int64_contents.extend(
+        [1] * filling
+    )
     return {
+        # protobuf's own expansion, refused by the wire guard before parsing: 42x and 15x unguarded
+        "empty inputs": (INFER, b"\x2a\x00" * (filling // 2)),
+        "int64 1-byte": (INFER, small_int64.SerializeToString()),
         "big PNGs": (CLASSIFY, big.SerializeToString()),
         "many PNGs": (CLASSIFY, many.SerializeToString()),
         "typed max": (INFER, typed_max.SerializeToString()),
@@ -189,6 +197,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--many", type=int, default=2, help="callers sending --max-images near-limit PNGs")
     parser.add_argument("--typed", type=int, default=2, help="callers sending typed OIP requests (max and huge)")
     parser.add_argument("--raw", type=int, default=1, help="callers sending raw OIP requests")
+    parser.add_argument("--bloated", type=int, default=4, help="callers sending protobuf-bloating OIP requests")
     args = parser.parse_args(argv)
     if not sorted(args.repository.glob("*/*/model.onnx")):
         parser.error(f"no <name>/<version>/model.onnx under {args.repository}")
@@ -198,6 +207,7 @@ def main(argv: list[str] | None = None) -> int:
         mix = requests(settings, name, manifest)
         callers = {"big PNGs": args.big, "many PNGs": args.many, "typed max": args.typed}
         callers.update({"typed huge": args.typed, "raw max": args.raw})
+        callers.update({"empty inputs": args.bloated, "int64 1-byte": args.bloated})
         at_rest = rss_bytes(process.pid)
         sampler = start_sampler(process.pid, address, args.seconds)
         codes = asyncio.run(drive(address, mix, callers, args.seconds))

@@ -43,6 +43,7 @@ from tlserve.server.runtime import GPUUnavailable
 from tlserve.server.security import CONFIG_ERRORS, Security
 from tlserve.server.servicer import InferenceServicer
 from tlserve.server.settings import Settings
+from tlserve.server.wire import WireGuard
 
 log = logging.getLogger(__name__)
 # the drain's last step (server/drain.py): hold new calls until none came for QUIET_SECONDS (at most
@@ -83,7 +84,11 @@ class ServerHandle:
             headers=self._header_pool,
         )
         self.server = grpc.aio.server(
-            interceptors=[*self.security.interceptors(self.metrics), self.gate],
+            interceptors=[
+                *self.security.interceptors(self.metrics),
+                self.gate,
+                WireGuard(settings.max_request_fields, self.metrics),
+            ],
             options=grpc_options(settings) + GRPC_OPTIONS,
             maximum_concurrent_rpcs=settings.max_concurrent_rpcs or None,
         )

@@ -23,6 +23,8 @@ BASELINE_BYTES = 160 * MIB
 # One call's message lives as gRPC's receive buffer, its bytes, the parsed protobuf and what the servicer
 # takes out of it. Measured peaks per message byte: raw tensors and images 3-5x; typed OIP `uint_contents`
 # 10.4x (protobuf stores each 1-byte value in 4 bytes, and its arena keeps the array's earlier copies).
+# Messages that would grow more (empty embedded messages, 64-bit packed values) are refused before
+# they are parsed (tlserve.server.wire).
 MESSAGE_COPIES = 10
 # ORT's working set for one batch of 32 rows of the demo model, measured: 17 MiB (it grows with the
 # batch and the input's pixels: about 200 MiB for a 224 px MobileNetV2).

@@ -138,6 +138,10 @@ class Settings:
     version_policy: VersionPolicy = setting(VersionPolicy(), "`latest:N`, `all`, or `specific:V1,V2`")
     poll_interval: float = setting(0.0, "seconds between repository scans for new versions (0 = off; SIGHUP rescans)")
     max_message_bytes: int = setting(4 * MIB, "gRPC max message size, received and sent")
+    max_request_fields: int = setting(
+        4096,
+        "most fields (inputs, outputs, parameters, images, repeated values) in one request, counted before parsing",
+    )
     max_concurrent_rpcs: int = setting(
         24, "calls in progress at once, every service counted (0 = unlimited); more -> RESOURCE_EXHAUSTED from gRPC"
     )
@@ -208,7 +212,7 @@ class Settings:
         if not (device in ("auto", "cpu", "cuda") or (device.startswith("cuda:") and device[5:].isdigit())):
             raise ValueError(f"--device must be auto, cpu, cuda or cuda:N; got {device!r}")
         positive = "max_batch_size max_queue_size max_queue_bytes max_message_bytes max_image_bytes max_pixels"
-        positive += " max_request_pixels max_decode_bytes max_images max_concurrent_streams"
+        positive += " max_request_pixels max_decode_bytes max_images max_concurrent_streams max_request_fields"
         for name in positive.split():
             if getattr(self, name) < 1:
                 raise ValueError(f"--{name.replace('_', '-')} must be >= 1; got {getattr(self, name)}")
