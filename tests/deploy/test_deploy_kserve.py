@@ -211,3 +211,86 @@ def test_chart_refuses_an_unknown_runtime_kind(helm):
         [helm, "template", "t", str(CHART), "--set", "kserve.enabled=true", "--set", "kserve.kind=Runtime"], check=False
     )
     assert proc.returncode != 0 and "kserve.kind" in proc.stderr
+
+
+@pytest.fixture(scope="module")
+def model_file(request) -> Path:
+    """An exported model.onnx (tests/conftest.py's model_repository), as a bucket would hold it."""
+    pytest.importorskip("grpc")
+    try:
+        return Path(request.getfixturevalue("model_repository")) / "fashion" / "1" / "model.onnx"
+    except pytest.FixtureLookupError:
+        pytest.skip("needs the model_repository fixture (tests/conftest.py: an exported fashion/1/model.onnx)")
+
+
+@pytest.fixture(scope="module")
+def runtime_process(model_file, tmp_path_factory):
+    """`tlserve` run with the ServingRuntime's own command and args, as KServe runs them: {{.Name}} filled in,
+    /mnt/models holding what the storage-initializer leaves for storageUri s3://models/fashion/1/model.onnx.
+    Only the ports change (0: free ones, read back from the log) and the address (loopback)."""
+    import os
+    import re
+    import shutil
+    import subprocess
+    import sys
+    import time
+
+    mnt = tmp_path_factory.mktemp("mnt") / "models"
+    mnt.mkdir()
+    shutil.copy(model_file, mnt / "model.onnx")
+    server = container(load("servingruntime.yaml"))
+    assert server["command"] == ["tlserve"]
+    ports = re.compile(r"^--(port|metrics-port|health-port)=\d+$")
+    args = [
+        ports.sub(r"--\1=0", a).replace("{{.Name}}", "fashion").replace("/mnt/models", str(mnt)) for a in server["args"]
+    ]
+    args = [a.replace("--host=0.0.0.0", "--host=127.0.0.1") for a in args] + ["--device=cpu", "--intra-op-threads=1"]
+    log_path = mnt.parent / "serve.log"
+    with open(log_path, "w+") as log:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "tlserve", *args],
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            env={**os.environ, "PYTHONUNBUFFERED": "1", **{e["name"]: e["value"] for e in server["env"]}},
+        )
+        try:
+            deadline = time.monotonic() + 180
+            while not (found := re.search(r"serving gRPC on 127\.0\.0\.1:(\d+)", log_path.read_text())):
+                assert proc.poll() is None and time.monotonic() < deadline, log_path.read_text()[-4000:]
+                time.sleep(0.2)
+            yield f"127.0.0.1:{found.group(1)}"
+        finally:
+            proc.terminate()
+            proc.wait(60)
+
+
+HOST = "fashion.serving.example.com"  # what the InferenceService's status.url names; the ingress routes by it
+
+
+def test_runtime_args_serve_tritonclient_through_the_isvc_host(runtime_process):
+    """The documented tritonclient call: the ingress address, the InferenceService host as :authority."""
+    tc = pytest.importorskip("tritonclient.grpc")
+    import numpy as np
+
+    with tc.InferenceServerClient(runtime_process, channel_args=[("grpc.default_authority", HOST)]) as client:
+        assert client.is_server_ready() and client.is_model_ready("fashion")
+        meta = client.get_model_metadata("fashion")
+        (images,) = meta.inputs
+        shape = [1, *(int(d) for d in images.shape[1:])]
+        tensor = tc.InferInput("images", shape, images.datatype)
+        tensor.set_data_from_numpy(np.full(shape, 128, dtype=np.uint8))
+        probabilities = client.infer("fashion", [tensor]).as_numpy("probabilities")
+    assert list(meta.versions) == ["1"] and probabilities.shape[0] == 1
+    assert abs(float(probabilities.sum()) - 1.0) < 1e-4
+
+
+def test_runtime_args_serve_grpcurl_through_the_isvc_host(runtime_process, grpcurl):
+    """The documented grpcurl calls: reflection lists the OIP service, ModelReady and ModelMetadata answer."""
+    import json
+
+    base = [grpcurl, "-plaintext", "-authority", HOST]
+    assert "inference.GRPCInferenceService" in run([*base, runtime_process, "list"]).stdout.split()
+    ready = run([*base, "-d", '{"name": "fashion"}', runtime_process, "inference.GRPCInferenceService/ModelReady"])
+    assert json.loads(ready.stdout) == {"ready": True}
+    meta = run([*base, "-d", '{"name": "fashion"}', runtime_process, "inference.GRPCInferenceService/ModelMetadata"])
+    assert json.loads(meta.stdout)["platform"] == "onnxruntime_onnx"
