@@ -294,3 +294,8 @@ def test_runtime_args_serve_grpcurl_through_the_isvc_host(runtime_process, grpcu
     assert json.loads(ready.stdout) == {"ready": True}
     meta = run([*base, "-d", '{"name": "fashion"}', runtime_process, "inference.GRPCInferenceService/ModelMetadata"])
     assert json.loads(meta.stdout)["platform"] == "onnxruntime_onnx"
+
+
+@pytest.mark.parametrize("values", [[], ["-f", str(GPU_VALUES)]], ids=["cpu", "gpu"])
+def test_helm_lint_strict_with_the_runtime(helm, values):
+    run([helm, "lint", "--strict", str(CHART), "--set", "kserve.enabled=true", *values])
