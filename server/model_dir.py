@@ -14,7 +14,6 @@ in its embedded manifest. Anything else (nothing found, two layouts at once, sev
 
 from __future__ import annotations
 
-import logging
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -23,7 +22,6 @@ from tlserve.manifest import Manifest, ManifestError
 from tlserve.server.onnx_metadata import MetadataError, read_metadata
 from tlserve.server.scan import Scan, VersionDir, file_signature, is_version_name, scan
 
-log = logging.getLogger(__name__)
 DEFAULT_VERSION = "1"  # a lone model.onnx whose manifest version is not a plain integer
 IGNORED = {"lost+found"}  # a fresh ext4 volume (pvc://) has one
 SHOWN = 10  # entries of DIR an error lists
