@@ -33,6 +33,7 @@ from tlserve.server.images import ImageDecoder
 from tlserve.server.lifecycle import Action, Lifecycle, State, force_exit, install_signal_handlers
 from tlserve.server.metrics import Metrics
 from tlserve.server.metrics_http import MetricsServer
+from tlserve.server.model_dir import ModelDirError
 from tlserve.server.oip.reflection import reflection_pool
 from tlserve.server.oip.servicer import add_oip_service
 from tlserve.server.pb.tlserve.v1 import tlserve_pb2, tlserve_pb2_grpc
@@ -138,6 +139,8 @@ class ServerHandle:
             refused = [str(e) for e in report.failed.values() if isinstance(e, GPUUnavailable)]
             if refused:
                 raise GPUUnavailable(refused[0])
+            if self.settings.model_dir and not self.repository.list():  # single-model mode: nothing else to serve
+                raise ModelDirError(nothing_loaded(self.settings.model_dir, report))
             if self.settings.device != "cpu":
                 register_gpu_metrics(self.registry)
             await self._metrics_http.start()
@@ -203,6 +206,12 @@ class ServerHandle:
         self.lifecycle.to(State.STOPPED)
 
 
+def nothing_loaded(model_dir: str, report: ReloadReport) -> str:
+    """Why single-model mode has nothing to serve after its first load, for the log (paths allowed)."""
+    failures = "; ".join(f"{name}: {type(exc).__name__}: {exc}" for name, exc in report.failed.items())
+    return f"--model-dir {model_dir}: the model did not load ({failures or 'the version policy selected nothing'})"
+
+
 def create_server(settings: Settings, registry: CollectorRegistry) -> ServerHandle:
     """Build (not start) the server; call inside a running event loop."""
     Image.MAX_IMAGE_PIXELS = settings.max_pixels  # Pillow's own bomb guard, behind our header check
@@ -234,14 +243,18 @@ async def run(settings: Settings) -> int:
             force_exit(signum)
 
     install_signal_handlers(loop, on_signal)  # before the first load: SIGHUP never kills
-    log.info("starting: loading the model repository %s", settings.repository)
+    log.info(
+        "starting: loading the model %s",
+        f"in {settings.model_dir}" if settings.model_dir else f"repository {settings.repository}",
+    )
     starting = loop.create_task(handle.start())
     draining = loop.create_task(handle.lifecycle.draining.wait())
     try:
         await asyncio.wait({starting, draining}, return_when=asyncio.FIRST_COMPLETED)
         failure = starting.exception() if starting.done() else None
         if failure is not None:
-            if isinstance(failure, (GPUUnavailable, OSError)):  # OSError: e.g. the metrics port is taken
+            # OSError: e.g. the metrics port is taken; ModelDirError: --model-dir holds no model that loads
+            if isinstance(failure, (GPUUnavailable, OSError, ModelDirError)):
                 log.error("refusing to start: %s", failure)
                 return 2
             raise failure

@@ -18,7 +18,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     serve = subparsers.add_parser(
         "serve",
         help="serve a model repository over gRPC (ONNX Runtime)",
-        description="Serve every DIR/<name>/<version>/model.onnx over gRPC; flags also read env TLSERVE_<FLAG>.",
+        description="Serve every DIR/<name>/<version>/model.onnx (--repository DIR), or the one model in --model-dir "
+        "DIR, over gRPC; flags also read env TLSERVE_<FLAG>.",
     )
     add_arguments(serve)
     serve.add_argument(
@@ -84,19 +85,23 @@ def run_serve(args: argparse.Namespace) -> int:
 
 
 def print_memory_budget(settings: Settings) -> int:
-    from pathlib import Path
-
     from tlserve.server.budget import memory_budget
-    from tlserve.server.repository import scan
+    from tlserve.server.model_dir import ModelDirError
+    from tlserve.server.repository import RepositoryOptions
 
-    found = scan(Path(settings.repository))
+    options = RepositoryOptions.from_settings(settings)
+    try:
+        found = options.scan()
+    except ModelDirError as exc:
+        print(f"tlserve serve: {exc}", file=sys.stderr)
+        return 2
     models = max(1, sum(len(settings.version_policy.select(list(versions))) for versions in found.models.values()))
     try:
         budget = memory_budget(settings, models)
     except ValueError as exc:
         print(f"tlserve serve: {exc}", file=sys.stderr)
         return 2
-    print(f"worst-case memory for {models} model version(s) under {settings.repository}:")
+    print(f"worst-case memory for {models} model version(s) under {options.root}:")
     print(budget.table())
     return 0
 

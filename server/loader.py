@@ -62,7 +62,7 @@ def load_version(
     manifest.check_graph(runtime.inputs, runtime.outputs)
     if (manifest.name, manifest.version) != (name, version):
         log.warning(
-            "%s: manifest says %s/%s; serving it as %s/%s (the repository path decides)",
+            "%s: manifest says %s/%s; serving it as %s/%s (the repository path or --model-name decides)",
             runtime.path,
             manifest.name,
             manifest.version,

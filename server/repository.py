@@ -7,36 +7,33 @@ only); versions no longer wanted are unloaded after draining. A failed file is r
 changes; a loaded version whose file changes is reloaded aside and swapped in, or, if the new file
 fails, refused loudly while the old copy serves on. Version folders are plain integers ("0", "12";
 not "01", "1a" or "²"). A rescan runs as the repository's own task, so a cancelled caller never
-leaves a version half unloaded.
+leaves a version half unloaded. In single-model mode (``--model-dir``) the scan is
+:func:`tlserve.server.model_dir.scan_model_dir`: one model, whatever layout the storage left.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
-import re
 from collections.abc import Awaitable, Callable, Coroutine, Iterable
 from concurrent.futures import Executor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
 
-from tlserve.contract import FP16_FILE, MODEL_FILE
 from tlserve.server.batcher import BatchingOptions
 from tlserve.server.errors import FailedPrecondition, InvalidArgument, NotFound, Unavailable, quote
 from tlserve.server.loader import LoadOptions, load_version, public_reason
 from tlserve.server.metrics import Metrics
 from tlserve.server.model import ServedModel
+from tlserve.server.model_dir import SingleModel, scan_model_dir
 from tlserve.server.model_health import HealthOptions
 from tlserve.server.runtime import RuntimeOptions
+from tlserve.server.scan import Scan, Signature, VersionDir, scan
 from tlserve.server.settings import Settings, VersionPolicy, version_key
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
-
-# (file name, inode, size, mtime_ns) of model.onnx and, when present, the fp16 variant
-Signature = tuple[tuple[str, int, int, int], ...]
-VERSION_NAME = re.compile(r"0|[1-9][0-9]*")  # plain ASCII integers, no leading zeros ("01" would equal "1")
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -47,11 +44,14 @@ class RepositoryOptions:
     load: LoadOptions
     policy: VersionPolicy
     drain_seconds: float
+    single: SingleModel | None = None  # single-model mode (--model-dir): root is that folder
 
     @classmethod
     def from_settings(cls, settings: Settings) -> RepositoryOptions:
+        single = SingleModel(Path(settings.model_dir), settings.model_name) if settings.model_dir else None
         return cls(
-            root=Path(settings.repository),
+            root=single.root if single else Path(settings.repository),
+            single=single,
             load=LoadOptions(
                 runtime=RuntimeOptions.from_settings(settings),
                 batching=BatchingOptions.from_settings(settings),
@@ -61,58 +61,16 @@ class RepositoryOptions:
             drain_seconds=settings.drain_seconds,
         )
 
+    def scan(self) -> Scan:
+        """What is on disk now (blocking); in single-model mode raises ModelDirError on a layout it cannot serve."""
+        return scan(self.root) if self.single is None else scan_model_dir(self.single)
+
 
 @dataclass
 class ReloadReport:
     loaded: list[str] = field(default_factory=list)  # "name/version", a changed file reloaded included
     unloaded: list[str] = field(default_factory=list)
     failed: dict[str, Exception] = field(default_factory=dict)
-
-
-@dataclass(frozen=True)
-class VersionDir:
-    path: Path
-    signature: Signature
-
-
-@dataclass
-class Scan:
-    """What a scan of the repository folder found (blocking to make: run :func:`scan` in an executor)."""
-
-    exists: bool = False
-    models: dict[str, dict[str, VersionDir]] = field(default_factory=dict)
-    skipped: list[Path] = field(default_factory=list)  # version folders whose names are not plain integers
-
-
-def is_version_name(name: str) -> bool:
-    return VERSION_NAME.fullmatch(name) is not None
-
-
-def file_signature(version_dir: Path) -> Signature:
-    """Identity of the files a version loads from; it changes when one is replaced or rewritten."""
-    files = [(f, version_dir / f) for f in (MODEL_FILE, FP16_FILE)]
-    return tuple((f, s.st_ino, s.st_size, s.st_mtime_ns) for f, s in ((f, p.stat()) for f, p in files if p.is_file()))
-
-
-def scan(root: Path) -> Scan:
-    """Every ``root/<name>/<version>/model.onnx`` with its signature; hidden folders are skipped quietly
-    (a version being written aside), other non-integer version folders are reported in ``skipped``."""
-    found = Scan(exists=root.is_dir())
-    if not found.exists:
-        return found
-    for model_file in sorted(root.glob(f"*/*/{MODEL_FILE}")):
-        version_dir = model_file.parent
-        if version_dir.name.startswith(".") or version_dir.parent.name.startswith("."):
-            continue
-        if not is_version_name(version_dir.name):
-            found.skipped.append(version_dir)
-            continue
-        try:
-            signature = file_signature(version_dir)
-        except OSError:  # removed while we looked: the next scan sees what is left
-            continue
-        found.models.setdefault(version_dir.parent.name, {})[version_dir.name] = VersionDir(version_dir, signature)
-    return found
 
 
 class ModelRepository:
@@ -213,7 +171,7 @@ class ModelRepository:
         report = ReloadReport()
         if self._closed:
             return report
-        found = await asyncio.get_running_loop().run_in_executor(None, scan, self.options.root)
+        found = await asyncio.get_running_loop().run_in_executor(None, self.options.scan)
         if not found.exists:
             log.warning("model repository %s does not exist (yet): serving nothing", self.options.root)
         self._warn_skipped(found.skipped)

@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import os
+import re
 import types
 import typing
 from collections.abc import Callable, Mapping, Sequence
@@ -23,6 +24,7 @@ T = TypeVar("T")
 SETTING = "tlserve.setting"  # the field-metadata key that setting() fills
 MIB = 1 << 20
 TRUE, FALSE = ("1", "true", "yes", "on"), ("0", "false", "no", "off", "")
+MODEL_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,252}")  # a KServe InferenceService name fits
 
 
 @dataclass(frozen=True)
@@ -122,6 +124,19 @@ class Settings:
     """Everything `tlserve serve` can be told; docs/server-contract.md's flag table is generated from it."""
 
     repository: str = setting("models", "serve every `DIR/<name>/<version>/model.onnx`", metavar="DIR")
+    model_dir: str = setting(
+        "",
+        "single-model mode (KServe's `/mnt/models`), instead of `--repository`: serve the one model in DIR, a "
+        "`model.onnx` (with its variants and `manifest.json`, if any), `<version>/model.onnx` or "
+        "`<name>/<version>/model.onnx`; any other layout, or a model that does not load, refuses to start",
+        metavar="DIR",
+    )
+    model_name: str = setting(
+        "",
+        "with `--model-dir`: serve the model under this name (KServe passes the InferenceService name); unset: "
+        "its folder name in a repository, else the name in its embedded manifest",
+        metavar="NAME",
+    )
     host: str = setting("0.0.0.0", "bind address for gRPC and metrics")
     port: int = setting(50051, "gRPC port (task API, OIP, health, reflection); 0 picks a free port")
     metrics_port: int = setting(8080, "Prometheus `/metrics` HTTP port; 0 picks a free port")
@@ -222,6 +237,13 @@ class Settings:
         for name in not_negative.split():
             if getattr(self, name) < 0:
                 raise ValueError(f"--{name.replace('_', '-')} must be >= 0; got {getattr(self, name)}")
+        if self.model_name and not self.model_dir:
+            raise ValueError("--model-name needs --model-dir (in a repository, the folder names the model)")
+        if self.model_name and not MODEL_NAME.fullmatch(self.model_name):
+            raise ValueError(
+                f"--model-name must be 1-253 letters, digits, '.', '_' or '-', starting with a letter or digit; "
+                f"got {self.model_name[:100]!r}"
+            )
         if self.health_probe_seconds <= 0:
             raise ValueError(f"--health-probe-seconds must be > 0; got {self.health_probe_seconds}")
 
