@@ -50,6 +50,14 @@ VARIANTS = {
         "model.initContainer.url=https://models.example.com/fashion.onnx",
     ],
     "keda": ["--set", "keda.enabled=true", "--set", "autoscaling.enabled=false"],
+    "object-storage": [
+        "--set",
+        "model.source=objectStorage",
+        "--set",
+        "model.objectStorage.uri=s3://ml-models/fashion/3",
+        "--set",
+        "model.objectStorage.credentialsSecret=s3-credentials",
+    ],
     "tls-auth": [*SECURED, "--set", "tls.metrics=true", "--set", "serviceMonitor.enabled=true"],
     "cert-manager-mtls": [
         "--set",
