@@ -85,7 +85,7 @@ def _schema(crd_path: Path, version: str) -> dict:
                 "type": "object",
                 "properties": {"labels": STRING_MAP, "annotations": STRING_MAP}
                 | {key: {} for key in OBJECT_META - {"labels", "annotations"}},
-                "required": ["name"],
+                "anyOf": [{"required": ["name"]}, {"required": ["generateName"]}],
             }
             return _strict(schema)
     names = [v["name"] for v in crd["spec"]["versions"]]
