@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+from pathlib import Path
 
 import pytest
 from deploy_helpers import CHART, helm_template, manifests, run
@@ -92,3 +95,75 @@ def test_object_storage_is_off_by_default(helm):
 def test_incomplete_object_storage_values_are_refused(helm, values, message):
     proc = run([helm, "template", "t", str(CHART), *values], check=False)
     assert proc.returncode != 0 and message in proc.stderr, proc.stderr
+
+
+# --- the rendered rclone init container, run for real against a local S3 API (moto_server) -----------------------
+
+CREDENTIALS = {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing"}  # the Secret's keys (envFrom)
+
+
+@pytest.fixture()
+def s3_endpoint(moto_server, tmp_path):
+    from deploy_processes import free_port, http_get, stop, wait_for
+
+    port = free_port()
+    log = tmp_path / "moto.log"
+    with open(log, "w") as out:
+        proc = subprocess.Popen([moto_server, "-H", "127.0.0.1", "-p", str(port)], stdout=out, stderr=out)
+    try:
+        url = f"http://127.0.0.1:{port}"
+        wait_for(lambda: http_get(f"{url}/moto-api/"), "moto_server", proc, log, timeout=120)
+        yield url
+    finally:
+        stop(proc)
+
+
+def init_container_run(helm, endpoint: str, tmp_path: Path, uri: str) -> tuple[list[str], dict[str, str], Path]:
+    """The rendered init container's argv and environment, its volumes as local folders."""
+    values = [*S3, "--set", f"model.objectStorage.uri={uri}", "--set", f"model.objectStorage.endpoint={endpoint}"]
+    values += ["--set", "model.objectStorage.s3Provider=Other", "--set", "model.objectStorage.region=us-east-1"]
+    (fetch,) = pod(helm, *values)["initContainers"]
+    models, scratch = tmp_path / "models", tmp_path / "scratch"
+    models.mkdir()
+    scratch.mkdir()
+
+    def local(value: str) -> str:
+        return value.replace("/models", str(models), 1) if value.startswith("/models") else value
+
+    env = {name: (str(scratch) if value == "/tmp" else value) for name, value in env_of(fetch).items()}
+    env |= CREDENTIALS if fetch["envFrom"] == [{"secretRef": {"name": "s3-credentials"}}] else {}
+    return [*fetch["command"], *map(local, fetch["args"])], env, models
+
+
+def test_rclone_init_container_fetches_a_version_from_s3(helm, rclone, s3_endpoint, tmp_path, request):
+    try:
+        repository = Path(request.getfixturevalue("model_repository"))
+    except pytest.FixtureLookupError:
+        pytest.skip("needs the model_repository fixture (tests/conftest.py: an exported fashion/1/model.onnx)")
+    cmd, env, models = init_container_run(helm, s3_endpoint, tmp_path, "s3://ml-models/fashion/3")
+    assert cmd[0] == "rclone"
+    base = {"PATH": os.environ["PATH"], **env}
+    # upload the exported version with the same backend settings, then run the init container's command
+    for step in (["mkdir", ":s3:ml-models"], ["copy", str(repository / "fashion" / "1"), ":s3:ml-models/fashion/3"]):
+        proc = subprocess.run([rclone, *step], env=base, capture_output=True, text=True, timeout=120)
+        assert proc.returncode == 0, proc.stderr
+    proc = subprocess.run([rclone, *cmd[1:]], env=base, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    version = models / "fashion" / "3"
+    expected = sorted(p.name for p in (repository / "fashion" / "1").iterdir())
+    assert sorted(p.name for p in version.iterdir()) == expected and "model.onnx" in expected
+    for name in expected:
+        assert (version / name).read_bytes() == (repository / "fashion" / "1" / name).read_bytes()
+    from tlserve.server.repository import scan
+
+    assert set(scan(models).models) == {"fashion"} and set(scan(models).models["fashion"]) == {"3"}
+
+
+def test_rclone_init_container_fails_on_a_wrong_prefix(helm, rclone, s3_endpoint, tmp_path):
+    cmd, env, models = init_container_run(helm, s3_endpoint, tmp_path, "s3://ml-models/fashoin/3")
+    base = {"PATH": os.environ["PATH"], **env}
+    made = subprocess.run([rclone, "mkdir", ":s3:ml-models"], env=base, capture_output=True, text=True, timeout=120)
+    assert made.returncode == 0, made.stderr
+    proc = subprocess.run([rclone, *cmd[1:]], env=base, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 9, proc.stderr  # --error-on-no-transfer: the pod fails instead of serving nothing
+    assert not any(models.rglob("model.onnx"))
