@@ -5,6 +5,7 @@ the Kubernetes schemas (kubernetes-validate --strict), and the wiring between th
 from __future__ import annotations
 
 import copy
+import json
 from pathlib import Path
 
 import pytest
@@ -18,7 +19,7 @@ from deploy_helpers import REPO, helm_template, manifests, run  # noqa: E402
 pytestmark = pytest.mark.tools
 
 TRAINING = REPO / "deploy" / "training"
-BUILT_IN = ["job.yaml", "demo-data.yaml", "pvcs.yaml", "configmap.yaml"]
+BUILT_IN = ["job.yaml", "demo-data.yaml", "pvcs.yaml", "configmap.yaml", "networkpolicy.yaml"]
 TRAINJOB_CRD = crd_path("kubeflow-trainer", "trainer.kubeflow.org_trainjobs.yaml")
 
 
@@ -55,7 +56,7 @@ def test_built_in_kinds_pass_kubernetes_validate_strict(kubernetes_validate, tmp
     documents = [d for name in BUILT_IN for d in docs(name)]
     proc = kubernetes_validate_strict(kubernetes_validate, documents, tmp_path / "training.yaml", kube)
     assert proc.returncode == 0, proc.stdout + proc.stderr
-    assert proc.stdout.count(" passed for resource ") == len(documents) == 6, proc.stdout
+    assert proc.stdout.count(" passed for resource ") == len(documents) == 7, proc.stdout
 
 
 @pytest.mark.parametrize(
@@ -198,3 +199,34 @@ def test_published_models_land_where_the_serving_deployment_polls(helm):
     assert models_pvc["spec"]["accessModes"] == ["ReadWriteMany"], "written by training, read by every replica"
     namespaces = {d["metadata"]["namespace"] for name in [*BUILT_IN, "trainjob.yaml"] for d in docs(name)}
     assert namespaces == {rendered["Deployment/tlserve"]["metadata"]["namespace"]}, "a claim is namespaced"
+
+
+def test_only_training_pods_reach_training_pods():
+    """torchrun's rendezvous store and the collectives between nodes are unauthenticated TCP."""
+    (policy,) = docs("networkpolicy.yaml")
+    selector = policy["spec"]["podSelector"]["matchLabels"]
+    assert policy["spec"]["ingress"] == [{"from": [{"podSelector": {"matchLabels": selector}}]}]
+    replicated, _ = runtime_patch(trainjob())
+    (job,) = docs("job.yaml")
+    (demo,) = docs("demo-data.yaml")
+    assert selector.items() <= replicated["template"]["spec"]["template"]["metadata"]["labels"].items()
+    for pod_job in (job, demo):
+        assert selector.items() <= pod_job["spec"]["template"]["metadata"]["labels"].items()
+
+
+# Accepted checkov findings on the training manifests, each with its reason.
+CHECKOV_ACCEPTED = {
+    "CKV_K8S_43": "the manifests name the project's registry by tag; pin your build's digest when you copy them",
+    "CKV_K8S_15": "IfNotPresent: a pinned tag or digest never changes under a node's cache",
+}
+
+
+def test_checkov_kubernetes_on_the_training_manifests(checkov):
+    proc = run(
+        [checkov, "--framework", "kubernetes", "--skip-download", "--quiet", "--output", "json"]
+        + ["--skip-check", ",".join(CHECKOV_ACCEPTED), "--directory", str(TRAINING)],
+        check=False,
+    )
+    report = json.loads(proc.stdout)
+    failed = [f"{c['check_id']} {c['resource']}" for c in report["results"]["failed_checks"]]
+    assert report["summary"]["passed"] > 100 and not failed, failed
