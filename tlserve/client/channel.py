@@ -113,6 +113,9 @@ def channel_options(
         ("grpc.max_receive_message_length", MESSAGE_BYTES),
         ("grpc.max_send_message_length", MESSAGE_BYTES),
         ("grpc.enable_retries", 1 if retry.max_attempts > 1 else 0),
+        # gRPC keeps a call's request to send it again, but only up to 256 KiB by default: a bigger request
+        # (one photo can be) would be committed at once and never retried
+        ("grpc.per_rpc_retry_buffer_size", MESSAGE_BYTES),
         ("grpc.service_config", retry.service_config()),
     ]
     if security.server_name:
