@@ -18,6 +18,7 @@ COPY tlserve/ tlserve/
 COPY server/ server/
 COPY trainer/ trainer/
 COPY export/ export/
+COPY proto/ proto/
 
 # ---------------------------------------------------------------- cpu: build the virtualenv
 FROM python:3.11.14-slim-bookworm AS cpu-build

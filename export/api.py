@@ -22,7 +22,7 @@ from torch import nn
 
 from tlserve import __version__
 from tlserve.contract import MANIFEST_FILE, MODEL_FILE, ORT_DTYPES
-from tlserve.export.graph import ServingGraph
+from tlserve.export.graph import DEFAULT_OUTPUTS, EMBEDDING, LOGITS, ServingGraph, output_selection
 from tlserve.export.metadata import embed_manifest, sidecar
 from tlserve.export.publish import publish, resolve_version
 from tlserve.export.samples import run_data
@@ -42,7 +42,8 @@ class ExportOptions:
 
     precision: str = "fp32"
     float_input: bool = False
-    logits: bool = False
+    outputs: str | tuple[str, ...] = DEFAULT_OUTPUTS  # see graph.output_selection; "probabilities" is required
+    logits: bool = False  # add "logits" to ``outputs`` (the older spelling of --outputs ...,logits)
     data: str | None = None
     force: bool = False
     optimized: bool = False
@@ -59,12 +60,19 @@ def checkpoint_file(path: str | os.PathLike) -> Path:
     return path / "checkpoint.pt" if path.is_dir() else path
 
 
+def graph_outputs(options: ExportOptions) -> tuple[str, ...]:
+    """The graph's outputs, in graph order: ``options.outputs``, plus ``logits`` when ``options.logits``."""
+    chosen = output_selection(options.outputs)
+    return output_selection((*chosen, LOGITS)) if options.logits and LOGITS not in chosen else chosen
+
+
 def serving_manifest(manifest: Manifest, options: ExportOptions) -> Manifest:
     """The manifest as the exported graph's signature makes it: input dtype and output names."""
     pre = manifest.preprocessing
     if options.float_input:
         pre = dataclasses.replace(pre, input_dtype="float32", normalize_in_graph=False)
-    outputs = Outputs(logits="logits" if options.logits else None)
+    chosen = graph_outputs(options)
+    outputs = Outputs(embedding=EMBEDDING if EMBEDDING in chosen else None, logits=LOGITS if LOGITS in chosen else None)
     return manifest.replace(preprocessing=pre, outputs=outputs)
 
 
@@ -116,7 +124,7 @@ def export_model(
         head_name,
         manifest.preprocessing,
         uint8_input=not options.float_input,
-        with_logits=options.logits,
+        outputs=graph_outputs(options),
         temperature=temperature,
     ).eval()
     if temperature is not None:

@@ -15,6 +15,7 @@ def _export(args: argparse.Namespace) -> int:
         raise SystemExit("tlserve export: give a run directory or checkpoint, or --pretrained ARCH (not both)")
     options = {
         "float_input": args.float_input,
+        "outputs": args.outputs,
         "logits": args.logits,
         "data": args.data,
         "force": args.force,
@@ -78,7 +79,14 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         action="store_true",
         help="float32 input the caller normalises, instead of uint8 normalised in the graph",
     )
-    p.add_argument("--logits", action="store_true", help="add a 'logits' output")
+    p.add_argument(
+        "--outputs",
+        default="probabilities,embedding",
+        metavar="NAMES",
+        help="graph outputs, comma-separated: probabilities[,embedding][,logits] (default: probabilities,embedding; "
+        "probabilities alone makes a single-output model for generic OIP clients)",
+    )
+    p.add_argument("--logits", action="store_true", help="add a 'logits' output (the same as adding it to --outputs)")
     p.add_argument("--data", help="ImageFolder root for verification/calibration (default: the run's data)")
     p.add_argument("--force", action="store_true", help="publish int8 even when it fails the accuracy gate")
     p.add_argument("--optimized", action="store_true", help="also write an ORT-optimised copy (extended level)")

@@ -40,10 +40,6 @@ def quiet_exporter() -> Iterator[None]:
             logger.setLevel(level)
 
 
-def output_names(with_logits: bool) -> list[str]:
-    return ["probabilities", "embedding", "logits"] if with_logits else ["probabilities", "embedding"]
-
-
 def export_graph(
     graph: ServingGraph,
     input_size: int,
@@ -60,7 +56,7 @@ def export_graph(
     graph = graph.eval()
     dtype = torch.uint8 if graph.uint8_input else torch.float32
     sample = torch.zeros(2, 3, input_size, input_size, dtype=dtype)
-    outputs = output_names(graph.with_logits)
+    outputs = list(graph.outputs)
     log.info("exporting %s with the %s exporter (opset %d)", path.name, exporter, opset)
     with torch.no_grad(), warnings.catch_warnings(), quiet_exporter():
         warnings.simplefilter("ignore", category=DeprecationWarning)

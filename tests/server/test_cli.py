@@ -17,8 +17,8 @@ import pytest
 from PIL import Image
 from serving_helpers import MODEL, copy_version, photo_path
 
+from tlserve.client import wait_ready
 from tlserve.manifest import Manifest
-from tlserve.server.client import wait_ready
 from tlserve.server.pb.tlserve.v1 import tlserve_pb2 as pb
 from tlserve.server.pb.tlserve.v1 import tlserve_pb2_grpc
 

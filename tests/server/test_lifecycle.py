@@ -15,8 +15,8 @@ import pytest
 from prometheus_client import CollectorRegistry
 from serving_helpers import MODEL, Callers, LiveServer, copy_version, photo_bytes, server_settings
 
+from tlserve.client import wait_ready
 from tlserve.server.app import create_server
-from tlserve.server.client import wait_ready
 from tlserve.server.lifecycle import Action, IllegalTransition, Lifecycle, State, action_for, forced_exit_status
 from tlserve.server.pb.tlserve.v1 import tlserve_pb2 as pb
 from tlserve.server.ports import PortInUse

@@ -24,8 +24,8 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from prometheus_client import CollectorRegistry, Counter
 from serving_helpers import MODEL, LiveServer, photo_bytes, photo_path, server_settings
 
+from tlserve.client import ChannelSecurity, open_channel
 from tlserve.server.app import run
-from tlserve.server.client import ChannelSecurity, open_channel
 from tlserve.server.metrics_http import MetricsServer
 from tlserve.server.pb.tlserve.v1 import tlserve_pb2 as pb
 from tlserve.server.pb.tlserve.v1 import tlserve_pb2_grpc
