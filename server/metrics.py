@@ -102,7 +102,7 @@ class Metrics:
         self.confidence_baseline = Gauge(
             "tlserve_confidence_baseline",
             "Top-1 probability at each quantile on the validation split, from the model's manifest",
-            ("model", "version", "quantile"),
+            ("model", "version", "quantile_level"),
             registry=registry,
         )
         self.prediction_share_baseline = Gauge(

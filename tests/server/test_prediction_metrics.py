@@ -50,8 +50,8 @@ def test_recorder_exports_the_baseline_and_detach_removes_every_series():
     recorder = PredictionMetrics(Metrics(registry), "pets", "3", manifest(baseline), max_label_metrics=64)
     recorder.attach()
     key = {"model": "pets", "version": "3"}
-    assert sample(registry, "tlserve_confidence_baseline", **key, quantile="0.1") == 0.55
-    assert sample(registry, "tlserve_confidence_baseline", **key, quantile="0.5") == 0.9
+    assert sample(registry, "tlserve_confidence_baseline", **key, quantile_level="0.1") == 0.55
+    assert sample(registry, "tlserve_confidence_baseline", **key, quantile_level="0.5") == 0.9
     assert sample(registry, "tlserve_prediction_share_baseline", **key, label="dog") == 0.25
     assert sample(registry, "tlserve_predictions_total", **key, label="bird") == 0  # zero before traffic: rate() works
     recorder.detach()
@@ -70,7 +70,7 @@ def test_more_labels_than_the_limit_keep_the_histogram_and_drop_per_label_series
     recorder.record(np.array([[0.2, 0.7, 0.1]], np.float32))
     key = {"model": "pets", "version": "3"}
     assert sample(registry, "tlserve_prediction_confidence_count", **key) == 1
-    assert sample(registry, "tlserve_confidence_baseline", **key, quantile="0.5") == 0.8
+    assert sample(registry, "tlserve_confidence_baseline", **key, quantile_level="0.5") == 0.8
     names = {s.name for family in registry.collect() for s in family.samples}
     assert not names & {"tlserve_predictions_total", "tlserve_prediction_share_baseline"}
 
@@ -114,7 +114,7 @@ def test_the_manifest_baseline_is_exported_as_gauges(live, published):
     assert baseline is not None, "export writes a baseline for a model with labelled validation images"
     assert set(baseline.quantiles) == {"0.05", "0.1", "0.25", "0.5", "0.75", "0.9", "0.95"}
     for quantile, value in baseline.quantiles.items():
-        assert live.metric("tlserve_confidence_baseline", **VERSION, quantile=quantile) == pytest.approx(value)
+        assert live.metric("tlserve_confidence_baseline", **VERSION, quantile_level=quantile) == pytest.approx(value)
     for label, share in baseline.class_share.items():
         assert live.metric("tlserve_prediction_share_baseline", **VERSION, label=label) == pytest.approx(share)
 
@@ -140,7 +140,7 @@ def test_max_label_metrics_below_the_label_count_drops_per_label_series(repo_cop
     server = make_server(repo_copy, max_label_metrics=5)  # fashion has 10 labels
     classify(server, PHOTOS[:2])
     assert server.metric("tlserve_prediction_confidence_count", **VERSION) == 2
-    assert server.metric("tlserve_confidence_baseline", **VERSION, quantile="0.5") is not None
+    assert server.metric("tlserve_confidence_baseline", **VERSION, quantile_level="0.5") is not None
     names = {s.name for family in server.registry.collect() for s in family.samples}
     assert not names & {"tlserve_predictions_total", "tlserve_prediction_share_baseline"}
 
@@ -150,7 +150,7 @@ def test_a_model_without_a_baseline_serves_without_baseline_gauges(exported_vers
     server = make_server(tmp_path)
     classify(server, PHOTOS[:1])
     assert server.metric("tlserve_prediction_confidence_count", **VERSION) == 1
-    assert server.metric("tlserve_confidence_baseline", **VERSION, quantile="0.1") is None
+    assert server.metric("tlserve_confidence_baseline", **VERSION, quantile_level="0.1") is None
 
 
 def test_an_unloaded_version_takes_its_series_with_it(exported_version, tmp_path, make_server):
@@ -162,6 +162,6 @@ def test_an_unloaded_version_takes_its_series_with_it(exported_version, tmp_path
     copy_version(exported_version, tmp_path / MODEL / "2")
     server.reload()
     assert server.metric("tlserve_prediction_confidence_count", **VERSION) is None
-    assert server.metric("tlserve_confidence_baseline", **VERSION, quantile="0.1") is None
+    assert server.metric("tlserve_confidence_baseline", **VERSION, quantile_level="0.1") is None
     assert server.metric("tlserve_prediction_confidence_count", model=MODEL, version="2") == 0
-    assert server.metric("tlserve_confidence_baseline", model=MODEL, version="2", quantile="0.1") is not None
+    assert server.metric("tlserve_confidence_baseline", model=MODEL, version="2", quantile_level="0.1") is not None
