@@ -4,7 +4,8 @@ Servicers convert their protobuf to these calls and the answers back (MLServer's
 ``handlers/dataplane.py`` is the pattern). Here, and only here: find the model, hold exactly one
 lease on it per request (so unloading waits for the request, decoding included), decode and
 preprocess images, check the model's input, infer, record the predictions it serves (the
-version's prediction metrics, predictions.py), and select top-k, embeddings or the outputs asked for. Every refusal is a :mod:`tlserve.server.errors` exception.
+version's prediction metrics, predictions.py), and select top-k, embeddings or the outputs asked for.
+Every refusal is a :mod:`tlserve.server.errors` exception.
 """
 
 from __future__ import annotations
