@@ -22,6 +22,7 @@ from torch import nn
 
 from tlserve import __version__
 from tlserve.contract import MANIFEST_FILE, MODEL_FILE, ORT_DTYPES
+from tlserve.export.baseline import confidence_baseline
 from tlserve.export.graph import DEFAULT_OUTPUTS, EMBEDDING, LOGITS, ServingGraph, output_selection
 from tlserve.export.metadata import embed_manifest, sidecar
 from tlserve.export.publish import publish, resolve_version
@@ -52,6 +53,7 @@ class ExportOptions:
     verify_images: int = 64
     gate_images: int = 500
     calibration_images: int = 200
+    baseline_images: int = 500  # labelled validation images behind the manifest's confidence baseline
 
 
 def checkpoint_file(path: str | os.PathLike) -> Path:
@@ -133,7 +135,12 @@ def export_model(
         )
     gate = options.gate_images if options.precision == "int8" else options.verify_images
     calibration, val = run_data(
-        manifest, config or {}, options.data, max(gate, options.verify_images), options.calibration_images
+        manifest,
+        config or {},
+        options.data,
+        max(gate, options.verify_images),
+        options.calibration_images,
+        labelled_limit=options.baseline_images,
     )
     with tempfile.TemporaryDirectory(prefix="tlserve-export-") as work:
         traced = Path(work) / "traced.onnx"
@@ -159,7 +166,8 @@ def export_model(
         version = resolve_version(repository, name, version)
         verification = {"images": val.source, **{v.file_name: v.verification for v in variants}}
         provenance = {**manifest.provenance, "export": export_provenance(options, source or {}, verification)}
-        base = manifest.replace(name=name, version=version, provenance=provenance)
+        baseline = confidence_baseline(variants[0].path, graph, val, manifest.labels)
+        base = manifest.replace(name=name, version=version, provenance=provenance, baseline=baseline)
         files = {v.file_name: sealed(v, base.replace(precision=v.precision)) for v in variants}
         files[MANIFEST_FILE] = sidecar(base.replace(precision=variants[0].precision))
         target = publish(repository, name, version, files)

@@ -33,14 +33,19 @@ class Int8Report:
         return asdict(self)
 
 
-def predictions(session: ort.InferenceSession, inputs: np.ndarray, batch: int = 64) -> np.ndarray:
+def probabilities(session: ort.InferenceSession, inputs: np.ndarray, batch: int = 64) -> np.ndarray:
+    """[N, C] float32 probabilities of ``session`` over ``inputs``, ``batch`` rows at a time."""
     name = session.get_inputs()[0].name
     return np.concatenate(
         [
-            session.run(["probabilities"], {name: inputs[i : i + batch]})[0].argmax(1)
+            session.run(["probabilities"], {name: inputs[i : i + batch]})[0].astype(np.float32)
             for i in range(0, len(inputs), batch)
         ]
     )
+
+
+def predictions(session: ort.InferenceSession, inputs: np.ndarray, batch: int = 64) -> np.ndarray:
+    return probabilities(session, inputs, batch).argmax(1)
 
 
 def speed_ratio(fp32: Path, int8: Path, inputs: np.ndarray, batch: int = 8, rounds: int = 7) -> float:

@@ -96,11 +96,16 @@ def folder_splits(
     )
 
 
+def demo_labelled(manifest: Manifest) -> bool:
+    """Whether the model's labels are the embedded demo data's (in order)."""
+    demo_labels = tuple(folder_name(str(label)) for label in load_arrays()["labels"])
+    return tuple(folder_name(label) for label in manifest.labels) == demo_labels
+
+
 def demo_split(split: str, manifest: Manifest, limit: int | None) -> Samples:
     """A split of the embedded demo data; labelled when the model's labels are the demo's."""
     arrays = load_arrays()
-    demo_labels = tuple(folder_name(str(label)) for label in arrays["labels"])
-    labelled = tuple(folder_name(label) for label in manifest.labels) == demo_labels
+    labelled = demo_labelled(manifest)
     index = spread(len(arrays[f"{split}_x"]), limit)
     images = (Image.fromarray(arrays[f"{split}_x"][i]) for i in index)
     targets = arrays[f"{split}_y"][index].astype(np.int64) if labelled else None
@@ -147,16 +152,26 @@ def concat(parts: Sequence[Samples | None]) -> Samples:
 
 
 def run_data(
-    manifest: Manifest, config: dict, data: str | os.PathLike | None, val_limit: int | None, train_limit: int | None
+    manifest: Manifest,
+    config: dict,
+    data: str | os.PathLike | None,
+    val_limit: int | None,
+    train_limit: int | None,
+    labelled_limit: int | None = None,
 ) -> tuple[Samples, Samples]:
     """(calibration, validation) images for a model: the run's data folder when it can be found,
-    else the embedded demo data (labelled only when the labels match) plus bundled photos."""
+    else the embedded demo data (labelled only when the labels match) plus bundled photos.
+
+    Validation images that carry the model's own labels are read up to the larger of ``val_limit`` and
+    ``labelled_limit`` (the drift baseline wants more of them than verification does)."""
+    wider = None if val_limit is None or labelled_limit is None else max(val_limit, labelled_limit)
     folder = data or config.get("data")
     if folder and Path(folder).is_dir():
-        return folder_splits(folder, manifest, config, val_limit, train_limit)
+        return folder_splits(folder, manifest, config, wider, train_limit)
     if folder:
         log.warning("data folder %s not found: verifying on the embedded demo data and bundled photos", folder)
-    val = demo_split("val", manifest, val_limit)
-    if not val.labelled:
-        val = concat([val, photos(manifest.preprocessing)])
+    if demo_labelled(manifest):
+        val = demo_split("val", manifest, wider)
+    else:
+        val = concat([demo_split("val", manifest, val_limit), photos(manifest.preprocessing)])
     return demo_split("train", manifest, train_limit), val

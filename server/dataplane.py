@@ -3,8 +3,9 @@
 Servicers convert their protobuf to these calls and the answers back (MLServer's
 ``handlers/dataplane.py`` is the pattern). Here, and only here: find the model, hold exactly one
 lease on it per request (so unloading waits for the request, decoding included), decode and
-preprocess images, check the model's input, infer, and select top-k, embeddings or the outputs
-asked for. Every refusal is a :mod:`tlserve.server.errors` exception.
+preprocess images, check the model's input, infer, record the predictions it serves (the
+version's prediction metrics, predictions.py), and select top-k, embeddings or the outputs asked for.
+Every refusal is a :mod:`tlserve.server.errors` exception.
 """
 
 from __future__ import annotations
@@ -98,7 +99,9 @@ class DataPlane:
         """The ``k`` (at least 1) most likely labels of each image."""
         with model.lease():
             outputs = await self._infer_images(model, images, deadline)
-        return self._top_k(model, outputs[model.manifest.outputs.probabilities], k or 1)
+            probabilities = outputs[model.manifest.outputs.probabilities]
+            model.predictions.record(probabilities)
+        return self._top_k(model, probabilities, k or 1)
 
     async def embed(
         self, model: ServedModel, images: Sequence[ImageInput], deadline: float | None = None
@@ -128,10 +131,13 @@ class DataPlane:
     ) -> dict[str, Answer]:
         """The graph on the caller's own input tensors: each requested output (every output when
         none is), as a tensor or, when it asks for classes, its top classes."""
+        predicted = (model.manifest.outputs.probabilities, model.manifest.outputs.logits)
         with model.lease():
             batch = self._checked_input(model, inputs)
             wanted = self._checked_outputs(model, requested)
             outputs = await model.infer(batch, deadline)
+            if any(o.name in predicted for o in wanted):
+                model.predictions.record(outputs[model.manifest.outputs.probabilities])
         return {
             o.name: self._top_k(model, outputs[o.name], o.classes) if o.classes else outputs[o.name] for o in wanted
         }

@@ -28,6 +28,7 @@ class LoadOptions:
     runtime: RuntimeOptions
     batching: BatchingOptions
     health: HealthOptions = field(default_factory=HealthOptions)
+    max_label_metrics: int = 64  # Settings' default: per-label prediction series for at most this many labels
 
 
 def public_reason(exc: BaseException) -> str:
@@ -69,6 +70,16 @@ def load_version(
             name,
             version,
         )
-    model = ServedModel(name, version, runtime, manifest, options.batching, executor, metrics, options.health)
+    model = ServedModel(
+        name,
+        version,
+        runtime,
+        manifest,
+        options.batching,
+        executor,
+        metrics,
+        options.health,
+        max_label_metrics=options.max_label_metrics,
+    )
     model.warm_up()
     return model

@@ -7,6 +7,8 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
 LATENCY_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
 BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256)
+# top-1 probabilities: coarse below 0.5 (1/C is the floor), fine near 1 where a healthy classifier lives
+CONFIDENCE_BUCKETS = (0.05, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.85, 0.9, 0.95, 0.975, 0.99, 0.999)
 
 
 class Metrics:
@@ -83,6 +85,31 @@ class Metrics:
         )
         self.cuda_fallback = Gauge(
             "tlserve_cuda_fallback", "1 when CUDA was asked for and the CPU is in use", ("model",), registry=registry
+        )
+        self.prediction_confidence = Histogram(
+            "tlserve_prediction_confidence",
+            "Top-1 probability of every served prediction",
+            ("model", "version"),
+            buckets=CONFIDENCE_BUCKETS,
+            registry=registry,
+        )
+        self.predictions = Counter(
+            "tlserve_predictions",
+            "Served predictions by top-1 label (only for models with at most --max-label-metrics labels)",
+            ("model", "version", "label"),
+            registry=registry,
+        )
+        self.confidence_baseline = Gauge(
+            "tlserve_confidence_baseline",
+            "Top-1 probability at each quantile on the validation split, from the model's manifest",
+            ("model", "version", "quantile_level"),
+            registry=registry,
+        )
+        self.prediction_share_baseline = Gauge(
+            "tlserve_prediction_share_baseline",
+            "Share of validation images predicted as each label, from the manifest (--max-label-metrics applies)",
+            ("model", "version", "label"),
+            registry=registry,
         )
         self.auth_refusals = Counter(
             "tlserve_auth_refusals",

@@ -21,6 +21,7 @@ from tlserve.server.batcher import Batcher, BatchingOptions, Outputs
 from tlserve.server.errors import DeadlineExceeded, Unavailable
 from tlserve.server.metrics import Metrics
 from tlserve.server.model_health import HealthOptions, ModelHealth
+from tlserve.server.predictions import PredictionMetrics
 from tlserve.server.runtime import Runtime
 
 log = logging.getLogger(__name__)
@@ -39,6 +40,8 @@ class ServedModel:
         executor: Executor,
         metrics: Metrics,
         health: HealthOptions | None = None,
+        *,
+        max_label_metrics: int = 64,
     ) -> None:
         self.name = name
         self.version = version
@@ -48,6 +51,7 @@ class ServedModel:
         self._metrics = metrics
         self.health = ModelHealth(name, version, health or HealthOptions(), self._probe, metrics)
         self._batcher = Batcher(name, self._run, batching, executor, metrics, monitor=self.health)
+        self.predictions = PredictionMetrics(metrics, name, version, manifest, max_label_metrics)
         self._leases = 0
         self._idle = asyncio.Event()
         self._idle.set()

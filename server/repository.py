@@ -56,6 +56,7 @@ class RepositoryOptions:
                 runtime=RuntimeOptions.from_settings(settings),
                 batching=BatchingOptions.from_settings(settings),
                 health=HealthOptions.from_settings(settings),
+                max_label_metrics=settings.max_label_metrics,
             ),
             policy=settings.version_policy,
             drain_seconds=settings.drain_seconds,
@@ -284,6 +285,7 @@ class ModelRepository:
             return
         old = self._models[name][version]
         self._metrics.model_info.remove(name, version, old.provider, old.manifest.precision)
+        old.predictions.detach()  # the new file's manifest may carry another baseline, other labels
         self._serve(model, version_dir.signature)
         self._refused.pop((name, version), None)
         self._metrics.model_file_changed.labels(name, version, "reloaded").inc()
@@ -299,6 +301,7 @@ class ModelRepository:
         self._metrics.model_ready.labels(name, version).set(1)
         self._metrics.model_info.labels(name, version, model.provider, model.manifest.precision).set(1)
         self._metrics.cuda_fallback.labels(name).set(1 if model.runtime.fallback else 0)
+        model.predictions.attach()
 
     def _serving(self, model: ServedModel) -> bool:
         """Whether ``model`` is the copy of its version that takes requests (not an old one draining)."""
@@ -316,6 +319,7 @@ class ModelRepository:
         self._refused.pop((name, version), None)
         self._metrics.model_ready.labels(name, version).set(0)
         self._metrics.model_info.remove(name, version, model.provider, model.manifest.precision)
+        model.predictions.detach()
         await self._notify()
         await self._drain(model)
         log.info("model %s/%s unloaded", name, version)

@@ -214,6 +214,11 @@ class Settings:
     )
     reflection: bool = setting(True, "serve gRPC server reflection (`--no-reflection` turns it off)")
     public_reflection: bool = setting(False, "with `--token-file`, reflection answers without a token")
+    max_label_metrics: int = setting(
+        64,
+        "export `tlserve_predictions_total` (one series per label) only for models with at most this many labels "
+        "(0 = never); the confidence histogram is exported for every model",
+    )
     health_port: int = setting(
         -1,
         "an extra plaintext port serving only `grpc.health.v1.Health`, for kubelet gRPC probes (they cannot speak "
@@ -233,7 +238,7 @@ class Settings:
                 raise ValueError(f"--{name.replace('_', '-')} must be >= 1; got {getattr(self, name)}")
         not_negative = "max_concurrent_rpcs keepalive_min_ping_interval_ms keepalive_max_ping_strikes"
         not_negative += " max_connection_age_ms max_connection_age_grace_ms decode_threads intra_op_threads"
-        not_negative += " unhealthy_after_failures inference_timeout_seconds drain_seconds"
+        not_negative += " unhealthy_after_failures inference_timeout_seconds drain_seconds max_label_metrics"
         for name in not_negative.split():
             if getattr(self, name) < 0:
                 raise ValueError(f"--{name.replace('_', '-')} must be >= 0; got {getattr(self, name)}")

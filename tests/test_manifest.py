@@ -119,3 +119,52 @@ def test_a_manifest_written_before_calibration_existed_still_loads():
 def test_a_malformed_calibration_is_refused(calibration, message):
     with pytest.raises(ManifestError, match=message):
         Manifest.from_dict({**json.loads(make().to_json()), "calibration": calibration})
+
+
+def baseline_data(**changes):
+    base = {
+        "images": 200,
+        "quantiles": {"0.05": 0.41, "0.1": 0.52, "0.5": 0.93, "0.9": 0.999},
+        "class_share": {"cat": 0.5, "dog": 0.3, "bird": 0.2},
+        "split": "pets (val)",
+    }
+    base.update(changes)
+    return base
+
+
+def test_baseline_round_trips_and_is_optional():
+    from tlserve.manifest import Baseline
+
+    watched = make(baseline=Baseline(**baseline_data()))
+    data = json.loads(watched.to_json())
+    assert data["baseline"]["quantiles"]["0.1"] == 0.52 and data["baseline"]["class_share"]["dog"] == 0.3
+    assert data["schema_version"] == 1  # an optional field, like calibration
+    assert Manifest.from_metadata({METADATA_KEY: watched.to_json()}) == watched
+    assert "baseline" not in json.loads(make().to_json())
+
+
+def test_a_manifest_written_before_the_baseline_existed_still_loads():
+    old = json.loads(make().to_json())
+    assert Manifest.from_dict(old).baseline is None
+    assert Manifest.from_dict({**old, "baseline": None}) == make()
+
+
+@pytest.mark.parametrize(
+    "changes, message",
+    [
+        ({"quantiles": {"0.1": 0.9, "0.5": 0.5}}, "grow with the quantile"),
+        ({"quantiles": {"0.1": 1.5}}, r"lie in \[0, 1\]"),
+        ({"quantiles": {"median": 0.5}}, "quantile names"),
+        ({"quantiles": {"1.5": 0.5}}, "quantile names"),
+        ({"quantiles": {}}, "must not be empty"),
+        ({"class_share": {"cat": 0.5, "dog": 0.3, "bird": 0.3}}, "sum to 1"),
+        ({"class_share": {"cat": 0.5, "dog": 0.5}}, "every label"),
+        ({"class_share": {"cat": 0.5, "dog": 0.3, "bird": 0.1, "fish": 0.1}}, "every label"),
+        ({"images": 0}, "positive integer"),
+        ({"quantiles": ["0.1"]}, "malformed"),
+        ({"unknown": 1}, "malformed"),
+    ],
+)
+def test_a_malformed_baseline_is_refused(changes, message):
+    with pytest.raises(ManifestError, match=message):
+        Manifest.from_dict({**json.loads(make().to_json()), "baseline": baseline_data(**changes)})

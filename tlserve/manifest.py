@@ -19,6 +19,8 @@ INTERPOLATIONS = ("nearest", "bilinear", "bicubic")
 INPUT_DTYPES = ("uint8", "float32", "float16")
 PRECISIONS = ("fp32", "fp16", "int8")
 CALIBRATION_METHODS = ("temperature",)
+BASELINE_QUANTILES = ("0.05", "0.1", "0.25", "0.5", "0.75", "0.9", "0.95")  # what export writes
+SHARE_TOLERANCE = 1e-3  # class shares are rounded: their sum may miss 1 by this much
 
 
 class ManifestError(ValueError):
@@ -97,6 +99,46 @@ class Calibration:
 
 
 @dataclass(frozen=True)
+class Baseline:
+    """What the published graph predicts on the validation split, for watching drift in production.
+
+    ``quantiles`` maps a quantile ("0.1") to the top-1 confidence (the highest probability of an image)
+    at that quantile over ``images`` validation images; ``class_share`` maps every label to the share of
+    those images predicted as it. ``split`` names the images (e.g. "flowers (val)").
+    """
+
+    images: int
+    quantiles: Mapping[str, float]
+    class_share: Mapping[str, float]
+    split: str = "val"
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "quantiles", {str(q): float(v) for q, v in dict(self.quantiles).items()})
+        object.__setattr__(self, "class_share", {str(k): float(v) for k, v in dict(self.class_share).items()})
+        if not isinstance(self.images, int) or self.images < 1:
+            raise ManifestError(f"baseline images must be a positive integer, got {self.images!r}")
+        levels = sorted((_quantile_level(q), v) for q, v in self.quantiles.items())
+        if not levels:
+            raise ManifestError("baseline quantiles must not be empty")
+        values = [v for _, v in levels]
+        if any(not 0.0 <= v <= 1.0 for v in values) or values != sorted(values):
+            raise ManifestError(f"baseline confidences must lie in [0, 1] and grow with the quantile, got {values}")
+        shares = list(self.class_share.values())
+        if any(not 0.0 <= v <= 1.0 for v in shares) or abs(sum(shares) - 1.0) > SHARE_TOLERANCE:
+            raise ManifestError("baseline class shares must lie in [0, 1] and sum to 1")
+
+
+def _quantile_level(text: str) -> float:
+    try:
+        level = float(text)
+    except ValueError:
+        level = float("nan")
+    if not 0.0 < level < 1.0:
+        raise ManifestError(f"baseline quantile names must be numbers in (0, 1) such as '0.1', got {text!r}")
+    return level
+
+
+@dataclass(frozen=True)
 class Manifest:
     """Everything a server needs to know about one model file."""
 
@@ -111,6 +153,7 @@ class Manifest:
     provenance: Mapping[str, Any] = field(default_factory=dict)
     schema_version: int = SCHEMA_VERSION
     calibration: Calibration | None = None  # optional: absent in uncalibrated and older model files
+    baseline: Baseline | None = None  # optional: absent without labelled validation images and in older files
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "labels", tuple(str(label) for label in self.labels))
@@ -128,6 +171,8 @@ class Manifest:
             raise ManifestError("labels must be unique")
         if self.precision not in PRECISIONS:
             raise ManifestError(f"precision must be one of {PRECISIONS}, got {self.precision!r}")
+        if self.baseline is not None and set(self.baseline.class_share) != set(self.labels):
+            raise ManifestError("baseline class shares must name every label, and only labels")
 
     @property
     def num_classes(self) -> int:
@@ -137,10 +182,11 @@ class Manifest:
         return dataclasses.replace(self, **changes)
 
     def to_dict(self) -> dict[str, Any]:
-        """Plain data; ``calibration`` only when there is one, so uncalibrated manifests read as before."""
+        """Plain data; ``calibration`` and ``baseline`` only when there is one, so older readers see no change."""
         body = dataclasses.asdict(self)
-        if body["calibration"] is None:
-            del body["calibration"]
+        for optional in ("calibration", "baseline"):
+            if body[optional] is None:
+                del body[optional]
         return body
 
     def to_json(self, indent: int | None = None) -> str:
@@ -154,6 +200,8 @@ class Manifest:
             body["outputs"] = Outputs(**body.get("outputs", {}))
             if body.get("calibration") is not None:
                 body["calibration"] = Calibration(**body["calibration"])
+            if body.get("baseline") is not None:
+                body["baseline"] = Baseline(**body["baseline"])
             return cls(**body)
         except ManifestError:
             raise

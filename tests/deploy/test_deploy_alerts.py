@@ -12,8 +12,10 @@ from deploy_helpers import REPO, contract_metrics, helm_template, metrics_in, ru
 pytestmark = pytest.mark.tools
 
 RULE_TESTS = REPO / "deploy" / "prometheus" / "alerts_test.yaml"
-# what the alerts must cover: error ratio, p99 latency, queue saturation, model not ready, CUDA fallback
+# what the alerts must cover: error ratio, p99 latency, queue saturation, model not ready, CUDA fallback,
+# confidence drift
 REQUIRED = {
+    "TlserveConfidenceDrift",
     "TlserveHighErrorRatio",
     "TlserveHighP99Latency",
     "TlserveQueueSaturated",
@@ -61,6 +63,21 @@ def test_thresholds_come_from_values(promtool, helm, tmp_path):
     proc = run([promtool, "test", "rules", RULE_TESTS.name], cwd=tmp_path, check=False)
     assert proc.returncode != 0
     assert "alertname: TlserveHighErrorRatio" in proc.stdout + proc.stderr
+
+
+@pytest.mark.parametrize(
+    "value",
+    [
+        "prometheusRule.confidenceDriftBaselineQuantile=0.05",  # a baseline of 0.15: the median 0.2 is above it
+        "prometheusRule.confidenceDriftFor=1h",  # not yet firing at the unit test's 45 minutes
+    ],
+)
+def test_confidence_drift_quantile_and_duration_come_from_values(promtool, helm, tmp_path, value):
+    (tmp_path / "alerts.rules.yaml").write_text(yaml.safe_dump(render_rules(helm, "--set", value)))
+    shutil.copy(RULE_TESTS, tmp_path / RULE_TESTS.name)
+    proc = run([promtool, "test", "rules", RULE_TESTS.name], cwd=tmp_path, check=False)
+    assert proc.returncode != 0
+    assert "alertname: TlserveConfidenceDrift" in proc.stdout + proc.stderr
 
 
 def test_every_alert_is_required_or_known_and_unit_tested(helm):

@@ -120,10 +120,24 @@ def write_with_manifest(src_model: Path, dst_model: Path, **changes) -> Path:
     model = onnx.load(str(src_model))
     for prop in model.metadata_props:
         if prop.key == METADATA_KEY:
-            prop.value = Manifest.from_json(prop.value).replace(**changes).to_json()
+            manifest = Manifest.from_json(prop.value)
+            if "labels" in changes and "baseline" not in changes:
+                changes["baseline"] = relabelled(manifest, changes["labels"])
+            prop.value = manifest.replace(**changes).to_json()
     dst_model.parent.mkdir(parents=True, exist_ok=True)
     onnx.save(model, str(dst_model))
     return dst_model
+
+
+def relabelled(manifest, labels):
+    """The manifest's baseline with its class shares under new labels (by index); None for another label count."""
+    import dataclasses
+
+    baseline = manifest.baseline
+    if baseline is None or len(labels) != manifest.num_classes:
+        return None
+    shares = [baseline.class_share[label] for label in manifest.labels]
+    return dataclasses.replace(baseline, class_share=dict(zip(labels, shares)))
 
 
 class Hammer:

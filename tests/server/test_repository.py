@@ -245,3 +245,8 @@ def test_a_changed_file_under_a_loaded_version_is_reloaded_or_refused_loudly(
     assert server.metric("tlserve_model_file_changed_total", model=MODEL, version="1", action="refused") == 1
     assert server.metric("tlserve_model_ready", model=MODEL, version="1") == 1
     assert status(server, f"tlserve.model.{MODEL}") == SERVING
+    # the prediction series follow the file that serves: its labels, its baseline
+    assert server.metric("tlserve_predictions_total", model=MODEL, version="1", label=before.labels[0]) is None
+    assert server.metric("tlserve_predictions_total", model=MODEL, version="1", label=renamed[0]) is not None
+    assert server.metric("tlserve_prediction_share_baseline", model=MODEL, version="1", label=renamed[0]) is not None
+    assert server.metric("tlserve_prediction_confidence_count", model=MODEL, version="1") is not None
