@@ -42,6 +42,15 @@ def read_idx(path: Path) -> np.ndarray:
     return np.frombuffer(data, dtype=np.uint8, offset=4 + 4 * dims).reshape(shape)
 
 
+def load_arrays() -> dict[str, np.ndarray]:
+    return {
+        "train_x": read_idx(SOURCE / "train-images-idx3-ubyte.gz"),
+        "train_y": read_idx(SOURCE / "train-labels-idx1-ubyte.gz"),
+        "test_x": read_idx(SOURCE / "t10k-images-idx3-ubyte.gz"),
+        "test_y": read_idx(SOURCE / "t10k-labels-idx1-ubyte.gz"),
+    }
+
+
 def per_class_indices(labels: np.ndarray, n: int, rng: np.random.Generator, exclude=frozenset()) -> list[int]:
     chosen = []
     for c in range(len(LABELS)):
@@ -160,12 +169,7 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.WARNING, stream=sys.stderr)
     args.work.mkdir(parents=True, exist_ok=True)
     results = json.loads(args.json.read_text()) if args.json.exists() else {}
-    arrays = {
-        "train_x": read_idx(SOURCE / "train-images-idx3-ubyte.gz"),
-        "train_y": read_idx(SOURCE / "train-labels-idx1-ubyte.gz"),
-        "test_x": read_idx(SOURCE / "t10k-images-idx3-ubyte.gz"),
-        "test_y": read_idx(SOURCE / "t10k-labels-idx1-ubyte.gz"),
-    }
+    arrays = load_arrays()
     for n in args.sizes:
         for seed in args.seeds:
             data = make_dataset(args.work, n, seed, arrays)
