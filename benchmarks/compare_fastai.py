@@ -75,6 +75,7 @@ def ensure_venv(venv: Path) -> Path:
 
 def fastai_worker(data: Path, seed: int, per_class: int, image_size: int, threads: int) -> dict:
     """One fastai run (inside the fastai venv): fine_tune with the grid's epochs and batch size."""
+    import fastai
     import torch
     from fastai.vision.all import (
         FlipItem,
@@ -118,8 +119,16 @@ def fastai_worker(data: Path, seed: int, per_class: int, image_size: int, thread
     test = learn.dls.test_dl(get_image_files(data / "test"), with_labels=True)  # the valid pipeline: centre crop
     with learn.no_bar(), learn.no_logging():
         learn.fine_tune(sched["epochs"] - 1)
+        epochs = 1 + learn.n_epoch  # fine_tune's frozen epoch and the unfrozen ones
         _, test_accuracy = learn.validate(dl=test)
-    return {"test_accuracy": round(float(test_accuracy), 4), "seconds": round(time.perf_counter() - started, 1)}
+    normalised = any(type(t).__name__ == "Normalize" for t in learn.dls.after_batch)
+    return {
+        "test_accuracy": round(float(test_accuracy), 4),
+        "seconds": round(time.perf_counter() - started, 1),
+        "fastai": fastai.__version__,
+        "imagenet_normalised": normalised,
+        "epochs": epochs,
+    }
 
 
 def table(results: dict, sizes: list[int], seeds: list[int]) -> str:
