@@ -30,7 +30,8 @@ import numpy as np
 SOURCE = Path("/usr/share/datasets/fashion-mnist")
 LABELS = ("T-shirt_top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt", "Sneaker", "Bag", "Ankle_boot")
 VAL_PER_CLASS = 10
-STRATEGIES = ("feature-extract", "two-phase", "finetune", "scratch", "auto")
+STRATEGIES = ("two-phase", "auto", "feature-extract", "finetune", "scratch")  # the order runs go in
+TABLE_ORDER = ("feature-extract", "two-phase", "finetune", "scratch", "auto")
 
 
 def read_idx(path: Path) -> np.ndarray:
@@ -39,6 +40,15 @@ def read_idx(path: Path) -> np.ndarray:
     dims = data[3]
     shape = tuple(int.from_bytes(data[4 + 4 * i : 8 + 4 * i], "big") for i in range(dims))
     return np.frombuffer(data, dtype=np.uint8, offset=4 + 4 * dims).reshape(shape)
+
+
+def load_arrays() -> dict[str, np.ndarray]:
+    return {
+        "train_x": read_idx(SOURCE / "train-images-idx3-ubyte.gz"),
+        "train_y": read_idx(SOURCE / "train-labels-idx1-ubyte.gz"),
+        "test_x": read_idx(SOURCE / "t10k-images-idx3-ubyte.gz"),
+        "test_y": read_idx(SOURCE / "t10k-labels-idx1-ubyte.gz"),
+    }
 
 
 def per_class_indices(labels: np.ndarray, n: int, rng: np.random.Generator, exclude=frozenset()) -> list[int]:
@@ -94,7 +104,6 @@ def run_one(data: Path, out: Path, strategy: str, seed: int, per_class: int, ima
         seed=seed,
         image_size=image_size,
         progress="off",
-        auto_epochs=2,
         threads=2,
         **schedule(per_class),
     )
@@ -105,7 +114,8 @@ def run_one(data: Path, out: Path, strategy: str, seed: int, per_class: int, ima
         from tlserve.trainer import checkpoint
 
         prov = checkpoint.load(out / "checkpoint.pt").manifest.provenance
-        ckpt_auto = {k: prov["auto"].get(k) for k in ("choice", "scenario", "probe_accuracy", "finetune_accuracy")}
+        keys = ("choice", "scenario", "holdout", "probe_accuracy", "two_phase_accuracy", "probe_only", "two_phase_only")
+        ckpt_auto = {k: prov["auto"].get(k) for k in (*keys, "z")}
     return {
         "test_accuracy": summary["test_accuracy"],
         "seconds": round(time.perf_counter() - started, 1),
@@ -114,27 +124,35 @@ def run_one(data: Path, out: Path, strategy: str, seed: int, per_class: int, ima
     }
 
 
+def mean_of(results: dict, strategy: str, n: int, seeds: list[int]) -> tuple[list[float], float | None]:
+    accs = [results[k]["test_accuracy"] for s in seeds if (k := f"{strategy}/{n}/{s}") in results]
+    return accs, (statistics.mean(accs) if accs else None)
+
+
 def table(results: dict, sizes: list[int], seeds: list[int]) -> str:
     head = "| strategy | " + " | ".join(f"{n}/class" for n in sizes) + " |"
     lines = [head, "|---|" + "---:|" * len(sizes)]
-    for strategy in STRATEGIES:
+    for strategy in TABLE_ORDER:
         cells = []
         for n in sizes:
-            accs = [results[k]["test_accuracy"] for s in seeds if (k := f"{strategy}/{n}/{s}") in results]
-            if not accs:
+            accs, mean = mean_of(results, strategy, n, seeds)
+            if mean is None:
                 cells.append("–")
                 continue
             std = statistics.stdev(accs) if len(accs) > 1 else 0.0
-            cells.append(
-                f"{statistics.mean(accs):.3f} ± {std:.3f}" + ("" if len(accs) == len(seeds) else f" (n={len(accs)})")
-            )
+            cells.append(f"{mean:.3f} ± {std:.3f}" + ("" if len(accs) == len(seeds) else f" (n={len(accs)})"))
         name = "auto (its choice)" if strategy == "auto" else strategy
         lines.append(f"| {name} | " + " | ".join(cells) + " |")
-    choices = []
+    choices, gaps = [], []
     for n in sizes:
         picked = [results[k]["chosen"] for s in seeds if (k := f"auto/{n}/{s}") in results]
         choices.append(", ".join(f"{c} x{picked.count(c)}" for c in sorted(set(picked))) or "–")
+        fixed = {s: m for s in TABLE_ORDER[:-1] if (m := mean_of(results, s, n, seeds)[1]) is not None}
+        auto = mean_of(results, "auto", n, seeds)[1]
+        best = max(fixed, key=lambda s: fixed[s]) if fixed else None
+        gaps.append(f"{auto - fixed[best]:+.3f} (vs {best})" if best and auto is not None else "–")
     lines.append("| auto chose | " + " | ".join(choices) + " |")
+    lines.append("| auto − best fixed | " + " | ".join(gaps) + " |")
     return "\n".join(lines)
 
 
@@ -151,12 +169,7 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.WARNING, stream=sys.stderr)
     args.work.mkdir(parents=True, exist_ok=True)
     results = json.loads(args.json.read_text()) if args.json.exists() else {}
-    arrays = {
-        "train_x": read_idx(SOURCE / "train-images-idx3-ubyte.gz"),
-        "train_y": read_idx(SOURCE / "train-labels-idx1-ubyte.gz"),
-        "test_x": read_idx(SOURCE / "t10k-images-idx3-ubyte.gz"),
-        "test_y": read_idx(SOURCE / "t10k-labels-idx1-ubyte.gz"),
-    }
+    arrays = load_arrays()
     for n in args.sizes:
         for seed in args.seeds:
             data = make_dataset(args.work, n, seed, arrays)

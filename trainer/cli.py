@@ -81,13 +81,12 @@ def _train_arguments(p: argparse.ArgumentParser) -> None:
     opt("--threads", type=int, help="torch CPU threads (default: CPUs / processes)")
     opt("--device", choices=("auto", "cpu", "cuda"), help="auto: CUDA when there is one")
     opt("--resume", action="store_true", default=None, help="continue from OUT/last.pt")
-    opt("--auto-epochs", type=int, help="auto: epochs of the quick probe and fine-tune")
     opt(
-        "--auto-small-per-class",
+        "--auto-epochs",
         type=int,
-        help="auto: fewer images per class than this is 'small'",
+        help="auto: epochs of the two-phase rehearsal (default: the run's own --epochs/--head-epochs)",
     )
-    opt("--auto-margin", type=float, help="auto: probe within this of the fine-tune is 'similar'")
+    opt("--auto-margin", type=float, help="auto: the probe must beat the rehearsal by more than this")
     opt(
         "--calibrate",
         choices=CALIBRATE,

@@ -71,8 +71,7 @@ class TrainConfig:
     device: str = "auto"
     resume: bool = False
     # auto strategy
-    auto_epochs: int = 2
-    auto_small_per_class: int = 100
+    auto_epochs: int | None = None  # None: the rehearsal runs the run's own --epochs/--head-epochs
     auto_margin: float = 0.02
     # after training: temperature scaling on val (folded into the exported graph), or off
     calibrate: str = "temperature"
@@ -94,6 +93,8 @@ class TrainConfig:
             raise ValueError(f"head_epochs must be within 0..epochs, got {self.head_epochs}/{self.epochs}")
         if self.epochs < 1 or self.batch_size < 1:
             raise ValueError("epochs and batch_size must be >= 1")
+        if self.auto_epochs is not None and self.auto_epochs < 2:
+            raise ValueError(f"auto_epochs must be >= 2 (a head phase and a fine-tuning phase), got {self.auto_epochs}")
 
     def replace(self, **changes: Any) -> TrainConfig:
         return dataclasses.replace(self, **changes)

@@ -223,6 +223,7 @@ def _run(cfg: TrainConfig, dist: DistContext) -> dict[str, Any]:
     evidence = (resume or {}).get("auto")
     if cfg.strategy == "auto" and evidence is None:
         evidence = choose_strategy(cfg, splits, pre, rt, dist)
+        seed_everything(derive(cfg.seed))  # the choice trains exactly as a run that named it
     strategy = evidence["choice"] if cfg.strategy == "auto" else cfg.strategy
     weights = start_weights(strategy, cfg.weights)
     model, model_config = build_model(cfg.arch, len(splits.classes), weights, cfg.head, cfg.dropout, pre.input_size)
