@@ -37,11 +37,11 @@ class RequestLog:
     def __init__(self, policy: str = "failed") -> None:
         if policy not in POLICIES:
             raise ValueError(f"request log policy must be one of {', '.join(POLICIES)}; got {policy!r}")
-        self._failed = policy != "none"
-        self._all = policy == "all"
+        self.failed = policy != "none"  # failed calls are logged
+        self.all = policy == "all"  # so are the others
 
     def wants(self, code: grpc.StatusCode) -> bool:
-        return self._all or (self._failed and code is not grpc.StatusCode.OK)
+        return self.all or (self.failed and code is not grpc.StatusCode.OK)
 
     def write(self, context: grpc.aio.ServicerContext, rpc: str, call: RpcCall, trace_id: str) -> None:
         fields: dict[str, object] = {

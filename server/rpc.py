@@ -9,6 +9,7 @@ import asyncio
 import contextlib
 import time
 from collections.abc import AsyncIterator
+from contextlib import AbstractAsyncContextManager
 from typing import TYPE_CHECKING
 
 import grpc
@@ -16,7 +17,7 @@ import grpc
 from tlserve.server.errors import to_status
 from tlserve.server.metrics import Metrics
 from tlserve.server.request_log import RequestLog
-from tlserve.server.tracing import NOTHING, Spans
+from tlserve.server.tracing import Spans
 
 if TYPE_CHECKING:
     from tlserve.server.model import ServedModel
@@ -58,13 +59,15 @@ class RpcObserver:
     def __init__(self, metrics: Metrics, spans: Spans | None = None, requests: RequestLog | None = None) -> None:
         self.metrics = metrics
         self.spans = spans or Spans()
+        self._traced = self.spans.enabled  # off: no span is made and no context read
         self._requests = requests or RequestLog()
+        self._log_all, self._log_failed = self._requests.all, self._requests.failed
 
     @contextlib.asynccontextmanager
     async def observe(
         self, context: grpc.aio.ServicerContext, rpc: str, in_band: bool = False
     ) -> AsyncIterator[RpcCall]:
-        """Wrap one call or stream message (a stream message in a span of its own): record it (before
+        """Wrap one call or stream message (see :meth:`message`): record it (before
         the status reaches the caller) and map an error to its status (unknown errors: logged,
         INTERNAL). The error is swallowed and its status set on ``context`` (the handler then returns,
         or a stream handler stops when ``call.error`` is set); with ``in_band`` it is only kept in
@@ -74,26 +77,39 @@ class RpcObserver:
         the call until the cyclic garbage collector runs, and through its traceback every frame of the
         handler, the request message among them (120 MB for a 13 MB typed OIP request)."""
         call = RpcCall()
-        with self.spans.span(f"{rpc} message") if in_band else NOTHING:
-            try:
+        try:
+            yield call
+        except asyncio.CancelledError:
+            call.code = grpc.StatusCode.CANCELLED
+            raise
+        except grpc.aio.AbortError:
+            call.code = context.code() or grpc.StatusCode.UNKNOWN
+            raise
+        except Exception as exc:
+            call.code, call.error = to_status(exc)
+            exc.__traceback__ = None  # the frames down to the raise hold the request: let them go now
+            if not in_band:
+                context.set_code(call.code)
+                context.set_details(call.error)
+        finally:
+            self._ended(context, rpc, call)
+
+    def message(self, context: grpc.aio.ServicerContext, rpc: str) -> AbstractAsyncContextManager[RpcCall]:
+        """:meth:`observe` for one message of a stream that answers errors in-band; traced, each
+        message is a span of its own (``"<rpc> message"``), a child of the stream's."""
+        if not self._traced:
+            return self.observe(context, rpc, in_band=True)
+        return self._traced_message(context, rpc)
+
+    @contextlib.asynccontextmanager
+    async def _traced_message(self, context: grpc.aio.ServicerContext, rpc: str) -> AsyncIterator[RpcCall]:
+        with self.spans.span(f"{rpc} message"):
+            async with self.observe(context, rpc, in_band=True) as call:
                 yield call
-            except asyncio.CancelledError:
-                call.code = grpc.StatusCode.CANCELLED
-                raise
-            except grpc.aio.AbortError:
-                call.code = context.code() or grpc.StatusCode.UNKNOWN
-                raise
-            except Exception as exc:
-                call.code, call.error = to_status(exc)
-                exc.__traceback__ = None  # the frames down to the raise hold the request: let them go now
-                if not in_band:
-                    context.set_code(call.code)
-                    context.set_details(call.error)
-            finally:
-                self._ended(context, rpc, call)
 
     def _ended(self, context: grpc.aio.ServicerContext, rpc: str, call: RpcCall) -> None:
         record_rpc(self.metrics, rpc, call, call.code)
-        self.spans.ended(call)
-        if self._requests.wants(call.code):
+        if self._traced:
+            self.spans.ended(call)
+        if self._log_all or (self._log_failed and call.code is not grpc.StatusCode.OK):
             self._requests.write(context, rpc, call, self.spans.trace_id())

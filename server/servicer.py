@@ -37,7 +37,7 @@ class InferenceServicer(tlserve_pb2_grpc.InferenceServicer):
 
     async def ClassifyStream(self, request_iterator, context: grpc.aio.ServicerContext):
         async for request in request_iterator:
-            async with self._rpc.observe(context, "ClassifyStream", in_band=True) as call:
+            async with self._rpc.message(context, "ClassifyStream") as call:
                 response = await self._classify(request, context, call)
             yield response if call.error is None else pb.ClassifyResponse(error=stream_error(call.code, call.error))
 

@@ -69,7 +69,7 @@ class Spans:
         """A child span of the current one around a ``with`` block."""
         if self._tracer is None:
             return NOTHING
-        return self._tracer.start_as_current_span(name)
+        return self._tracer.start_as_current_span(name, record_exception=False)  # no stack traces to the collector
 
     def annotate(self, key: str, value: int | str) -> None:
         """Set one attribute on the current span."""

@@ -74,7 +74,7 @@ class OipServicer(grpc_service_pb2_grpc.GRPCInferenceServiceServicer):
 
     async def ModelStreamInfer(self, request_iterator, context):
         async for request in request_iterator:
-            async with self._rpc.observe(context, "ModelStreamInfer", in_band=True) as call:
+            async with self._rpc.message(context, "ModelStreamInfer") as call:
                 response = pb.ModelStreamInferResponse(infer_response=await self._infer(request, context, call))
             yield response if call.error is None else pb.ModelStreamInferResponse(error_message=call.error)
 

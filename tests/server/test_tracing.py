@@ -215,6 +215,26 @@ def test_oip_model_infer_is_traced_like_classify(traced, spans):
     assert dict(span.attributes or {})["tlserve.batch_size"] == 1
 
 
+def test_a_call_refused_by_token_auth_is_a_span_with_its_code(repo_copy, tmp_path):
+    tokens = tmp_path / "tokens"
+    tokens.write_text("infer-token-0123456789 infer\n")
+    exporter = InMemorySpanExporter()
+    provider = TracerProvider()
+    provider.add_span_processor(SimpleSpanProcessor(exporter))
+    server = TracedServer(server_settings(repo_copy, tracing=True, token_file=str(tokens)), provider).start()
+    try:
+        caller = Caller()
+        with pytest.raises(grpc.RpcError) as refused:
+            server.stub.ListModels(pb.ListModelsRequest(), metadata=caller.metadata, timeout=30)
+        assert refused.value.code() == grpc.StatusCode.UNAUTHENTICATED
+        span = rpc_span(exporter, "/tlserve.v1.Inference/ListModels", caller.trace_id)
+        assert span.status.status_code is StatusCode.ERROR
+        assert dict(span.attributes or {})["rpc.grpc.status_code"] == grpc.StatusCode.UNAUTHENTICATED.value[0]
+    finally:
+        server.close()
+        provider.shutdown()
+
+
 def test_health_checks_make_no_spans(traced, spans):
     caller = Caller()
     stub = health_pb2_grpc.HealthStub(traced.channel)
