@@ -44,6 +44,12 @@ MODEL, VERSION, BATCH_SIZE, STATUS_CODE = (
 )
 BATCH_ROWS = "tlserve.batch.rows"  # on an inference span: the rows of the whole batch it ran in
 NOTHING: AbstractContextManager[None] = contextlib.nullcontext()
+# the codes that make a server span's status ERROR (OpenTelemetry's gRPC conventions, as the instrumentation
+# applies them): the server's faults; a caller's mistake (INVALID_ARGUMENT, NOT_FOUND...) leaves it unset
+SERVER_ERRORS = frozenset(
+    getattr(grpc.StatusCode, name)
+    for name in ("UNKNOWN", "DEADLINE_EXCEEDED", "UNIMPLEMENTED", "INTERNAL", "UNAVAILABLE", "DATA_LOSS")
+)
 
 
 class TracingUnavailable(Exception):
@@ -69,7 +75,8 @@ class Spans:
         """A child span of the current one around a ``with`` block."""
         if self._tracer is None:
             return NOTHING
-        return self._tracer.start_as_current_span(name, record_exception=False)  # no stack traces to the collector
+        # the status is the RPC span's (see ended()); no stack traces go to the collector
+        return self._tracer.start_as_current_span(name, record_exception=False, set_status_on_exception=False)
 
     def annotate(self, key: str, value: int | str) -> None:
         """Set one attribute on the current span."""
@@ -78,7 +85,8 @@ class Spans:
         self._current_span().set_attribute(key, value)
 
     def ended(self, call: RpcCall) -> None:
-        """The call's model, version and status on the current span (the RPC's, or a stream message's)."""
+        """The call's model, version and code on the current span (the RPC's, or a stream message's);
+        status ERROR for the codes of :data:`SERVER_ERRORS`."""
         if self._tracer is None:
             return
         span = self._current_span()
@@ -86,7 +94,7 @@ class Spans:
             span.set_attribute(MODEL, call.model)
             span.set_attribute(VERSION, call.version)
         span.set_attribute(STATUS_CODE, call.code.value[0])
-        if call.code is not grpc.StatusCode.OK:
+        if call.code in SERVER_ERRORS:
             span.set_status(self._status(self._error, call.code.name))
 
     def batched(self, timings: Sequence[BatchTiming]) -> None:

@@ -26,7 +26,8 @@ from tlserve.server.app import ServerHandle, create_server
 from tlserve.server.pb.inference import grpc_service_pb2_grpc
 from tlserve.server.pb.inference import messages_pb2 as oip
 from tlserve.server.pb.tlserve.v1 import tlserve_pb2 as pb
-from tlserve.server.tracing import TracingUnavailable, start_tracing
+from tlserve.server.rpc import RpcCall
+from tlserve.server.tracing import Spans, TracingUnavailable, start_tracing
 
 CLASSIFY = "/tlserve.v1.Inference/Classify"
 CHILDREN = ["decode", "queue", "inference", "encode"]
@@ -171,7 +172,7 @@ def test_a_failed_call_has_its_status_on_the_span_and_its_trace_id_in_the_log_li
         classify(traced, [pb.Image(encoded=b"not an image")], caller.metadata)
     assert refused.value.code() == grpc.StatusCode.INVALID_ARGUMENT
     span = rpc_span(spans, CLASSIFY, caller.trace_id)
-    assert span.status.status_code is StatusCode.ERROR
+    assert span.status.status_code is StatusCode.UNSET  # the caller's mistake, not the server's fault
     assert dict(span.attributes or {})["rpc.grpc.status_code"] == grpc.StatusCode.INVALID_ARGUMENT.value[0]
     assert [k.name for k in children(spans, span)] == ["decode"]  # refused while decoding: no queue, no inference
     (record,) = [r for r in caplog.records if r.name == "tlserve.server.requests"]
@@ -197,8 +198,7 @@ def test_each_stream_message_is_a_child_span_with_its_own_stages(traced, spans):
     messages = children(spans, stream)
     assert [m.name for m in messages] == ["ClassifyStream message"] * 2
     assert [k.name for k in children(spans, messages[0])] == CHILDREN
-    assert messages[0].status.status_code is not StatusCode.ERROR
-    assert messages[1].status.status_code is StatusCode.ERROR
+    assert dict(messages[0].attributes or {})["rpc.grpc.status_code"] == grpc.StatusCode.OK.value[0]
     assert dict(messages[1].attributes or {})["rpc.grpc.status_code"] == grpc.StatusCode.INVALID_ARGUMENT.value[0]
 
 
@@ -228,11 +228,39 @@ def test_a_call_refused_by_token_auth_is_a_span_with_its_code(repo_copy, tmp_pat
             server.stub.ListModels(pb.ListModelsRequest(), metadata=caller.metadata, timeout=30)
         assert refused.value.code() == grpc.StatusCode.UNAUTHENTICATED
         span = rpc_span(exporter, "/tlserve.v1.Inference/ListModels", caller.trace_id)
-        assert span.status.status_code is StatusCode.ERROR
         assert dict(span.attributes or {})["rpc.grpc.status_code"] == grpc.StatusCode.UNAUTHENTICATED.value[0]
     finally:
         server.close()
         provider.shutdown()
+
+
+@pytest.mark.parametrize(
+    "code, status",
+    [
+        (grpc.StatusCode.OK, StatusCode.UNSET),
+        (grpc.StatusCode.INVALID_ARGUMENT, StatusCode.UNSET),
+        (grpc.StatusCode.RESOURCE_EXHAUSTED, StatusCode.UNSET),
+        (grpc.StatusCode.INTERNAL, StatusCode.ERROR),
+        (grpc.StatusCode.UNAVAILABLE, StatusCode.ERROR),
+        (grpc.StatusCode.DEADLINE_EXCEEDED, StatusCode.ERROR),
+    ],
+)
+def test_a_span_is_an_error_for_the_servers_faults_only(code, status):
+    exporter = InMemorySpanExporter()
+    provider = TracerProvider()
+    provider.add_span_processor(SimpleSpanProcessor(exporter))
+    spans = Spans(provider.get_tracer("test"))
+    call = RpcCall()
+    call.model, call.version, call.code = MODEL, "7", code
+    with spans.span("call"):
+        spans.ended(call)
+    (span,) = exporter.get_finished_spans()
+    assert span.status.status_code is status
+    assert dict(span.attributes or {}) == {
+        "tlserve.model": MODEL,
+        "tlserve.model.version": "7",
+        "rpc.grpc.status_code": code.value[0],
+    }
 
 
 def test_health_checks_make_no_spans(traced, spans):
