@@ -247,7 +247,7 @@ class Batcher:
     async def _execute(self, batch: list[_Request]) -> None:
         rows = sum(r.rows for r in batch)
         self._metrics.batch_size.labels(self.model).observe(rows)
-        started = finished = time.monotonic()
+        started = time.monotonic()
         self._computing = len(batch)
         run = asyncio.get_running_loop().run_in_executor(self._executor, self._run_parts, [r.batch for r in batch])
         try:
