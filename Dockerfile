@@ -27,7 +27,7 @@ ENV PIP_DISABLE_PIP_VERSION_CHECK=1 PIP_NO_CACHE_DIR=1
 COPY --from=source /src /src
 # The serve extra selects onnxruntime-gpu on linux/x86_64; the slim image swaps in the CPU build.
 RUN python -m venv /opt/venv \
- && /opt/venv/bin/pip install --no-cache-dir "/src[serve]" \
+ && /opt/venv/bin/pip install --no-cache-dir "/src[serve,tracing]" \
  && /opt/venv/bin/pip uninstall -y onnxruntime-gpu \
  && /opt/venv/bin/pip install --no-cache-dir "onnxruntime==${ORT_VERSION}" \
  && /opt/venv/bin/python -m compileall -q /opt/venv
@@ -43,7 +43,7 @@ RUN apt-get update \
  && rm -rf /var/lib/apt/lists/*
 COPY --from=source /src /src
 RUN python3 -m venv /opt/venv \
- && /opt/venv/bin/pip install --no-cache-dir "/src[serve]" \
+ && /opt/venv/bin/pip install --no-cache-dir "/src[serve,tracing]" \
  && /opt/venv/bin/python -m compileall -q /opt/venv
 
 # ---------------------------------------------------------------- trainer (optional): torch for cluster jobs

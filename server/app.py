@@ -14,6 +14,7 @@ import functools
 import logging
 import os
 from concurrent.futures import ThreadPoolExecutor
+from typing import TYPE_CHECKING
 
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
@@ -40,11 +41,17 @@ from tlserve.server.pb.tlserve.v1 import tlserve_pb2, tlserve_pb2_grpc
 from tlserve.server.ports import GRPC_OPTIONS, bind_port
 from tlserve.server.preprocess import PNG_TEXT_BYTES, ImageLimits
 from tlserve.server.repository import ModelRepository, ReloadReport, RepositoryOptions
+from tlserve.server.request_log import RequestLog
+from tlserve.server.rpc import RpcObserver
 from tlserve.server.runtime import GPUUnavailable
 from tlserve.server.security import CONFIG_ERRORS, Security
 from tlserve.server.servicer import InferenceServicer
 from tlserve.server.settings import Settings
 from tlserve.server.wire import WireGuard
+from tlserve.server.tracing import TracingUnavailable, start_tracing
+
+if TYPE_CHECKING:
+    from opentelemetry.sdk.trace import TracerProvider
 
 log = logging.getLogger(__name__)
 # the drain's last step (server/drain.py): hold new calls until none came for QUIET_SECONDS (at most
@@ -54,13 +61,20 @@ QUIET_SECONDS, HOLD_LIMIT_SECONDS, RELEASE_DELAY_SECONDS, REFUSAL_GRACE = 0.05, 
 
 
 class ServerHandle:
-    """A built server: ``await start()``, then ``port`` / ``metrics_port``; ``await stop()``."""
+    """A built server: ``await start()``, then ``port`` / ``metrics_port``; ``await stop()``.
+    With ``--tracing``, spans go to ``tracer_provider`` when given, else to one built from ``OTEL_*``."""
 
-    def __init__(self, settings: Settings, registry: CollectorRegistry) -> None:
+    def __init__(
+        self, settings: Settings, registry: CollectorRegistry, tracer_provider: TracerProvider | None = None
+    ) -> None:
         self.settings = settings
         self.registry = registry
         self.metrics = Metrics(registry)
         self.security = Security(settings)  # raises one of CONFIG_ERRORS on unusable TLS or token files
+        self.tracing = start_tracing(settings.tracing, tracer_provider)  # TracingUnavailable without the packages
+        spans = self.tracing.spans if self.tracing is not None else None
+        traced = [self.tracing.interceptor] if self.tracing is not None else []  # outermost: refusals get spans too
+        observer = RpcObserver(self.metrics, spans, RequestLog(settings.log_requests))
         self.health = HealthReporter()
         self.lifecycle = Lifecycle()
         self.gate = DrainGate(self.lifecycle, self.metrics)
@@ -86,6 +100,7 @@ class ServerHandle:
         )
         self.server = grpc.aio.server(
             interceptors=[
+                *traced,
                 *self.security.interceptors(self.metrics),
                 self.gate,
                 WireGuard(settings.max_request_fields, self.metrics),
@@ -93,15 +108,15 @@ class ServerHandle:
             options=grpc_options(settings) + GRPC_OPTIONS,
             maximum_concurrent_rpcs=settings.max_concurrent_rpcs or None,
         )
-        self.dataplane = DataPlane(self.repository, self.decoder)
-        tlserve_pb2_grpc.add_InferenceServicer_to_server(InferenceServicer(self.dataplane, self.metrics), self.server)
+        self.dataplane = DataPlane(self.repository, self.decoder, spans)
+        tlserve_pb2_grpc.add_InferenceServicer_to_server(InferenceServicer(self.dataplane, observer), self.server)
         health_pb2_grpc.add_HealthServicer_to_server(self.health.servicer, self.server)
         self.service_names = [
             tlserve_pb2.DESCRIPTOR.services_by_name["Inference"].full_name,
             health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
         ]
         # further APIs register here (one import + one call each)
-        self.service_names.append(add_oip_service(self.server, self.dataplane, self.metrics, self.health))
+        self.service_names.append(add_oip_service(self.server, self.dataplane, observer, self.health))
         # a private pool, so reflection describes the OIP service too (see tlserve.server.oip.reflection)
         pool = reflection_pool(tlserve_pb2.DESCRIPTOR, health_pb2.DESCRIPTOR, reflection_pb2.DESCRIPTOR)
         if settings.reflection:
@@ -158,10 +173,11 @@ class ServerHandle:
         if self.security.tokens is not None:
             self._token_watch = asyncio.get_running_loop().create_task(self.security.tokens.watch())
         log.info(
-            "serving gRPC on %s:%d (%s), metrics on %s :%d, models %s",
+            "serving gRPC on %s:%d (%s, tracing %s), metrics on %s :%d, models %s",
             self.settings.host,
             self.port,
             self.security.summary,
+            "on" if self.tracing is not None else "off",
             self._metrics_http.scheme,
             self.metrics_port,
             [f"{m.name}/{m.version}" for m in self.repository.list()] or "none",
@@ -203,6 +219,8 @@ class ServerHandle:
         self._decode_pool.shutdown(wait=False)
         self._header_pool.shutdown(wait=False)
         self._infer_pool.shutdown(wait=False)
+        if self.tracing is not None:  # the last spans out to the collector
+            await asyncio.to_thread(self.tracing.shutdown)
         self.lifecycle.to(State.STOPPED)
 
 
@@ -212,12 +230,14 @@ def nothing_loaded(model_dir: str, report: ReloadReport) -> str:
     return f"--model-dir {model_dir}: the model did not load ({failures or 'the version policy selected nothing'})"
 
 
-def create_server(settings: Settings, registry: CollectorRegistry) -> ServerHandle:
+def create_server(
+    settings: Settings, registry: CollectorRegistry, tracer_provider: TracerProvider | None = None
+) -> ServerHandle:
     """Build (not start) the server; call inside a running event loop."""
     Image.MAX_IMAGE_PIXELS = settings.max_pixels  # Pillow's own bomb guard, behind our header check
     PngImagePlugin.MAX_TEXT_MEMORY = PNG_TEXT_BYTES  # text chunks are parsed with the header: 64 MB by default
     keep_large_blocks_returnable()  # a decoded image's memory goes back to the OS after its request
-    return ServerHandle(settings, registry)
+    return ServerHandle(settings, registry, tracer_provider)
 
 
 async def run(settings: Settings) -> int:
@@ -226,8 +246,9 @@ async def run(settings: Settings) -> int:
         handle = create_server(settings, CollectorRegistry())
     except (
         OSError,
+        TracingUnavailable,
         *CONFIG_ERRORS,
-    ) as exc:  # the gRPC port is taken; unusable TLS or token files (named, never a secret)
+    ) as exc:  # the gRPC port is taken; unusable TLS or token files (named, never a secret); no tracing packages
         log.error("refusing to start: %s", exc)
         return 2
     loop = asyncio.get_running_loop()

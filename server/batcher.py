@@ -67,11 +67,27 @@ class BatchMonitor(Protocol):
 
 
 @dataclass
+class BatchTiming:
+    """When one submitted request was queued, and when the batch it joined ran (``time.monotonic()``
+    seconds, 0 until known); filled in only for a caller that passes one (tracing does)."""
+
+    enqueued: float = 0.0
+    started: float = 0.0
+    finished: float = 0.0
+    rows: int = 0  # rows of the whole batch it ran in
+
+    @property
+    def times(self) -> tuple[float, float, float]:
+        return self.enqueued, self.started, self.finished
+
+
+@dataclass
 class _Request:
     batch: np.ndarray
     deadline: float | None
     future: asyncio.Future
     enqueued: float = field(default_factory=time.monotonic)
+    timing: BatchTiming | None = None
 
     @property
     def rows(self) -> int:
@@ -131,14 +147,17 @@ class Batcher:
             await self._worker
         return self._stuck
 
-    async def submit(self, batch: np.ndarray, deadline: float | None = None) -> Outputs:
-        """Queue ``batch`` (at most ``max_batch_size`` rows) and wait for its outputs."""
+    async def submit(
+        self, batch: np.ndarray, deadline: float | None = None, timing: BatchTiming | None = None
+    ) -> Outputs:
+        """Queue ``batch`` (at most ``max_batch_size`` rows) and wait for its outputs; a ``timing``
+        hears when it was queued and ran (once its batch succeeded)."""
         if self._closed:
             raise Unavailable(f"model {self.model!r} is unloading")
         if self._stuck:
             raise Unavailable(f"model {self.model!r}: an inference run is stuck; retry later")
         self._admit(batch.nbytes)
-        request = _Request(batch, deadline, asyncio.get_running_loop().create_future())
+        request = _Request(batch, deadline, asyncio.get_running_loop().create_future(), timing=timing)
         self._note_arrival()
         self._queue.append(request)
         self._queued_bytes += request.nbytes
@@ -251,12 +270,16 @@ class Batcher:
             return
         finally:
             self._computing = 0
-            self._metrics.inference_duration.labels(self.model).observe(time.monotonic() - started)
+            finished = time.monotonic()
+            self._metrics.inference_duration.labels(self.model).observe(finished - started)
         if self._monitor is not None:
             self._monitor.succeeded()
         offset = 0
         for request in batch:
             end = offset + request.rows
+            if request.timing is not None:
+                request.timing.enqueued, request.timing.started = request.enqueued, started
+                request.timing.finished, request.timing.rows = finished, rows
             if not request.future.done():
                 request.future.set_result({name: value[offset:end] for name, value in outputs.items()})
             offset = end

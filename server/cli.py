@@ -84,6 +84,9 @@ def run_serve(args: argparse.Namespace) -> int:
         return 2
     if getattr(args, "print_memory_budget", False):
         return print_memory_budget(settings)
+    from tlserve.server.logs import use_log_format
+
+    use_log_format(settings.log_format)
     return serve(settings)
 
 

@@ -5,7 +5,8 @@ Servicers convert their protobuf to these calls and the answers back (MLServer's
 lease on it per request (so unloading waits for the request, decoding included), decode and
 preprocess images, check the model's input, infer, record the predictions it serves (the
 version's prediction metrics, predictions.py), and select top-k, embeddings or the outputs asked for.
-Every refusal is a :mod:`tlserve.server.errors` exception.
+Every refusal is a :mod:`tlserve.server.errors` exception. With tracing on, decoding,
+the queue wait and inference are child spans of the request's (:class:`~tlserve.server.tracing.Spans`).
 """
 
 from __future__ import annotations
@@ -17,12 +18,13 @@ from typing import Any, TypeVar, Union
 
 import numpy as np
 
-from tlserve.server.batcher import Outputs
+from tlserve.server.batcher import BatchTiming, Outputs
 from tlserve.server.errors import FailedPrecondition, InvalidArgument, quote, shape_text
 from tlserve.server.images import ImageDecoder, ImageInput
 from tlserve.server.model import ServedModel
 from tlserve.server.oip.datatypes import DTYPES, datatype_of
 from tlserve.server.repository import ModelRepository, ReloadReport
+from tlserve.server.tracing import BATCH_SIZE, Spans
 
 
 @dataclass(frozen=True)
@@ -64,9 +66,10 @@ def top_k(scores: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
 class DataPlane:
     """Lookup, leases, preprocessing, checks and inference for every API."""
 
-    def __init__(self, repository: ModelRepository, decoder: ImageDecoder) -> None:
+    def __init__(self, repository: ModelRepository, decoder: ImageDecoder, spans: Spans | None = None) -> None:
         self._repository = repository
         self._decoder = decoder
+        self.spans = spans or Spans()
 
     # --- models --------------------------------------------------------------------------
     @property
@@ -118,8 +121,20 @@ class DataPlane:
         self._decoder.check_count(count)
 
     async def _infer_images(self, model: ServedModel, images: Sequence[ImageInput], deadline: float | None) -> Outputs:
-        batch = await self._decoder.batch(images, model.manifest.preprocessing, deadline)
-        return await model.infer(self._checked_input(model, {model.input_name: batch}), deadline)
+        with self.spans.span("decode"):
+            batch = await self._decoder.batch(images, model.manifest.preprocessing, deadline)
+        return await self._run(model, self._checked_input(model, {model.input_name: batch}), deadline)
+
+    async def _run(self, model: ServedModel, batch: np.ndarray, deadline: float | None) -> Outputs:
+        """``model.infer``; traced, with the batch size on the request's span and the batcher's timings as spans."""
+        if not self.spans.enabled:
+            return await model.infer(batch, deadline)
+        self.spans.annotate(BATCH_SIZE, int(batch.shape[0]))
+        timings: list[BatchTiming] = []
+        try:
+            return await model.infer(batch, deadline, timings)
+        finally:
+            self.spans.batched(timings)
 
     # --- tensors in -----------------------------------------------------------------------
     async def infer(
@@ -135,7 +150,7 @@ class DataPlane:
         with model.lease():
             batch = self._checked_input(model, inputs)
             wanted = self._checked_outputs(model, requested)
-            outputs = await model.infer(batch, deadline)
+            outputs = await self._run(model, batch, deadline)
             if any(o.name in predicted for o in wanted):
                 model.predictions.record(outputs[model.manifest.outputs.probabilities])
         return {
@@ -143,9 +158,10 @@ class DataPlane:
         }
 
     async def convert(self, function: Callable[..., T], *args: Any) -> T:
-        """``function(*args)`` on the decode pool: for conversions proportional to a request's size
-        (tensor contents to arrays), which must not run on the event loop."""
-        return await asyncio.get_running_loop().run_in_executor(self._decoder.executor, function, *args)
+        """``function(*args)`` on the decode pool, in a ``decode`` span: for conversions proportional to a
+        request's size (tensor contents to arrays), which must not run on the event loop."""
+        with self.spans.span("decode"):
+            return await asyncio.get_running_loop().run_in_executor(self._decoder.executor, function, *args)
 
     # --- the checks, each once -------------------------------------------------------------
     def check_inputs(self, model: ServedModel, inputs: Mapping[str, tuple[str, Sequence[int]]]) -> None:

@@ -1,7 +1,7 @@
 """One exception hierarchy for serving; each class carries the gRPC status a caller receives.
 
 Servicers never build status codes by hand: they let these exceptions propagate and
-:func:`to_status` (through :func:`tlserve.server.rpc.observe_rpc`) turns them into a status and a
+:func:`to_status` (through :meth:`tlserve.server.rpc.RpcObserver.observe`) turns them into a status and a
 message. Anything that is not a :class:`ServingError` is logged with its traceback and answered
 ``INTERNAL`` with a generic message, so a caller never sees a stack trace.
 """

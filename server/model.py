@@ -17,7 +17,7 @@ from concurrent.futures import Executor
 import numpy as np
 
 from tlserve.manifest import Manifest
-from tlserve.server.batcher import Batcher, BatchingOptions, Outputs
+from tlserve.server.batcher import Batcher, BatchingOptions, BatchTiming, Outputs
 from tlserve.server.errors import DeadlineExceeded, Unavailable
 from tlserve.server.metrics import Metrics
 from tlserve.server.model_health import HealthOptions, ModelHealth
@@ -159,28 +159,34 @@ class ServedModel:
                 self._idle.set()
 
     # --- inference -----------------------------------------------------------------------
-    async def infer(self, batch: np.ndarray, deadline: float | None = None) -> Outputs:
+    async def infer(
+        self, batch: np.ndarray, deadline: float | None = None, timings: list[BatchTiming] | None = None
+    ) -> Outputs:
         """All graph outputs for ``batch`` ([N, 3, S, S] of the graph's input dtype, as the data
         plane checked it), via the batcher; call it under the request's :meth:`lease`.
 
         ``deadline`` is an absolute ``time.monotonic()`` value; requests larger than the
-        largest batch are split and reassembled in order.
+        largest batch are split and reassembled in order. ``timings``, when given, gets one
+        :class:`BatchTiming` per part sent to the batcher.
         """
         if deadline is not None and time.monotonic() >= deadline:
             raise DeadlineExceeded("deadline passed before the request reached the model")
         gauge = self._metrics.inflight.labels(self.name)
         gauge.inc()
         try:
-            return await self._infer(batch, deadline)
+            return await self._infer(batch, deadline, timings)
         finally:
             gauge.dec()
 
-    async def _infer(self, batch: np.ndarray, deadline: float | None) -> Outputs:
+    async def _infer(self, batch: np.ndarray, deadline: float | None, timings: list[BatchTiming] | None) -> Outputs:
         step = self.batching.max_batch_size
         if batch.shape[0] <= step:
-            return await self._batcher.submit(batch, deadline)
+            return await self._batcher.submit(batch, deadline, _timing(timings))
         parts = await asyncio.gather(
-            *(self._batcher.submit(batch[i : i + step], deadline) for i in range(0, batch.shape[0], step)),
+            *(
+                self._batcher.submit(batch[i : i + step], deadline, _timing(timings))
+                for i in range(0, batch.shape[0], step)
+            ),
             return_exceptions=True,
         )
         outputs = [part for part in parts if not isinstance(part, BaseException)]
@@ -190,3 +196,11 @@ class ServedModel:
 
     def _run(self, batch: np.ndarray) -> Outputs:
         return self.runtime.run(self.input_name, batch)
+
+
+def _timing(timings: list[BatchTiming] | None) -> BatchTiming | None:
+    """A new timing appended to ``timings`` (None when nobody asked)."""
+    if timings is None:
+        return None
+    timings.append(BatchTiming())
+    return timings[-1]

@@ -1,6 +1,7 @@
 """The one path every RPC takes, unary calls and each message of a stream alike: count and time
-it, and turn an exception into a gRPC status (or, on a stream that answers errors in-band, into
-the message the caller is shown). Security and tracing plug in here."""
+it, put its model, version and status on its span, write its request log line, and turn an
+exception into a gRPC status (or, on a stream that answers errors in-band, into the message the
+caller is shown). Security plugs in ahead of it, as interceptors."""
 
 from __future__ import annotations
 
@@ -8,23 +9,27 @@ import asyncio
 import contextlib
 import time
 from collections.abc import AsyncIterator
+from contextlib import AbstractAsyncContextManager
 from typing import TYPE_CHECKING
 
 import grpc
 
 from tlserve.server.errors import to_status
 from tlserve.server.metrics import Metrics
+from tlserve.server.request_log import RequestLog
+from tlserve.server.tracing import Spans
 
 if TYPE_CHECKING:
     from tlserve.server.model import ServedModel
 
 
 class RpcCall:
-    """One call (or stream message) while it runs: the model it resolved, and for an in-band
-    stream the caller-safe error message it ended with (None when it succeeded)."""
+    """One call (or stream message) while it runs: the model it resolved, its status code, and for
+    an in-band stream the caller-safe error message it ended with (None when it succeeded)."""
 
     def __init__(self) -> None:
         self.model = ""
+        self.version = ""
         self.error: str | None = None
         self.code = grpc.StatusCode.OK
         self.started = time.monotonic()
@@ -32,6 +37,7 @@ class RpcCall:
     def serves(self, model: ServedModel) -> ServedModel:
         """Label the call with the model it resolved; returns the model."""
         self.model = model.name
+        self.version = model.version
         return model
 
 
@@ -47,34 +53,63 @@ def record_rpc(metrics: Metrics, rpc: str, call: RpcCall, code: grpc.StatusCode)
     metrics.request_duration.labels(rpc, call.model).observe(time.monotonic() - call.started)
 
 
-@contextlib.asynccontextmanager
-async def observe_rpc(
-    metrics: Metrics, context: grpc.aio.ServicerContext, rpc: str, in_band: bool = False
-) -> AsyncIterator[RpcCall]:
-    """Wrap one call or stream message: record it (before the status reaches the caller) and map an
-    error to its status (unknown errors: logged, INTERNAL). The error is swallowed and its status set
-    on ``context`` (the handler then returns, or a stream handler stops when ``call.error`` is set);
-    with ``in_band`` it is only kept in ``call.error``, for the stream to answer.
+class RpcObserver:
+    """What every call reports as it ends: its metrics, its span's attributes, its request log line."""
 
-    The status is set rather than raised with ``context.abort``: gRPC keeps the abort exception on
-    the call until the cyclic garbage collector runs, and through its traceback every frame of the
-    handler, the request message among them (120 MB for a 13 MB typed OIP request)."""
-    call = RpcCall()
-    try:
-        yield call
-    except asyncio.CancelledError:
-        record_rpc(metrics, rpc, call, grpc.StatusCode.CANCELLED)
-        raise
-    except grpc.aio.AbortError:
-        record_rpc(metrics, rpc, call, context.code() or grpc.StatusCode.UNKNOWN)
-        raise
-    except Exception as exc:
-        code, call.error = to_status(exc)
-        call.code = code
-        exc.__traceback__ = None  # the frames down to the raise hold the request: let them go now
-        record_rpc(metrics, rpc, call, code)
-        if not in_band:
-            context.set_code(code)
-            context.set_details(call.error)
-    else:
-        record_rpc(metrics, rpc, call, grpc.StatusCode.OK)
+    def __init__(self, metrics: Metrics, spans: Spans | None = None, requests: RequestLog | None = None) -> None:
+        self.metrics = metrics
+        self.spans = spans or Spans()
+        self._traced = self.spans.enabled  # off: no span is made and no context read
+        self._requests = requests or RequestLog()
+        self._log_all, self._log_failed = self._requests.all, self._requests.failed
+
+    @contextlib.asynccontextmanager
+    async def observe(
+        self, context: grpc.aio.ServicerContext, rpc: str, in_band: bool = False
+    ) -> AsyncIterator[RpcCall]:
+        """Wrap one call or stream message (see :meth:`message`): record it (before
+        the status reaches the caller) and map an error to its status (unknown errors: logged,
+        INTERNAL). The error is swallowed and its status set on ``context`` (the handler then returns,
+        or a stream handler stops when ``call.error`` is set); with ``in_band`` it is only kept in
+        ``call.error``, for the stream to answer.
+
+        The status is set rather than raised with ``context.abort``: gRPC keeps the abort exception on
+        the call until the cyclic garbage collector runs, and through its traceback every frame of the
+        handler, the request message among them (120 MB for a 13 MB typed OIP request)."""
+        call = RpcCall()
+        try:
+            yield call
+        except asyncio.CancelledError:
+            call.code = grpc.StatusCode.CANCELLED
+            raise
+        except grpc.aio.AbortError:
+            call.code = context.code() or grpc.StatusCode.UNKNOWN
+            raise
+        except Exception as exc:
+            call.code, call.error = to_status(exc)
+            exc.__traceback__ = None  # the frames down to the raise hold the request: let them go now
+            if not in_band:
+                context.set_code(call.code)
+                context.set_details(call.error)
+        finally:
+            self._ended(context, rpc, call)
+
+    def message(self, context: grpc.aio.ServicerContext, rpc: str) -> AbstractAsyncContextManager[RpcCall]:
+        """:meth:`observe` for one message of a stream that answers errors in-band; traced, each
+        message is a span of its own (``"<rpc> message"``), a child of the stream's."""
+        if not self._traced:
+            return self.observe(context, rpc, in_band=True)
+        return self._traced_message(context, rpc)
+
+    @contextlib.asynccontextmanager
+    async def _traced_message(self, context: grpc.aio.ServicerContext, rpc: str) -> AsyncIterator[RpcCall]:
+        with self.spans.span(f"{rpc} message"):
+            async with self.observe(context, rpc, in_band=True) as call:
+                yield call
+
+    def _ended(self, context: grpc.aio.ServicerContext, rpc: str, call: RpcCall) -> None:
+        record_rpc(self.metrics, rpc, call, call.code)
+        if self._traced:
+            self.spans.ended(call)
+        if self._log_all or (self._log_failed and call.code is not grpc.StatusCode.OK):
+            self._requests.write(context, rpc, call, self.spans.trace_id())

@@ -225,6 +225,20 @@ class Settings:
         "TLS); -1 off, 0 picks a free port",
     )
 
+    tracing: bool = setting(
+        False,
+        "OpenTelemetry tracing: a span per RPC (W3C `traceparent` from the call's metadata), exported over OTLP/gRPC "
+        "to `OTEL_EXPORTER_OTLP_ENDPOINT` as `OTEL_SERVICE_NAME`; needs the `tracing` extra",
+    )
+    log_format: str = setting(
+        "text", "log lines as `text` or `json` (one JSON object a line)", choices=("text", "json")
+    )
+    log_requests: str = setting(
+        "failed",
+        "request log lines (request id, trace id, model, version, code, duration): `failed` calls, `all`, or `none`",
+        choices=("none", "failed", "all"),
+    )
+
     def __post_init__(self) -> None:
         if isinstance(self.version_policy, str):
             object.__setattr__(self, "version_policy", VersionPolicy.parse(self.version_policy))
@@ -249,6 +263,12 @@ class Settings:
                 f"--model-name must be 1-253 letters, digits, '.', '_' or '-', starting with a letter or digit; "
                 f"got {self.model_name[:100]!r}"
             )
+        for name in ("log_format", "log_requests"):
+            choices = self.__dataclass_fields__[name].metadata[SETTING].choices
+            if getattr(self, name) not in choices:
+                raise ValueError(
+                    f"--{name.replace('_', '-')} must be one of {', '.join(choices)}; got {getattr(self, name)!r}"
+                )
         if self.health_probe_seconds <= 0:
             raise ValueError(f"--health-probe-seconds must be > 0; got {self.health_probe_seconds}")
 
