@@ -47,8 +47,8 @@ from tlserve.server.runtime import GPUUnavailable
 from tlserve.server.security import CONFIG_ERRORS, Security
 from tlserve.server.servicer import InferenceServicer
 from tlserve.server.settings import Settings
-from tlserve.server.wire import WireGuard
 from tlserve.server.tracing import TracingUnavailable, start_tracing
+from tlserve.server.wire import WireGuard
 
 if TYPE_CHECKING:
     from opentelemetry.sdk.trace import TracerProvider
