@@ -81,6 +81,7 @@ class ServerHandle:
                 "decoding", settings.max_decode_bytes, self.metrics.decode_bytes, self.metrics.decode_rejections
             ),
             headers=self._header_pool,
+            draft=not settings.full_decode,
         )
         self.server = grpc.aio.server(
             interceptors=[*self.security.interceptors(self.metrics), self.gate],
