@@ -182,24 +182,34 @@ def test_reflection_lists_services(live):
 
 @pytest.mark.torch
 def test_served_scores_equal_trainer_transform_plus_onnxruntime(live, exported_version):
-    """The whole server path (decode, resize, crop, batch, ORT) against the reference pipeline."""
+    """The whole server path (decode, resize, crop, batch, ORT) against the reference pipeline: the
+    trainer's eval transform for PNGs (and JPEGs with --full-decode); a drafted JPEG (the default)
+    against the same draft decode, and its top class against the trainer's."""
     pytest.importorskip("torch")
     import onnxruntime as ort
     from PIL import Image
 
     from tlserve.manifest import Manifest
+    from tlserve.server.preprocess import ImageLimits, decode
     from tlserve.trainer.transforms import EvalTransform
 
     session = ort.InferenceSession(str(exported_version / "model.onnx"), providers=["CPUExecutionProvider"])
     manifest = Manifest.from_metadata(session.get_modelmeta().custom_metadata_map)
     names = PHOTOS + ("grace_hopper.jpg",)
-    batch = np.stack([EvalTransform(manifest.preprocessing)(Image.open(photo_path(n))).numpy() for n in names])
-    expected = session.run([manifest.outputs.probabilities], {manifest.input_name: batch})[0]
+    trainer = np.stack([EvalTransform(manifest.preprocessing)(Image.open(photo_path(n))).numpy() for n in names])
+    draft = not live.handle.settings.full_decode
+    limits = ImageLimits.from_settings(live.handle.settings)
+    served = np.stack([decode(photo_bytes(n), manifest.preprocessing, limits, draft=draft) for n in names])
+    assert any(draft and n.endswith(".jpg") for n in names) == bool((served != trainer).any())
+    expected, reference = (
+        session.run([manifest.outputs.probabilities], {manifest.input_name: b})[0] for b in (served, trainer)
+    )
     response = classify(live, encoded(*names), top_k=len(manifest.labels))
-    for row, result in zip(expected, response.results):
+    for row, result, trained in zip(expected, response.results, reference):
         got = np.zeros_like(row)
         got[[p.index for p in result.predictions]] = [p.score for p in result.predictions]
         np.testing.assert_allclose(got, row, rtol=1e-5, atol=1e-6)
+        assert got.argmax() == trained.argmax()
 
 
 @pytest.mark.tools
