@@ -36,7 +36,8 @@ def upscaled(name: str, size: tuple[int, int]) -> Image.Image:
 def test_draft_keeps_the_pixel_limit_of_the_full_size():
     """The header's full width x height is checked, not the drafted size (which would fit)."""
     data = jpeg(upscaled("chelsea.png", (2400, 1800)))  # 4.32 MP; 1/8 of it would be 300x225
-    with pytest.raises(InvalidArgument, match="2400x1800 = 4320000 pixels exceeds the limit of 4000000"):
+    # ours names the size, Pillow's bomb guard (lowered to the limit by a server in the same process) the sum
+    with pytest.raises(InvalidArgument, match="4320000 pixels exceeds the limit of 4000000"):
         decode(data, PRE, LIMITS, draft=True)
     with pytest.raises(InvalidArgument, match="bytes exceeds the limit of 1000"):
         decode(data, PRE, replace(LIMITS, max_image_bytes=1000, max_pixels=10**8), draft=True)
