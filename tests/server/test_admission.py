@@ -275,7 +275,7 @@ def raw_request(shape, raw: bytes = b"") -> oip.ModelInferRequest:
         ([1] * 70, b"\0", "has more than 8 dimensions"),
         ([0, 2**62, 2**62], b"", "is too large"),
         ([-1, 3, 64, 64], b"", "negative dimension"),
-        ([2**62, 3, 64, 64], b"", "needs"),
+        ([2**62, 3, 64, 64], b"", "images in one request exceeds the limit"),  # before the raw length
         ([3, 64, 64], b"\0" * 3 * 64 * 64, "must have shape [N, 3,"),
         ([0, 3, "S", "S"], b"", "the request has no images"),
         ([1, 3, 7, 7], b"\0" * 147, "must have shape [N, 3,"),
