@@ -3,6 +3,7 @@ Protocol with raw uint8 tensors, measured in one run at several concurrencies.
 
     python benchmarks/bench_serving.py                       # export stock MobileNetV2 at 224 px, bench it
     python benchmarks/bench_serving.py --repository models   # bench the first model of a repository
+    python benchmarks/bench_serving.py --trivial             # a trivial graph: measures the front end only
 
 Every request carries one image. ``raw`` is one in-process ONNX Runtime session fed batches of
 ``c`` images back to back: what perfect dynamic batching of ``c`` outstanding requests would
@@ -12,7 +13,10 @@ pre-serialised requests, so the client spends as little CPU as it can. Each cell
 ``--seconds`` after a warm-up, ``--rounds`` times; the three modes alternate per concurrency
 so that load from elsewhere on the machine hits them alike, and a cell pools its rounds.
 ``mean batch`` is the images per batcher execution, from the server's ``tlserve_batch_size``
-histogram (raw: ``c``). Prints the table (markdown) and, with ``--json``, writes the numbers.
+histogram (raw: ``c``); ``server CPU ms`` the server process's CPU per call (from /proc, warm-up
+included). ``--trivial`` serves a graph of microseconds per image with the real signature, so the
+front end is what is measured; ``--py-spy FILE`` profiles the server meanwhile and prints a summary.
+Prints the table (markdown) and, with ``--json``, writes the numbers.
 """
 
 from __future__ import annotations
@@ -24,6 +28,7 @@ import json
 import logging
 import os
 import signal
+import subprocess
 import sys
 import tempfile
 import time
@@ -37,6 +42,7 @@ import onnxruntime as ort
 from PIL import Image
 from prometheus_client.parser import text_string_to_metric_families
 from served import start_server
+from trivial_model import write_trivial
 
 from tlserve.manifest import Manifest
 from tlserve.server.pb.inference import messages_pb2 as oip
@@ -60,6 +66,7 @@ class Cell:
     p99_ms: float
     requests: int
     mean_batch: float
+    server_cpu_ms: float  # server process CPU per call (user + system), warm-up included; 0 for raw
 
 
 @dataclass
@@ -70,14 +77,21 @@ class Sample:
     elapsed: float = 0.0
     latencies: list[float] = field(default_factory=list)
     batches: tuple[float, float] = (0.0, 0.0)  # (executions, images) the server's batcher ran
+    server_cpu: tuple[float, int] = (0.0, 0)  # (CPU seconds of the server process, calls answered meanwhile)
 
     def add(
-        self, images: int, elapsed: float, latencies: list[float], batches: tuple[float, float] = (0.0, 0.0)
+        self,
+        images: int,
+        elapsed: float,
+        latencies: list[float],
+        batches: tuple[float, float] = (0.0, 0.0),
+        server_cpu: tuple[float, int] = (0.0, 0),
     ) -> None:
         self.images += images
         self.elapsed += elapsed
         self.latencies += latencies
         self.batches = (self.batches[0] + batches[0], self.batches[1] + batches[1])
+        self.server_cpu = (self.server_cpu[0] + server_cpu[0], self.server_cpu[1] + server_cpu[1])
 
     def cell(self, mode: str, concurrency: int) -> Cell:
         ms = np.asarray(self.latencies) * 1e3
@@ -90,6 +104,7 @@ class Sample:
             float(np.percentile(ms, 99)),
             len(self.latencies),
             mean_batch,
+            1e3 * self.server_cpu[0] / self.server_cpu[1] if self.server_cpu[1] else 0.0,
         )
 
 
@@ -176,12 +191,14 @@ def measure_raw(
 # --- served -------------------------------------------------------------------------------------
 async def drive(
     address: str, method: str, payload: bytes, concurrency: int, seconds: float, warmup: float
-) -> tuple[int, float, list[float]]:
-    """``concurrency`` callers resending ``payload`` for ``seconds`` after ``warmup``."""
+) -> tuple[int, float, list[float], int]:
+    """``concurrency`` callers resending ``payload`` for ``seconds`` after ``warmup``; the measured
+    calls, seconds and latencies, and every call answered (warm-up included)."""
     async with grpc.aio.insecure_channel(address, options=[("grpc.max_receive_message_length", 64 << 20)]) as ch:
         call = ch.unary_unary(method)  # bytes in, bytes out: no client-side (de)serialisation
         latencies: list[float] = []
         window: dict[str, float] = {}
+        answered = [0]
 
         async def caller() -> None:
             while True:
@@ -189,6 +206,7 @@ async def drive(
                 if t0 >= window["end"]:
                     return
                 await call(payload)
+                answered[0] += 1
                 if t0 >= window["start"]:
                     latencies.append(time.perf_counter() - t0)
 
@@ -196,7 +214,7 @@ async def drive(
         window.update(start=now + warmup, end=now + warmup + seconds)
         await asyncio.gather(*(caller() for _ in range(concurrency)))
         elapsed = time.perf_counter() - window["start"]
-        return len(latencies), elapsed, latencies
+        return len(latencies), elapsed, latencies, answered[0]
 
 
 def batcher_totals(metrics_url: str, model: str) -> tuple[float, float]:
@@ -220,12 +238,21 @@ def measure_served(
     concurrency: int,
     seconds: float,
     warmup: float,
-) -> tuple[int, float, list[float], tuple[float, float]]:
-    """``drive`` plus how the server batched meanwhile (warm-up included)."""
-    before = batcher_totals(metrics_url, model)
-    count, elapsed, latencies = asyncio.run(drive(address, method, payload, concurrency, seconds, warmup))
+    pid: int,
+) -> tuple[int, float, list[float], tuple[float, float], tuple[float, int]]:
+    """``drive`` plus how the server batched and the CPU it spent meanwhile (warm-up included)."""
+    before, cpu_before = batcher_totals(metrics_url, model), process_cpu(pid)
+    count, elapsed, latencies, answered = asyncio.run(drive(address, method, payload, concurrency, seconds, warmup))
+    cpu = process_cpu(pid) - cpu_before
     after = batcher_totals(metrics_url, model)
-    return count, elapsed, latencies, (after[0] - before[0], after[1] - before[1])
+    return count, elapsed, latencies, (after[0] - before[0], after[1] - before[1]), (cpu, answered)
+
+
+def process_cpu(pid: int) -> float:
+    """User + system CPU seconds of process ``pid`` so far, all threads (Linux /proc): what the
+    server spends per call, nearly independent of what else runs on the machine."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 def check_agreement(address: str, oip_payload: bytes, task_payload: bytes, raw_top: int) -> str:
@@ -240,19 +267,85 @@ def check_agreement(address: str, oip_payload: bytes, task_payload: bytes, raw_t
     return f"{classified.results[0].predictions[0].label} ({classified.results[0].predictions[0].score:.2f})"
 
 
+# --- profile ------------------------------------------------------------------------------------
+def start_profiler(pid: int, output: Path) -> subprocess.Popen:
+    """py-spy sampling ``pid`` (every thread, idle ones left out) into collapsed stacks at ``output``."""
+    beside = Path(sys.executable).with_name("py-spy")  # pip installs it next to the interpreter
+    argv = [
+        str(beside) if beside.is_file() else "py-spy",
+        "record",
+        "--pid",
+        str(pid),
+        "--format",
+        "raw",
+        "--rate",
+        "250",
+        "--output",
+        str(output),
+    ]
+    profiler = subprocess.Popen([*argv, "--nonblocking"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    time.sleep(1.0)  # attached before the first cell starts
+    return profiler
+
+
+def stop_profiler(profiler: subprocess.Popen) -> None:
+    profiler.send_signal(signal.SIGINT)  # py-spy writes its file on SIGINT
+    profiler.wait(60)
+
+
+# Leaf frames where a thread waits rather than works (py-spy still samples some of them as busy).
+IDLE_LEAVES = ("EpollSelector.select (selectors.py)", "_worker (thread.py)", "Thread.run (threading.py)")
+
+
+def profile_summary(collapsed: str, top: int = 25) -> str:
+    """The functions with the most samples on the stack (inclusive) and on top of it (self), as a
+    share of the samples where a server thread was working (waits in IDLE_LEAVES left out), from
+    py-spy's collapsed stacks."""
+    inclusive: dict[str, int] = {}
+    own: dict[str, int] = {}
+    total = 0
+    for line in collapsed.splitlines():
+        stack, _, count_text = line.rpartition(" ")
+        if not stack:
+            continue
+        count = int(count_text)
+        frames = [
+            f.split(" (")[0] + " (" + f.split(" (")[-1].split(":")[0].rsplit("/", 1)[-1] + ")" for f in stack.split(";")
+        ]
+        if frames[-1] in IDLE_LEAVES:
+            continue
+        total += count
+        for frame in set(frames):
+            inclusive[frame] = inclusive.get(frame, 0) + count
+        own[frames[-1]] = own.get(frames[-1], 0) + count
+    lines = [
+        f"py-spy: {total} samples of busy server threads",
+        "",
+        "| function | inclusive % | self % |",
+        "|---|---:|---:|",
+    ]
+    for frame, count in sorted(inclusive.items(), key=lambda kv: -kv[1])[:top]:
+        lines.append(f"| `{frame}` | {100 * count / total:.1f} | {100 * own.get(frame, 0) / total:.1f} |")
+    lines += ["", "| function (self) | self % |", "|---|---:|"]
+    for frame, count in sorted(own.items(), key=lambda kv: -kv[1])[:top]:
+        lines.append(f"| `{frame}` | {100 * count / total:.1f} |")
+    return "\n".join(lines)
+
+
 # --- report -------------------------------------------------------------------------------------
 def table(cells: list[Cell]) -> str:
     raw = {c.concurrency: c for c in cells if c.mode == MODES[0]}
     lines = [
-        "| path | concurrency | img/s | p50 ms | p99 ms | ÷ raw img/s | p50 added ms | mean batch |",
-        "|---|---:|---:|---:|---:|---:|---:|---:|",
+        "| path | concurrency | img/s | p50 ms | p99 ms | ÷ raw img/s | p50 added ms | mean batch | server CPU ms |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for c in cells:
         base = raw[c.concurrency]
         added = "" if c.mode == MODES[0] else f"{c.p50_ms - base.p50_ms:+.2f}"
         lines.append(
             f"| {c.mode} | {c.concurrency} | {c.images_per_s:.1f} | {c.p50_ms:.2f} | {c.p99_ms:.2f} | "
-            f"{c.images_per_s / base.images_per_s:.2f} | {added} | {c.mean_batch:.1f} |"
+            f"{c.images_per_s / base.images_per_s:.2f} | {added} | {c.mean_batch:.1f} | "
+            f"{f'{c.server_cpu_ms:.2f}' if c.server_cpu_ms else ''} |"
         )
     return "\n".join(lines)
 
@@ -261,6 +354,11 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument(
         "--repository", type=Path, help="bench this repository's first model (default: export stock --arch at --size)"
+    )
+    parser.add_argument(
+        "--trivial",
+        action="store_true",
+        help="serve a trivial graph with the real signature (uint8 [N,3,S,S] in, probabilities and embedding out)",
     )
     parser.add_argument("--arch", default="mobilenet_v2")
     parser.add_argument("--size", type=int, default=224)
@@ -275,13 +373,22 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--rounds", type=int, default=2, help="passes over every cell; a cell pools its rounds")
     parser.add_argument("--server-arg", action="append", default=[], help="extra `tlserve serve` flag (repeatable)")
     parser.add_argument("--json", type=Path, help="also write the cells here")
+    parser.add_argument(
+        "--py-spy",
+        type=Path,
+        metavar="FILE",
+        help="profile the server process with py-spy while it is measured (collapsed stacks; summary on stdout)",
+    )
     args = parser.parse_args(argv)
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # so that `finally` stops the server process
     logging.basicConfig(level=logging.WARNING, format="%(message)s", stream=sys.stderr)
     log.setLevel(logging.INFO)
 
     with tempfile.TemporaryDirectory() as tmp:
-        repository = args.repository or export_stock(args.arch, args.size, args.weights, Path(tmp))
+        if args.trivial:
+            repository = write_trivial(Path(tmp), size=args.size)
+        else:
+            repository = args.repository or export_stock(args.arch, args.size, args.weights, Path(tmp))
         name, model_file = model_of(repository)
         session = ort.InferenceSession(str(model_file), providers=["CPUExecutionProvider"])
         manifest = Manifest.from_metadata(session.get_modelmeta().custom_metadata_map)
@@ -301,8 +408,11 @@ def main(argv: list[str] | None = None) -> int:
 
         load_before = os.getloadavg()
         process, address, metrics_url = start_server(repository, args.server_arg)
+        profiler = None
         try:
             agreed = check_agreement(address, oip_payload, task_payload, raw_top)
+            if args.py_spy:
+                profiler = start_profiler(process.pid, args.py_spy)
             samples = {(mode, c): Sample() for c in args.concurrency for mode in MODES}
             for round_ in range(args.rounds):
                 for c in args.concurrency:
@@ -314,7 +424,9 @@ def main(argv: list[str] | None = None) -> int:
                         (MODES[2], TASK_CLASSIFY, task_payload),
                     ):
                         samples[mode, c].add(
-                            *measure_served(address, metrics_url, name, method, payload, c, args.seconds, args.warmup)
+                            *measure_served(
+                                address, metrics_url, name, method, payload, c, args.seconds, args.warmup, process.pid
+                            )
                         )
                     log.info(
                         "round %d, concurrency %d: %s",
@@ -324,6 +436,8 @@ def main(argv: list[str] | None = None) -> int:
                     )
             cells = [samples[mode, c].cell(mode, c) for c in args.concurrency for mode in MODES]
         finally:
+            if profiler:
+                stop_profiler(profiler)
             process.terminate()
             process.wait(30)
         load_after = os.getloadavg()
@@ -341,6 +455,9 @@ def main(argv: list[str] | None = None) -> int:
     print(table(cells))
     if args.json:
         args.json.write_text(json.dumps([asdict(c) for c in cells], indent=2))
+    if args.py_spy:
+        print()
+        print(profile_summary(args.py_spy.read_text()))
     return 0
 
 

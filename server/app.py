@@ -97,6 +97,7 @@ class ServerHandle:
                 "decoding", settings.max_decode_bytes, self.metrics.decode_bytes, self.metrics.decode_rejections
             ),
             headers=self._header_pool,
+            draft=settings.fast_decode,
         )
         self.server = grpc.aio.server(
             interceptors=[

@@ -115,7 +115,12 @@ class Batcher:
         self.options = options
         self._run = run
         self._executor = executor
-        self._metrics = metrics
+        # this model's metric children, looked up once (labels() validates and locks on every call)
+        self._depth = metrics.queue_depth.labels(model)
+        self._waited = metrics.queue_duration.labels(model)
+        self._rows = metrics.batch_size.labels(model)
+        self._computed = metrics.inference_duration.labels(model)
+        self._rejections = metrics.queue_rejections.labels(model)
         self._queue: deque[_Request] = deque()
         self._queued_bytes = 0
         self._wakeup = asyncio.Event()
@@ -161,7 +166,7 @@ class Batcher:
         self._note_arrival()
         self._queue.append(request)
         self._queued_bytes += request.nbytes
-        self._metrics.queue_depth.labels(self.model).set(len(self._queue))
+        self._depth.set(len(self._queue))
         self._wakeup.set()
         return await request.future
 
@@ -173,7 +178,7 @@ class Batcher:
         full_bytes = bool(self._queue) and self._queued_bytes + nbytes > options.max_queue_bytes
         if not (full_count or full_bytes):
             return
-        self._metrics.queue_rejections.labels(self.model).inc()
+        self._rejections.inc()
         raise ResourceExhausted(
             f"model {self.model!r}: queue is full ({len(self._queue)} requests, {self._queued_bytes} bytes waiting; "
             f"limits {options.max_queue_size} requests, {options.max_queue_bytes} bytes); retry later"
@@ -189,7 +194,7 @@ class Batcher:
                 continue
             await self._gather_window()
             batch = self._take_batch()
-            self._metrics.queue_depth.labels(self.model).set(len(self._queue))
+            self._depth.set(len(self._queue))
             if batch:
                 await self._execute(batch)
 
@@ -228,7 +233,7 @@ class Batcher:
             self._queued_bytes -= request.nbytes
             if request.future.done():  # caller cancelled
                 continue
-            self._metrics.queue_duration.labels(self.model).observe(now - request.enqueued)
+            self._waited.observe(now - request.enqueued)
             if request.deadline is not None and now >= request.deadline:
                 request.future.set_exception(
                     DeadlineExceeded(
@@ -246,7 +251,7 @@ class Batcher:
 
     async def _execute(self, batch: list[_Request]) -> None:
         rows = sum(r.rows for r in batch)
-        self._metrics.batch_size.labels(self.model).observe(rows)
+        self._rows.observe(rows)
         started = time.monotonic()
         self._computing = len(batch)
         run = asyncio.get_running_loop().run_in_executor(self._executor, self._run_parts, [r.batch for r in batch])
@@ -271,7 +276,7 @@ class Batcher:
         finally:
             self._computing = 0
             finished = time.monotonic()
-            self._metrics.inference_duration.labels(self.model).observe(finished - started)
+            self._computed.observe(finished - started)
         if self._monitor is not None:
             self._monitor.succeeded()
         offset = 0
@@ -299,7 +304,7 @@ class Batcher:
         self._fail(list(self._queue), error)
         self._queue.clear()
         self._queued_bytes = 0
-        self._metrics.queue_depth.labels(self.model).set(0)
+        self._depth.set(0)
         run.add_done_callback(lambda f: f.cancelled() or f.exception())  # its outcome no longer matters
         if self._closed:  # stopping: leave the run behind (stop() reports it abandoned)
             return

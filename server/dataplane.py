@@ -157,10 +157,13 @@ class DataPlane:
             o.name: self._top_k(model, outputs[o.name], o.classes) if o.classes else outputs[o.name] for o in wanted
         }
 
-    async def convert(self, function: Callable[..., T], *args: Any) -> T:
+    async def convert(self, function: Callable[..., T], *args: Any, inline: bool = False) -> T:
         """``function(*args)`` on the decode pool, in a ``decode`` span: for conversions proportional to a
-        request's size (tensor contents to arrays), which must not run on the event loop."""
+        request's size (tensor contents to arrays), which must not run on the event loop; ``inline`` runs a
+        small one here instead (cheaper than the hop to the pool)."""
         with self.spans.span("decode"):
+            if inline:
+                return function(*args)
             return await asyncio.get_running_loop().run_in_executor(self._decoder.executor, function, *args)
 
     # --- the checks, each once -------------------------------------------------------------

@@ -44,7 +44,8 @@ class ImageDecoder:
     ``threads`` is the decode pool's size: a request can hold at most that many images mid-decode
     at once, so it reserves the decode memory of its ``threads`` largest images plus its batch.
     ``headers`` is the executor that reads image headers (by default ``executor``; the server gives
-    it a thread of its own, so admission never waits behind admitted work).
+    it a thread of its own, so admission never waits behind admitted work). ``draft``: decode large
+    JPEGs at a reduced scale first (:func:`tlserve.server.preprocess.decode`).
     """
 
     def __init__(
@@ -56,6 +57,7 @@ class ImageDecoder:
         threads: int = 1,
         budget: Budget | None = None,
         headers: Executor | None = None,
+        draft: bool = False,
     ) -> None:
         self.limits = limits
         self.max_images = max_images
@@ -63,6 +65,7 @@ class ImageDecoder:
         self.budget = budget or Budget("decoding", 1 << 62)
         self.executor = executor
         self._headers = headers or executor
+        self.draft = draft
 
     def check_count(self, count: int) -> None:
         if count == 0:
@@ -153,4 +156,4 @@ class ImageDecoder:
         if isinstance(image, tuple):
             batch[index] = from_tensor(image[0], image[1], pre, index)
         else:
-            batch[index] = decode(image, pre, self.limits, index)
+            batch[index] = decode(image, pre, self.limits, index, draft=self.draft)

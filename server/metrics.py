@@ -3,6 +3,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
 LATENCY_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
@@ -111,9 +113,23 @@ class Metrics:
             ("model", "version", "label"),
             registry=registry,
         )
+        self._rpc_children: dict[tuple[str, str, str], tuple[Any, Any]] = {}
         self.auth_refusals = Counter(
             "tlserve_auth_refusals",
             "Calls refused by token auth, by RPC and reason (missing, invalid, scope)",
             ("rpc", "reason"),
             registry=registry,
         )
+
+    def rpc_children(self, rpc: str, model: str, code: str) -> tuple[Any, Any]:
+        """The ``requests`` counter and ``request_duration`` histogram of one (rpc, model, code), looked
+        up once (``labels()`` validates and locks on every call); the keys are bounded: fixed RPC
+        names, loaded model names (or ""), status codes. Call it on the event loop."""
+        key = (rpc, model, code)
+        children = self._rpc_children.get(key)
+        if children is None:
+            children = self._rpc_children[key] = (
+                self.requests.labels(rpc, model, code),
+                self.request_duration.labels(rpc, model),
+            )
+        return children

@@ -52,6 +52,7 @@ class ServedModel:
         self.health = ModelHealth(name, version, health or HealthOptions(), self._probe, metrics)
         self._batcher = Batcher(name, self._run, batching, executor, metrics, monitor=self.health)
         self.predictions = PredictionMetrics(metrics, name, version, manifest, max_label_metrics)
+        self._inflight = metrics.inflight.labels(name)
         self._leases = 0
         self._idle = asyncio.Event()
         self._idle.set()
@@ -171,7 +172,7 @@ class ServedModel:
         """
         if deadline is not None and time.monotonic() >= deadline:
             raise DeadlineExceeded("deadline passed before the request reached the model")
-        gauge = self._metrics.inflight.labels(self.name)
+        gauge = self._inflight
         gauge.inc()
         try:
             return await self._infer(batch, deadline, timings)

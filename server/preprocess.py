@@ -4,6 +4,13 @@ Encoded bytes: size limits checked first (bytes, then width x height from the he
 any pixel is decoded), decode, convert to RGB, resize the shorter side to ``resize_size`` with
 the manifest's interpolation, centre-crop ``input_size``, lay out as uint8 CHW. The arithmetic
 mirrors torchvision's ``Resize(int)`` + ``CenterCrop`` on PIL images, so the pixels are equal.
+
+With ``draft``, a JPEG at least twice the resize target in both sides is decoded at 1/2, 1/4 or
+1/8 scale in the DCT domain (Pillow's ``Image.draft``, libjpeg-turbo's scaled IDCT), still no
+smaller than the target, and then resized exactly as above: about 5x faster on a 12 MP photo; the
+pixels are no longer equal to the trainer's (the draft is an 8x8 box filter before the resize), the
+top-1 class almost always is (benchmarks/bench_decode.py, docs/benchmarks.md).
+The header checks run on the full size before the draft is set.
 """
 
 from __future__ import annotations
@@ -19,6 +26,7 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 from PIL import Image, UnidentifiedImageError
+from PIL.JpegImagePlugin import JpegImageFile
 
 from tlserve.geometry import center_crop_box, resized_size
 from tlserve.manifest import Preprocessing
@@ -97,11 +105,19 @@ def decode_bytes_per_pixel(img: Image.Image) -> int:
     return per_pixel
 
 
-def transform(img: Image.Image, pre: Preprocessing) -> np.ndarray:
+def transform(
+    img: Image.Image,
+    pre: Preprocessing,
+    size: tuple[int, int] | None = None,
+    box: tuple[float, float, float, float] | None = None,
+) -> np.ndarray:
     """A decoded PIL image to uint8 CHW at ``pre.input_size``; each full-size intermediate is closed
-    as soon as the next one exists, so a large image is held at most twice (``img`` is the caller's)."""
+    as soon as the next one exists, so a large image is held at most twice (``img`` is the caller's).
+    ``size`` and ``box`` (the resize target and the source region) come from a draft; by default
+    the whole image resized as its own size asks."""
     rgb = img if img.mode == "RGB" else img.convert("RGB")  # RGB.convert("RGB") would only copy
-    resized = rgb.resize(resized_size(rgb.width, rgb.height, pre.resize_size), RESAMPLE[pre.interpolation])
+    target = size or resized_size(rgb.width, rgb.height, pre.resize_size)
+    resized = rgb.resize(target, RESAMPLE[pre.interpolation], box=box)
     if rgb is not img:
         rgb.close()
     cropped = resized.crop(center_crop_box(resized.width, resized.height, pre.input_size))
@@ -144,31 +160,44 @@ def open_checked(data: bytes, limits: ImageLimits, index: int) -> Image.Image:
     return img
 
 
-def _resized_pixels(img: Image.Image, pre: Preprocessing, limits: ImageLimits, index: int) -> int:
+def _resized(img: Image.Image, pre: Preprocessing, limits: ImageLimits, index: int) -> tuple[int, int]:
     width, height = resized_size(img.width, img.height, pre.resize_size)
     if width * height > limits.max_pixels:  # an extreme aspect ratio would blow up in the resize
         raise InvalidArgument(
             f"image {index}: {img.width}x{img.height} would resize to {width}x{height}, over the "
             f"limit of {limits.max_pixels} pixels; crop it nearer to a square first"
         )
-    return width * height
+    return width, height
+
+
+def set_draft(img: Image.Image, target: tuple[int, int]) -> tuple[float, float, float, float] | None:
+    """Ask a JPEG's decoder for the smallest 1/2, 1/4 or 1/8 scale still at least ``target`` in both
+    sides (Pillow picks it; none when the image is under twice the target); returns the region of
+    the scaled image that the full image covers, None when nothing changed. Call it after every
+    header check and before ``load``: it shrinks ``img.size``."""
+    if not isinstance(img, JpegImageFile) or img.width < 2 * target[0] or img.height < 2 * target[1]:
+        return None
+    drafted = img.draft(None, target)
+    return drafted[1] if drafted else None
 
 
 def read_header(data: bytes, pre: Preprocessing, limits: ImageLimits, index: int = 0) -> Header:
     """What decoding ``data`` would cost, from its header alone (no pixel is decoded)."""
     with contextlib.closing(open_checked(data, limits, index)) as img:
-        resized = _resized_pixels(img, pre, limits, index)
+        width, height = _resized(img, pre, limits, index)
         extra = PNG_HEADER_BYTES if img.format == "PNG" else 0
-        return Header(img.width, img.height, decode_bytes_per_pixel(img), resized, extra)
+        return Header(img.width, img.height, decode_bytes_per_pixel(img), width * height, extra)
 
 
-def decode(data: bytes, pre: Preprocessing, limits: ImageLimits, index: int = 0) -> np.ndarray:
-    """Encoded PNG/JPEG bytes to uint8 CHW; every failure is InvalidArgument naming the image."""
+def decode(data: bytes, pre: Preprocessing, limits: ImageLimits, index: int = 0, *, draft: bool = False) -> np.ndarray:
+    """Encoded PNG/JPEG bytes to uint8 CHW; every failure is InvalidArgument naming the image.
+    ``draft``: a large JPEG is decoded at a reduced scale first (see the module docstring)."""
     with contextlib.closing(open_checked(data, limits, index)) as img:  # close() frees the pixels at once
-        _resized_pixels(img, pre, limits, index)
+        target = _resized(img, pre, limits, index)
         try:
+            box = set_draft(img, target) if draft else None
             img.load()
-            return transform(img, pre)
+            return transform(img, pre, target, box) if box else transform(img, pre)
         except Exception as exc:  # truncated or corrupt pixel data surfaces only on load
             raise InvalidArgument(f"image {index}: corrupt image data ({type(exc).__name__})") from None
 

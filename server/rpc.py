@@ -49,8 +49,9 @@ def deadline_of(context: grpc.aio.ServicerContext) -> float | None:
 
 def record_rpc(metrics: Metrics, rpc: str, call: RpcCall, code: grpc.StatusCode) -> None:
     """``tlserve_requests_total{rpc,model,code}`` and the duration histogram, for one call or message."""
-    metrics.requests.labels(rpc, call.model, code.name).inc()
-    metrics.request_duration.labels(rpc, call.model).observe(time.monotonic() - call.started)
+    count, duration = metrics.rpc_children(rpc, call.model, code.name)
+    count.inc()
+    duration.observe(time.monotonic() - call.started)
 
 
 class RpcObserver:

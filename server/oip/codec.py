@@ -70,8 +70,10 @@ def element_count(name: str, shape: Sequence[int]) -> int:
 
 
 def input_headers(request: pb.ModelInferRequest) -> dict[str, TensorHeader]:
-    """Every input's header, checked against its contents' size (raw byte length or typed value
-    count) with nothing converted: O(number of inputs), safe on the event loop."""
+    """Every input's header, checked against its typed value count with nothing converted:
+    O(number of inputs), safe on the event loop. A raw input's byte length is checked by
+    :func:`decode_inputs`, off the loop: protobuf copies a bytes field on every access, so even
+    ``len(request.raw_input_contents[i])`` costs a copy of the whole tensor."""
     if len(request.inputs) > MAX_INPUTS:
         raise InvalidArgument(f"{len(request.inputs)} input tensors; at most {MAX_INPUTS} are accepted")
     raws = request.raw_input_contents
@@ -80,22 +82,15 @@ def input_headers(request: pb.ModelInferRequest) -> dict[str, TensorHeader]:
             f"{len(raws)} raw_input_contents for {len(request.inputs)} inputs; send one per input, in order"
         )
     headers: dict[str, TensorHeader] = {}
-    for i, tensor in enumerate(request.inputs):
+    for tensor in request.inputs:
         name = tensor.name
         if name in headers:
             raise InvalidArgument(f"input {quote(name)} is given twice")
         if raws and tensor.HasField("contents"):
             raise InvalidArgument(f"input {quote(name)}: typed contents and raw_input_contents together")
-        dtype = _dtype(name, tensor.datatype)
+        _dtype(name, tensor.datatype)
         count = element_count(name, tensor.shape)
-        if raws:
-            size, expected = len(raws[i]), count * dtype.itemsize
-            if size != expected:
-                raise InvalidArgument(
-                    f"input {quote(name)}: {size} raw bytes, but {tensor.datatype} shape "
-                    f"{shape_text(tensor.shape)} needs {count_text(expected)}"
-                )
-        else:
+        if not raws:
             field = _typed_field(name, tensor.datatype)
             values = len(getattr(tensor.contents, field))
             if values != count:
@@ -140,9 +135,27 @@ def decode_typed(name: str, datatype: str, shape: Sequence[int], contents: pb.In
     return _reshaped(name, array, shape)
 
 
+# Raw contents whose shapes describe this many bytes together are converted on the event loop: taking
+# them out of the message is one copy of that size (tens of microseconds), cheaper than the hop to a
+# thread and back, which the profile showed as the largest cost per call (docs/benchmarks.md). Raw
+# bytes longer than their shape says are refused after that one copy, which the message size limit
+# bounds (gRPC has already parsed the whole message on the loop by then).
+INLINE_RAW_BYTES = 256 << 10
+
+
+def converts_inline(request: pb.ModelInferRequest, headers: Mapping[str, TensorHeader]) -> bool:
+    """Whether :func:`decode_inputs` of ``request`` is cheap enough for the event loop: raw contents
+    only (typed values are converted one by one) of at most INLINE_RAW_BYTES by their headers."""
+    if not request.raw_input_contents:
+        return False
+    described = sum(h.count * _dtype(h.name, h.datatype).itemsize for h in headers.values())
+    return described <= INLINE_RAW_BYTES
+
+
 def decode_inputs(request: pb.ModelInferRequest) -> dict[str, np.ndarray]:
     """Every input of a request by name, from raw or typed contents (never both). Proportional to
-    the request's size: call it off the event loop, after :func:`input_headers` was checked."""
+    the request's size: call it off the event loop, after :func:`input_headers` was checked. Each
+    raw input is taken from the message once (one copy), its length checked, then viewed in place."""
     headers = input_headers(request)
     raws = request.raw_input_contents
     arrays: dict[str, np.ndarray] = {}

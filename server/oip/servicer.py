@@ -81,10 +81,11 @@ class OipServicer(grpc_service_pb2_grpc.GRPCInferenceServiceServicer):
     async def _infer(self, request: pb.ModelInferRequest, context, call: RpcCall) -> pb.ModelInferResponse:
         model = call.serves(self._plane.model(request.model_name, request.model_version))
         with self._statistics.measure(model.name, model.version):
-            headers = codec.input_headers(request)  # every size checked before anything is converted
+            headers = codec.input_headers(request)  # names, types, shapes checked before anything is converted
             self._plane.check_inputs(model, {h.name: (h.datatype, h.shape) for h in headers.values()})
             requested = codec.requested_outputs(request)
-            inputs = await self._plane.convert(codec.decode_inputs, request)
+            inline = codec.converts_inline(request, headers)
+            inputs = await self._plane.convert(codec.decode_inputs, request, inline=inline)
             outputs = await self._plane.infer(model, inputs, requested, deadline_of(context))
             with self._rpc.spans.span("encode"):
                 return codec.infer_response(model.name, model.version, request.id, outputs)

@@ -23,7 +23,7 @@ def test_served_top1_score_is_the_calibrated_one_not_the_raw_one(
     from tlserve.trainer.transforms import EvalTransform, normalize
 
     shutil.copytree(calibrated_repository / MODEL, tmp_path / MODEL)
-    server = make_server(tmp_path)
+    server = make_server(tmp_path)  # the trainer's pixels (no --fast-decode), so the scores compare to 1e-4
     model, ckpt = load_model(calibrated_checkpoint)
     pre, temperature = ckpt.manifest.preprocessing, ckpt.temperature
     batch = np.stack([EvalTransform(pre)(Image.open(photo_path(name))).numpy() for name in PHOTOS])

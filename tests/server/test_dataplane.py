@@ -33,9 +33,11 @@ def model(plane):
 
 
 @pytest.fixture(scope="module")
-def photos(model) -> np.ndarray:
-    """uint8 [N, 3, S, S]: the photos preprocessed as the server does, for the tensor path."""
-    return np.stack([decode(photo_bytes(n), model.manifest.preprocessing, LIMITS) for n in PHOTOS])
+def photos(live, model) -> np.ndarray:
+    """uint8 [N, 3, S, S]: the photos preprocessed as the server does (JPEGs drafted unless
+    --fast-decode), for the tensor path."""
+    draft = live.handle.settings.fast_decode
+    return np.stack([decode(photo_bytes(n), model.manifest.preprocessing, LIMITS, draft=draft) for n in PHOTOS])
 
 
 def test_lookup_names_the_model_or_refuses(plane, model):

@@ -145,3 +145,18 @@ def test_requested_outputs_parse():
 def test_huge_shape_cannot_overflow_the_byte_count():
     with pytest.raises(InvalidArgument, match="needs"):
         codec.decode_raw("images", "UINT8", [2**62, 4], b"")
+
+
+def test_small_raw_requests_convert_on_the_loop_typed_and_large_ones_off_it():
+    small = to_our_request([one_input(np.zeros((1, 3, 224, 224), np.uint8), "UINT8")])  # 147 KiB
+    large = to_our_request([one_input(np.zeros((2, 3, 224, 224), np.uint8), "UINT8")])  # 294 KiB
+    typed = typed_request(np.zeros((1, 3, 8, 8), np.uint8), "UINT8")
+    assert codec.converts_inline(small, codec.input_headers(small))
+    assert not codec.converts_inline(large, codec.input_headers(large))
+    assert not codec.converts_inline(typed, codec.input_headers(typed))
+    # a raw input longer than its shape says is still refused, by the conversion
+    short = to_our_request([one_input(np.zeros((1, 3, 8, 8), np.uint8), "UINT8")])
+    short.inputs[0].shape[:] = [1, 3, 8, 7]
+    assert codec.converts_inline(short, codec.input_headers(short))
+    with pytest.raises(InvalidArgument, match="192 raw bytes, but UINT8 shape"):
+        codec.decode_inputs(short)

@@ -51,7 +51,7 @@ def encoded() -> list[bytes]:
 def tensors(served, model, encoded) -> np.ndarray:
     """The photos preprocessed exactly as the server does for encoded images."""
     pre, limits = model.manifest.preprocessing, ImageLimits.from_settings(served.handle.settings)
-    return np.stack([decode(data, pre, limits) for data in encoded])
+    return np.stack([decode(data, pre, limits, draft=served.handle.settings.fast_decode) for data in encoded])
 
 
 def address(served) -> str:

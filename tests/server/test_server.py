@@ -181,25 +181,40 @@ def test_reflection_lists_services(live):
 
 
 @pytest.mark.torch
-def test_served_scores_equal_trainer_transform_plus_onnxruntime(live, exported_version):
-    """The whole server path (decode, resize, crop, batch, ORT) against the reference pipeline."""
+@pytest.mark.parametrize("fast_decode", [False, True], ids=["full-decode", "fast-decode"])
+def test_served_scores_equal_trainer_transform_plus_onnxruntime(
+    live, repo_copy, make_server, exported_version, fast_decode
+):
+    """The whole server path (decode, resize, crop, batch, ORT) against the reference pipeline: the
+    trainer's eval transform for PNGs and JPEGs (the default); a drafted JPEG (--fast-decode)
+    against the same draft decode, and its top class against the trainer's."""
     pytest.importorskip("torch")
     import onnxruntime as ort
     from PIL import Image
 
     from tlserve.manifest import Manifest
+    from tlserve.server.preprocess import ImageLimits, decode
     from tlserve.trainer.transforms import EvalTransform
 
+    server = make_server(repo_copy, fast_decode=True) if fast_decode else live
     session = ort.InferenceSession(str(exported_version / "model.onnx"), providers=["CPUExecutionProvider"])
     manifest = Manifest.from_metadata(session.get_modelmeta().custom_metadata_map)
     names = PHOTOS + ("grace_hopper.jpg",)
-    batch = np.stack([EvalTransform(manifest.preprocessing)(Image.open(photo_path(n))).numpy() for n in names])
-    expected = session.run([manifest.outputs.probabilities], {manifest.input_name: batch})[0]
-    response = classify(live, encoded(*names), top_k=len(manifest.labels))
-    for row, result in zip(expected, response.results):
+    trainer = np.stack([EvalTransform(manifest.preprocessing)(Image.open(photo_path(n))).numpy() for n in names])
+    draft = server.handle.settings.fast_decode
+    limits = ImageLimits.from_settings(server.handle.settings)
+    served = np.stack([decode(photo_bytes(n), manifest.preprocessing, limits, draft=draft) for n in names])
+    assert draft == fast_decode
+    assert any(draft and n.endswith(".jpg") for n in names) == bool((served != trainer).any())
+    expected, reference = (
+        session.run([manifest.outputs.probabilities], {manifest.input_name: b})[0] for b in (served, trainer)
+    )
+    response = classify(server, encoded(*names), top_k=len(manifest.labels))
+    for row, result, trained in zip(expected, response.results, reference):
         got = np.zeros_like(row)
         got[[p.index for p in result.predictions]] = [p.score for p in result.predictions]
         np.testing.assert_allclose(got, row, rtol=1e-5, atol=1e-6)
+        assert got.argmax() == trained.argmax()
 
 
 @pytest.mark.tools
