@@ -47,11 +47,13 @@ RUN python3 -m venv /opt/venv \
 
 # ---------------------------------------------------------------- trainer (optional): torch for cluster jobs
 FROM python:3.11.14-slim-bookworm AS trainer
+ARG ORT_VERSION
 ENV PIP_DISABLE_PIP_VERSION_CHECK=1 PIP_NO_CACHE_DIR=1 \
     PYTHONDONTWRITEBYTECODE=1 PYTHONUNBUFFERED=1 \
     HOME=/tmp TMPDIR=/tmp TORCH_HOME=/cache/torch MPLCONFIGDIR=/tmp/matplotlib
 COPY --from=source /src /src
-RUN pip install --no-cache-dir "/src[train]" \
+# `tlserve export` verifies the ONNX file with ONNX Runtime on the CPU: the train extra has no onnxruntime.
+RUN pip install --no-cache-dir "/src[train]" "onnxruntime==${ORT_VERSION}" \
  && rm -rf /src \
  && useradd --system --uid 10001 --gid 0 --home-dir /tmp --shell /usr/sbin/nologin tlserve
 USER 10001

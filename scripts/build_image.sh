@@ -4,6 +4,7 @@
 #   TLSERVE_IMAGE_TAG    the tag to build (default tlserve:<target>)
 #   TLSERVE_IMAGE_CACHE  where the debootstrapped base rootfs is kept (default /var/cache/tlserve-image)
 #   TLSERVE_PIP_CERT     the CA bundle pip trusts during the build (default: the host's, /etc/ssl/certs/ca-certificates.crt)
+#   TLSERVE_PIP_LOCAL    1 (default): the build's pip also reads the host pip's local wheel folders; 0: PyPI only
 #   PODMAN               the podman command (default `podman --runtime runc`: crun refuses hybrid cgroups)
 # Needs root, podman, runc and debootstrap (bash scripts/install_tools.sh installs them).
 #
@@ -96,19 +97,58 @@ make_stand_in() {
 for base in $(python_bases); do make_stand_in "$base"; done
 exec 9>&- || true
 
+# The host pip's local package sources (file:// indexes and find-links folders in its config), one per line as
+# "index|links PATH"; an index's PATH is the folder above its simple/ (its pages link to ../../files/).
+host_pip_sources() {
+  [ "${TLSERVE_PIP_LOCAL:-1}" = 1 ] || return 0
+  python3 - <<'PY' || true
+import ast, os, subprocess, sys
+out = subprocess.run([sys.executable, "-m", "pip", "config", "list"], capture_output=True, text=True).stdout
+seen = set()
+for line in out.splitlines():
+    key, _, value = line.partition("=")
+    kind = {"find-links": "links", "extra-index-url": "index", "index-url": "index"}.get(key.rsplit(".", 1)[-1])
+    if kind is None:
+        continue
+    for url in ast.literal_eval(value).split():
+        path = url[len("file://"):] if url.startswith("file://") else url
+        if kind == "index" and os.path.basename(path.rstrip("/")) == "simple":
+            path = os.path.dirname(path.rstrip("/"))
+        if os.path.isabs(path) and os.path.isdir(path) and (kind, path) not in seen:
+            seen.add((kind, path))
+            print(kind, path)
+PY
+}
+
 # pip during the build: a folder holding the host's CA bundle and a pip.conf naming it, mounted read-only on
-# /etc/xdg/pip (pip's site-wide config folder, empty in the stand-in base) for RUN steps only.
+# /etc/xdg/pip (pip's site-wide config folder, empty in the stand-in base) for RUN steps only. The host pip's
+# local package folders (if any) are mounted below it and named in that pip.conf, so a build takes wheels the
+# host already has (torch: 3 GB) from disk; PyPI stays the index. TLSERVE_PIP_LOCAL=0 leaves them out.
 work="$(mktemp -d)"
 trap 'rm -rf "$work"' EXIT
 cp "$CERT" "$work/ca.pem"
-printf '[global]\ncert = /etc/xdg/pip/ca.pem\ndefault-timeout = 180\n' >"$work/pip.conf"
+mounts=(-v "$work:/etc/xdg/pip:ro")
+indexes=() links=() n=0
+while read -r kind path; do
+  [ -n "$kind" ] || continue
+  mkdir -p "$work/local/$n"
+  mounts+=(-v "$path:/etc/xdg/pip/local/$n:ro")
+  if [ "$kind" = index ]; then indexes+=("file:///etc/xdg/pip/local/$n/simple"); else links+=("/etc/xdg/pip/local/$n"); fi
+  log "pip source: $path ($kind)"
+  n=$((n + 1))
+done < <(host_pip_sources)
+{
+  printf '[global]\ncert = /etc/xdg/pip/ca.pem\ndefault-timeout = 180\n'
+  [ ${#indexes[@]} -eq 0 ] || printf 'extra-index-url = %s\n' "${indexes[*]}"
+  [ ${#links[@]} -eq 0 ] || printf 'find-links = %s\n' "${links[*]}"
+} >"$work/pip.conf"
 chmod -R a+rX "$work"
 
 log "podman build --target $TARGET -t $TAG"
 start=$SECONDS
 "${PODMAN[@]}" build --pull=never --network host --format docker --layers \
   --target "$TARGET" -t "$TAG" \
-  -v "$work:/etc/xdg/pip:ro" \
+  "${mounts[@]}" \
   -f Dockerfile . >&2
 log "built $TAG in $((SECONDS - start)) s, $("${PODMAN[@]}" image inspect --format '{{.Size}}' "$TAG") bytes"
 echo "$TAG"

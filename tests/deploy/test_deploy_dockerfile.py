@@ -61,6 +61,7 @@ def test_serving_targets_have_no_torch_and_run_tlserve_serve_as_non_root():
         assert "ARG MODEL_REPOSITORY=" in found[name] and "COPY ${MODEL_REPOSITORY} /models" in found[name]
     assert "onnxruntime==" in found["cpu-build"], "the slim image swaps in the CPU build of ONNX Runtime"
     assert "[train]" in found["trainer"] and re.search(r"^USER 10001$", found["trainer"], flags=re.M)
+    assert "onnxruntime==" in found["trainer"], "tlserve export verifies with ONNX Runtime; the train extra has none"
 
 
 def test_dockerignore_lets_the_build_inputs_through():
