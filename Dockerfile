@@ -23,13 +23,18 @@ COPY export/ export/
 FROM python:3.11.14-slim-bookworm AS cpu-build
 ARG ORT_VERSION
 ENV PIP_DISABLE_PIP_VERSION_CHECK=1 PIP_NO_CACHE_DIR=1
-COPY --from=source /src /src
-# The serve extra selects onnxruntime-gpu on linux/x86_64; the slim image swaps in the CPU build.
-RUN python -m venv /opt/venv \
- && /opt/venv/bin/pip install --no-cache-dir "/src[serve]" \
- && /opt/venv/bin/pip uninstall -y onnxruntime-gpu \
- && /opt/venv/bin/pip install --no-cache-dir "onnxruntime==${ORT_VERSION}" \
+# Dependencies first, listed from pyproject.toml alone, so a source change reuses this layer. The serve extra
+# selects onnxruntime-gpu on linux/x86_64; the slim image takes the CPU build instead.
+COPY pyproject.toml deploy/docker/requirements.py /deps/
+RUN python /deps/requirements.py /deps/pyproject.toml serve --onnxruntime "onnxruntime==${ORT_VERSION}" \
+      > /deps/requirements.txt \
+ && python -m venv /opt/venv \
+ && /opt/venv/bin/pip install --no-cache-dir -r /deps/requirements.txt \
  && /opt/venv/bin/python -m compileall -q /opt/venv
+COPY --from=source /src /src
+RUN /opt/venv/bin/pip install --no-cache-dir --no-deps "/src[serve]" \
+ && /opt/venv/bin/pip check \
+ && /opt/venv/bin/python -m compileall -q /opt/venv/lib/python3.11/site-packages/tlserve
 
 # ---------------------------------------------------------------- gpu: build the virtualenv on the CUDA base
 FROM nvidia/cuda:13.0.1-cudnn-runtime-ubuntu24.04 AS gpu-build
@@ -40,10 +45,15 @@ ENV PIP_DISABLE_PIP_VERSION_CHECK=1 PIP_NO_CACHE_DIR=1 DEBIAN_FRONTEND=nonintera
 RUN apt-get update \
  && apt-get install -y --no-install-recommends python3 python3-venv \
  && rm -rf /var/lib/apt/lists/*
-COPY --from=source /src /src
-RUN python3 -m venv /opt/venv \
- && /opt/venv/bin/pip install --no-cache-dir "/src[serve]" \
+COPY pyproject.toml deploy/docker/requirements.py /deps/
+RUN python3 /deps/requirements.py /deps/pyproject.toml serve > /deps/requirements.txt \
+ && python3 -m venv /opt/venv \
+ && /opt/venv/bin/pip install --no-cache-dir -r /deps/requirements.txt \
  && /opt/venv/bin/python -m compileall -q /opt/venv
+COPY --from=source /src /src
+RUN /opt/venv/bin/pip install --no-cache-dir --no-deps "/src[serve]" \
+ && /opt/venv/bin/pip check \
+ && /opt/venv/bin/python -m compileall -q /opt/venv/lib/python3*/site-packages/tlserve
 
 # ---------------------------------------------------------------- trainer (optional): torch for cluster jobs
 FROM python:3.11.14-slim-bookworm AS trainer
@@ -51,11 +61,18 @@ ARG ORT_VERSION
 ENV PIP_DISABLE_PIP_VERSION_CHECK=1 PIP_NO_CACHE_DIR=1 \
     PYTHONDONTWRITEBYTECODE=1 PYTHONUNBUFFERED=1 \
     HOME=/tmp TMPDIR=/tmp TORCH_HOME=/cache/torch MPLCONFIGDIR=/tmp/matplotlib
-COPY --from=source /src /src
-# `tlserve export` verifies the ONNX file with ONNX Runtime on the CPU: the train extra has no onnxruntime.
-RUN pip install --no-cache-dir "/src[train]" "onnxruntime==${ORT_VERSION}" \
- && rm -rf /src \
+# Dependencies first (see cpu-build). `tlserve export` verifies the ONNX file with ONNX Runtime on the CPU:
+# the train extra has no onnxruntime, so the CPU build is added.
+COPY pyproject.toml deploy/docker/requirements.py /deps/
+RUN python /deps/requirements.py /deps/pyproject.toml train --onnxruntime "onnxruntime==${ORT_VERSION}" \
+      > /deps/requirements.txt \
+ && pip install --no-cache-dir -r /deps/requirements.txt \
+ && rm -rf /deps \
  && useradd --system --uid 10001 --gid 0 --home-dir /tmp --shell /usr/sbin/nologin tlserve
+COPY --from=source /src /src
+RUN pip install --no-cache-dir --no-deps "/src[train]" \
+ && pip check \
+ && rm -rf /src
 USER 10001
 WORKDIR /work
 # Training has no server to probe; the job's exit status is its health.

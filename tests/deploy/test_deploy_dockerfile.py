@@ -64,6 +64,17 @@ def test_serving_targets_have_no_torch_and_run_tlserve_serve_as_non_root():
     assert "onnxruntime==" in found["trainer"], "tlserve export verifies with ONNX Runtime; the train extra has none"
 
 
+def test_dependencies_are_installed_in_a_layer_that_a_source_change_does_not_touch():
+    """pyproject.toml alone feeds the dependency layer; the sources come after it and install with --no-deps."""
+    for name, body in stages().items():
+        if "--from=source" not in body:
+            continue
+        deps, source = body.index("COPY pyproject.toml deploy/docker/requirements.py"), body.index("--from=source")
+        assert deps < source, name
+        assert "-r /deps/requirements.txt" in body[deps:source], name
+        assert re.search(r"pip install --no-cache-dir --no-deps \"/src\[(serve|train)\]\"", body[source:]), name
+
+
 def test_dockerignore_lets_the_build_inputs_through():
     lines = (REPO / ".dockerignore").read_text().splitlines()
     ignore = [line.strip() for line in lines if line.strip() and not line.startswith("#")]
