@@ -19,16 +19,25 @@ COPY server/ server/
 COPY trainer/ trainer/
 COPY export/ export/
 
+# ---------------------------------------------------------------- requirements: each image's dependency list
+# Listed from pyproject.toml's extras; the build stages COPY only their list, so their dependency layer is rebuilt
+# when that list changes, not when the sources or another part of pyproject.toml do.
+FROM python:3.11.14-slim-bookworm AS requirements
+ARG ORT_VERSION
+WORKDIR /deps
+COPY pyproject.toml deploy/docker/requirements.py ./
+# The serve extra selects onnxruntime-gpu on linux/x86_64; the slim image takes the CPU build instead. The train
+# extra has no onnxruntime, but `tlserve export` verifies with it on the CPU.
+RUN python requirements.py pyproject.toml serve --onnxruntime "onnxruntime==${ORT_VERSION}" > serve-cpu.txt \
+ && python requirements.py pyproject.toml serve > serve.txt \
+ && python requirements.py pyproject.toml train --onnxruntime "onnxruntime==${ORT_VERSION}" > train.txt
+
 # ---------------------------------------------------------------- cpu: build the virtualenv
 FROM python:3.11.14-slim-bookworm AS cpu-build
-ARG ORT_VERSION
 ENV PIP_DISABLE_PIP_VERSION_CHECK=1 PIP_NO_CACHE_DIR=1
-# Dependencies first, listed from pyproject.toml alone, so a source change reuses this layer. The serve extra
-# selects onnxruntime-gpu on linux/x86_64; the slim image takes the CPU build instead.
-COPY pyproject.toml deploy/docker/requirements.py /deps/
-RUN python /deps/requirements.py /deps/pyproject.toml serve --onnxruntime "onnxruntime==${ORT_VERSION}" \
-      > /deps/requirements.txt \
- && python -m venv /opt/venv \
+# Dependencies first, then the sources with --no-deps: a source change reuses the dependency layer.
+COPY --from=requirements /deps/serve-cpu.txt /deps/requirements.txt
+RUN python -m venv /opt/venv \
  && /opt/venv/bin/pip install --no-cache-dir -r /deps/requirements.txt \
  && /opt/venv/bin/python -m compileall -q /opt/venv
 COPY --from=source /src /src
@@ -45,9 +54,8 @@ ENV PIP_DISABLE_PIP_VERSION_CHECK=1 PIP_NO_CACHE_DIR=1 DEBIAN_FRONTEND=nonintera
 RUN apt-get update \
  && apt-get install -y --no-install-recommends python3 python3-venv \
  && rm -rf /var/lib/apt/lists/*
-COPY pyproject.toml deploy/docker/requirements.py /deps/
-RUN python3 /deps/requirements.py /deps/pyproject.toml serve > /deps/requirements.txt \
- && python3 -m venv /opt/venv \
+COPY --from=requirements /deps/serve.txt /deps/requirements.txt
+RUN python3 -m venv /opt/venv \
  && /opt/venv/bin/pip install --no-cache-dir -r /deps/requirements.txt \
  && /opt/venv/bin/python -m compileall -q /opt/venv
 COPY --from=source /src /src
@@ -57,16 +65,12 @@ RUN /opt/venv/bin/pip install --no-cache-dir --no-deps "/src[serve]" \
 
 # ---------------------------------------------------------------- trainer (optional): torch for cluster jobs
 FROM python:3.11.14-slim-bookworm AS trainer
-ARG ORT_VERSION
 ENV PIP_DISABLE_PIP_VERSION_CHECK=1 PIP_NO_CACHE_DIR=1 \
     PYTHONDONTWRITEBYTECODE=1 PYTHONUNBUFFERED=1 \
     HOME=/tmp TMPDIR=/tmp TORCH_HOME=/cache/torch MPLCONFIGDIR=/tmp/matplotlib
-# Dependencies first (see cpu-build). `tlserve export` verifies the ONNX file with ONNX Runtime on the CPU:
-# the train extra has no onnxruntime, so the CPU build is added.
-COPY pyproject.toml deploy/docker/requirements.py /deps/
-RUN python /deps/requirements.py /deps/pyproject.toml train --onnxruntime "onnxruntime==${ORT_VERSION}" \
-      > /deps/requirements.txt \
- && pip install --no-cache-dir -r /deps/requirements.txt \
+# Dependencies first (torch, torchvision, onnx, the CPU onnxruntime), then the sources (see cpu-build).
+COPY --from=requirements /deps/train.txt /deps/requirements.txt
+RUN pip install --no-cache-dir -r /deps/requirements.txt \
  && rm -rf /deps \
  && useradd --system --uid 10001 --gid 0 --home-dir /tmp --shell /usr/sbin/nologin tlserve
 COPY --from=source /src /src
