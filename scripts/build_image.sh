@@ -5,6 +5,7 @@
 #   TLSERVE_IMAGE_CACHE  where the debootstrapped base rootfs is kept (default /var/cache/tlserve-image)
 #   TLSERVE_PIP_CERT     the CA bundle pip trusts during the build (default: the host's, /etc/ssl/certs/ca-certificates.crt)
 #   TLSERVE_PIP_LOCAL    1 (default): the build's pip also reads the host pip's local wheel folders; 0: PyPI only
+#   TLSERVE_IMAGE_PRUNE  1 (default): remove dangling images after the build (podman image prune); 0: keep them
 #   PODMAN               the podman command (default `podman --runtime runc`: crun refuses hybrid cgroups)
 # Needs root, podman, runc and debootstrap (bash scripts/install_tools.sh installs them).
 #
@@ -59,10 +60,6 @@ make_stand_in() {
     || die "no stand-in for $base: Debian $SUITE ships Python 3.11 (change SUITE with the Dockerfile's base)"
   command -v debootstrap >/dev/null || die "debootstrap not found: run \`bash scripts/install_tools.sh\`"
   local rootfs="$CACHE/rootfs-$SUITE"
-  mkdir -p "$CACHE"
-  exec 9>"$CACHE/lock"
-  flock 9  # one debootstrap/import at a time (make image and the test may race)
-  if "${PODMAN[@]}" image exists "$full"; then log "base $full: present"; return; fi
   if [ ! -f "$rootfs/.tlserve-complete" ]; then
     local mirror
     mirror="$(debian_mirror)"
@@ -94,8 +91,11 @@ make_stand_in() {
       - "$full" >/dev/null
 }
 
+# One build at a time on a machine (make image and the tests may race): the lock covers base, build and prune.
+mkdir -p "$CACHE"
+exec 9>"$CACHE/lock"
+flock 9
 for base in $(python_bases); do make_stand_in "$base"; done
-exec 9>&- || true
 
 # The host pip's local package sources (file:// indexes and find-links folders in its config), one per line as
 # "index|links PATH"; an index's PATH is the folder above its simple/ (its pages link to ../../files/).
@@ -151,4 +151,7 @@ start=$SECONDS
   "${mounts[@]}" \
   -f Dockerfile . >&2
 log "built $TAG in $((SECONDS - start)) s, $("${PODMAN[@]}" image inspect --format '{{.Size}}' "$TAG") bytes"
+# Replaced images and stale cache leaves would fill the disk build after build (the trainer is 6 GB); the layers
+# of the tagged images, the cache that matters, stay. TLSERVE_IMAGE_PRUNE=0 keeps everything.
+if [ "${TLSERVE_IMAGE_PRUNE:-1}" = 1 ]; then "${PODMAN[@]}" image prune -f >/dev/null || true; fi
 echo "$TAG"
