@@ -20,17 +20,31 @@ COPY trainer/ trainer/
 COPY export/ export/
 COPY proto/ proto/
 
+# ---------------------------------------------------------------- requirements: each image's dependency list
+# Listed from pyproject.toml's extras; the build stages COPY only their list, so their dependency layer is rebuilt
+# when that list changes, not when the sources or another part of pyproject.toml do.
+FROM python:3.11.14-slim-bookworm AS requirements
+ARG ORT_VERSION
+WORKDIR /deps
+COPY pyproject.toml deploy/docker/requirements.py ./
+# The serve extra selects onnxruntime-gpu on linux/x86_64; the slim image takes the CPU build instead. The train
+# extra has no onnxruntime, but `tlserve export` verifies with it on the CPU.
+RUN python requirements.py pyproject.toml serve,tracing --onnxruntime "onnxruntime==${ORT_VERSION}" > serve-cpu.txt \
+ && python requirements.py pyproject.toml serve,tracing > serve.txt \
+ && python requirements.py pyproject.toml train --onnxruntime "onnxruntime==${ORT_VERSION}" > train.txt
+
 # ---------------------------------------------------------------- cpu: build the virtualenv
 FROM python:3.11.14-slim-bookworm AS cpu-build
-ARG ORT_VERSION
 ENV PIP_DISABLE_PIP_VERSION_CHECK=1 PIP_NO_CACHE_DIR=1
-COPY --from=source /src /src
-# The serve extra selects onnxruntime-gpu on linux/x86_64; the slim image swaps in the CPU build.
+# Dependencies first, then the sources with --no-deps: a source change reuses the dependency layer.
+COPY --from=requirements /deps/serve-cpu.txt /deps/requirements.txt
 RUN python -m venv /opt/venv \
- && /opt/venv/bin/pip install --no-cache-dir "/src[serve,tracing]" \
- && /opt/venv/bin/pip uninstall -y onnxruntime-gpu \
- && /opt/venv/bin/pip install --no-cache-dir "onnxruntime==${ORT_VERSION}" \
+ && /opt/venv/bin/pip install --no-cache-dir -r /deps/requirements.txt \
  && /opt/venv/bin/python -m compileall -q /opt/venv
+COPY --from=source /src /src
+RUN /opt/venv/bin/pip install --no-cache-dir --no-deps "/src[serve]" \
+ && /opt/venv/bin/pip check \
+ && /opt/venv/bin/python -m compileall -q /opt/venv/lib/python3.11/site-packages/tlserve
 
 # ---------------------------------------------------------------- gpu: build the virtualenv on the CUDA base
 FROM nvidia/cuda:13.0.1-cudnn-runtime-ubuntu24.04 AS gpu-build
@@ -41,20 +55,29 @@ ENV PIP_DISABLE_PIP_VERSION_CHECK=1 PIP_NO_CACHE_DIR=1 DEBIAN_FRONTEND=nonintera
 RUN apt-get update \
  && apt-get install -y --no-install-recommends python3 python3-venv \
  && rm -rf /var/lib/apt/lists/*
-COPY --from=source /src /src
+COPY --from=requirements /deps/serve.txt /deps/requirements.txt
 RUN python3 -m venv /opt/venv \
- && /opt/venv/bin/pip install --no-cache-dir "/src[serve,tracing]" \
+ && /opt/venv/bin/pip install --no-cache-dir -r /deps/requirements.txt \
  && /opt/venv/bin/python -m compileall -q /opt/venv
+COPY --from=source /src /src
+RUN /opt/venv/bin/pip install --no-cache-dir --no-deps "/src[serve]" \
+ && /opt/venv/bin/pip check \
+ && /opt/venv/bin/python -m compileall -q /opt/venv/lib/python3*/site-packages/tlserve
 
 # ---------------------------------------------------------------- trainer (optional): torch for cluster jobs
 FROM python:3.11.14-slim-bookworm AS trainer
 ENV PIP_DISABLE_PIP_VERSION_CHECK=1 PIP_NO_CACHE_DIR=1 \
     PYTHONDONTWRITEBYTECODE=1 PYTHONUNBUFFERED=1 \
     HOME=/tmp TMPDIR=/tmp TORCH_HOME=/cache/torch MPLCONFIGDIR=/tmp/matplotlib
-COPY --from=source /src /src
-RUN pip install --no-cache-dir "/src[train]" \
- && rm -rf /src \
+# Dependencies first (torch, torchvision, onnx, the CPU onnxruntime), then the sources (see cpu-build).
+COPY --from=requirements /deps/train.txt /deps/requirements.txt
+RUN pip install --no-cache-dir -r /deps/requirements.txt \
+ && rm -rf /deps \
  && useradd --system --uid 10001 --gid 0 --home-dir /tmp --shell /usr/sbin/nologin tlserve
+COPY --from=source /src /src
+RUN pip install --no-cache-dir --no-deps "/src[train]" \
+ && pip check \
+ && rm -rf /src
 USER 10001
 WORKDIR /work
 # Training has no server to probe; the job's exit status is its health.

@@ -6,7 +6,7 @@ PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 SRC    := pyproject.toml
 
-.PHONY: demo test lint format install weights proto docs tools clean
+.PHONY: demo test lint format install weights proto docs tools image clean
 
 $(STAMP): $(SRC)
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -42,6 +42,10 @@ docs: $(STAMP)  ## regenerate the flag table in docs/server-contract.md from ser
 
 tools:  ## install the ops tools the validation tests use (helm, promtool, hadolint, ...)
 	bash scripts/install_tools.sh
+
+TARGET ?= cpu
+image:  ## build the tlserve:$(TARGET) image (cpu or trainer) with podman; see docs/deployment.md
+	bash scripts/build_image.sh $(TARGET)
 
 clean:
 	rm -rf $(VENV) runs models data demo-out .pytest_cache

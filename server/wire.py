@@ -201,8 +201,8 @@ class WireGuard(grpc.aio.ServerInterceptor):
                 except TooLarge as exc:
                     return Rejected(
                         f"the request's packed values would take {exc.args[0]} bytes once parsed, more than "
-                        f"{MAX_PACKED_GROWTH}x its {len(data)} bytes (64-bit values under 128: int64 contents or shapes); "
-                        "send raw_input_contents or the model's own datatype"
+                        f"{MAX_PACKED_GROWTH}x its {len(data)} bytes (64-bit values under 128: int64 contents or "
+                        "shapes); send raw_input_contents or the model's own datatype"
                     )
                 except Malformed as exc:
                     return Rejected(f"the request is not a valid {descriptor.full_name} message: {exc}")

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import re
+import sys
 
 import pytest
 from deploy_helpers import REPO, run
@@ -59,8 +60,38 @@ def test_serving_targets_have_no_torch_and_run_tlserve_serve_as_non_root():
         assert 'ENTRYPOINT ["tlserve", "serve"]' in found[name]
         assert "TMPDIR=/tmp" in found[name] and "HOME=/tmp" in found[name]
         assert "ARG MODEL_REPOSITORY=" in found[name] and "COPY ${MODEL_REPOSITORY} /models" in found[name]
-    assert "onnxruntime==" in found["cpu-build"], "the slim image swaps in the CPU build of ONNX Runtime"
+    assert "COPY --from=requirements /deps/serve-cpu.txt " in found["cpu-build"]
+    assert "COPY --from=requirements /deps/serve.txt " in found["gpu-build"]
     assert "[train]" in found["trainer"] and re.search(r"^USER 10001$", found["trainer"], flags=re.M)
+    assert "COPY --from=requirements /deps/train.txt " in found["trainer"]
+
+
+def requirement_names(extra: str, *args: str) -> set[str]:
+    """The names deploy/docker/requirements.py lists for ``extra`` of the real pyproject.toml."""
+    script = REPO / "deploy" / "docker" / "requirements.py"
+    out = run([sys.executable, str(script), str(REPO / "pyproject.toml"), extra, *args]).stdout
+    return {re.match(r"[A-Za-z0-9_.\-]+", line).group(0).lower() for line in out.splitlines()}
+
+
+def test_requirement_lists_swap_in_the_cpu_onnxruntime_and_keep_torch_out_of_serving():
+    cpu = requirement_names("serve", "--onnxruntime", "onnxruntime==1.31.1")
+    assert "onnxruntime" in cpu and "onnxruntime-gpu" not in cpu and "grpcio" in cpu and "torch" not in cpu
+    assert {"onnxruntime", "onnxruntime-gpu"} <= requirement_names("serve")  # by platform marker, for the CUDA base
+    train = requirement_names("train", "--onnxruntime", "onnxruntime==1.31.1")
+    assert {"torch", "torchvision", "onnx", "onnxruntime"} <= train, "tlserve export verifies with ONNX Runtime"
+
+
+def test_dependencies_are_installed_in_a_layer_that_a_source_change_does_not_touch():
+    """Each build stage installs its own list from the requirements stage (which alone reads pyproject.toml),
+    then the sources with --no-deps."""
+    found = stages()
+    assert "COPY pyproject.toml deploy/docker/requirements.py" in found["requirements"]
+    for name in ("cpu-build", "gpu-build", "trainer"):
+        body = found[name]
+        deps, source = body.index("COPY --from=requirements /deps/"), body.index("COPY --from=source")
+        assert deps < source, name
+        assert "-r /deps/requirements.txt" in body[deps:source], name
+        assert re.search(r"pip install --no-cache-dir --no-deps \"/src\[(serve|train)\]\"", body[source:]), name
 
 
 def test_dockerignore_lets_the_build_inputs_through():
