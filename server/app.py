@@ -27,6 +27,7 @@ from tlserve.server.allocator import keep_large_blocks_returnable
 from tlserve.server.cpus import available_cpus, lower_priority
 from tlserve.server.dataplane import DataPlane
 from tlserve.server.drain import DrainGate
+from tlserve.server.errors import ServingError
 from tlserve.server.gpu import register_gpu_metrics
 from tlserve.server.grpc_options import grpc_options
 from tlserve.server.health import HealthReporter
@@ -299,6 +300,8 @@ async def run(settings: Settings) -> int:
 async def reload_logged(handle: ServerHandle) -> None:
     try:
         await handle.repository.reload()
+    except ServingError as exc:  # e.g. a --model-dir layout gone bad: the message says what; no traceback
+        log.error("repository rescan failed: %s; what is loaded keeps serving", exc)
     except Exception:
         log.exception("repository rescan failed")
 

@@ -19,6 +19,7 @@ from pathlib import Path
 
 from tlserve.contract import MODEL_FILE
 from tlserve.manifest import Manifest, ManifestError
+from tlserve.server.errors import FailedPrecondition
 from tlserve.server.onnx_metadata import MetadataError, read_metadata
 from tlserve.server.scan import Scan, VersionDir, file_signature, is_version_name, scan
 
@@ -32,8 +33,10 @@ EXPECTED = (
 )
 
 
-class ModelDirError(ValueError):
-    """``--model-dir`` does not hold exactly one model in a known layout (the message names the path)."""
+class ModelDirError(FailedPrecondition, ValueError):
+    """``--model-dir`` does not hold exactly one model in a known layout (the message names the path). At start-up
+    it stops the server (exit 2); on a rescan (ReloadRepository) it is FAILED_PRECONDITION and the loaded model
+    keeps serving."""
 
 
 @dataclass(frozen=True)

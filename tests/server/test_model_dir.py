@@ -109,6 +109,22 @@ def test_without_a_name_the_files_name_the_model(layout, exported_version, tmp_p
     assert {name: list(versions) for name, versions in found.models.items()} == {MODEL: ["1"]}
 
 
+def test_a_layout_broken_while_serving_fails_the_reload_and_the_model_keeps_serving(exported_version, tmp_path):
+    model_dir = make_layout("versions", exported_version, tmp_path / "mnt" / "models")
+    server = LiveServer(serve_args(model_dir, "--model-name", SERVED_AS)).start()
+    try:
+        shutil.copy(exported_version / "model.onnx", model_dir / "model.onnx")  # a lone file beside the versions
+        with pytest.raises(grpc.RpcError) as refused:
+            server.stub.ReloadRepository(task_pb.ReloadRepositoryRequest(), timeout=60)
+        assert refused.value.code() == grpc.StatusCode.FAILED_PRECONDITION, refused.value
+        assert str(model_dir) in refused.value.details() and "several layouts" in refused.value.details()
+        image = task_pb.Image(encoded=photo_bytes("coffee.png"))
+        answer = server.stub.Classify(task_pb.ClassifyRequest(model=task_pb.ModelRef(name=SERVED_AS), images=[image]))
+        assert answer.results[0].predictions
+    finally:
+        server.close()
+
+
 def test_the_metadata_reader_agrees_with_onnxruntime(exported_version):
     import onnxruntime as ort
 
