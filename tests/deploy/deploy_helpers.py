@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import re
 import shutil
 import subprocess
@@ -74,3 +75,17 @@ def metrics_in(promql: str) -> set[str]:
         base = re.sub(r"_(bucket|sum|count)$", "", name)
         found.add(base if base in histograms else name)
     return found
+
+
+def set_path(doc: dict, path: str, value) -> dict:
+    """A copy of ``doc`` with ``value`` at a dotted path (list indices as numbers); value None deletes."""
+    doc = copy.deepcopy(doc)
+    *parents, last = [int(p) if p.isdigit() else p for p in path.split(".")]
+    node = doc
+    for part in parents:
+        node = node[part]
+    if value is None:
+        del node[last]
+    else:
+        node[last] = value
+    return doc

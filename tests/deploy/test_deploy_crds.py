@@ -6,15 +6,13 @@ object."""
 
 from __future__ import annotations
 
-import copy
-
 import pytest
 import yaml
 
 pytest.importorskip("jsonschema")
 
 from crd_schema import crd_path, errors  # noqa: E402
-from deploy_helpers import CHART, contract_metrics, helm_template, manifests, metrics_in, run  # noqa: E402
+from deploy_helpers import CHART, contract_metrics, helm_template, manifests, metrics_in, run, set_path  # noqa: E402
 from test_deploy_chart import VARIANTS  # noqa: E402
 
 pytestmark = pytest.mark.tools
@@ -66,20 +64,6 @@ def test_rendered_custom_resources_match_their_crds(helm, variant):
 
 def rendered_resource(helm, kind: str) -> dict:
     (doc,) = [d for d in custom_resources(helm_template(helm, *CRD_VARIANTS["keda"])).values() if d["kind"] == kind]
-    return doc
-
-
-def set_path(doc: dict, path: str, value) -> dict:
-    """A copy of ``doc`` with ``value`` at a dotted path (list indices as numbers); value None deletes."""
-    doc = copy.deepcopy(doc)
-    *parents, last = [int(p) if p.isdigit() else p for p in path.split(".")]
-    node = doc
-    for part in parents:
-        node = node[part]
-    if value is None:
-        del node[last]
-    else:
-        node[last] = value
     return doc
 
 

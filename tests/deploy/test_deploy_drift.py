@@ -40,15 +40,6 @@ LIVE_MEDIAN = (
 
 
 @pytest.fixture(scope="module")
-def repository(request) -> Path:
-    pytest.importorskip("grpc")
-    try:
-        return Path(request.getfixturevalue("model_repository"))
-    except pytest.FixtureLookupError:
-        pytest.skip("needs the model_repository fixture (tests/conftest.py: an exported fashion/1/model.onnx)")
-
-
-@pytest.fixture(scope="module")
 def fashion_images() -> list[bytes]:
     """Fashion-MNIST validation images (the split the baseline was measured on) as PNG files."""
     from PIL import Image

@@ -25,15 +25,6 @@ PHOTOS = ("chelsea.png", "coffee.png", "rocket.jpg")
 
 
 @pytest.fixture(scope="module")
-def repository(request) -> Path:
-    pytest.importorskip("grpc")
-    try:
-        return Path(request.getfixturevalue("model_repository"))
-    except pytest.FixtureLookupError:
-        pytest.skip("needs the model_repository fixture (tests/conftest.py: an exported fashion/1/model.onnx)")
-
-
-@pytest.fixture(scope="module")
 def photos() -> list[bytes]:
     data = pytest.importorskip("skimage.data")
     return [(Path(data.data_dir) / name).read_bytes() for name in PHOTOS]

@@ -14,7 +14,7 @@ import yaml
 pytest.importorskip("jsonschema")
 
 from crd_schema import CRDS, crd_path, errors  # noqa: E402
-from deploy_helpers import REPO, helm_template, manifests, run  # noqa: E402
+from deploy_helpers import REPO, helm_template, manifests, run, set_path  # noqa: E402
 
 pytestmark = pytest.mark.tools
 
@@ -70,14 +70,7 @@ def test_built_in_kinds_pass_kubernetes_validate_strict(kubernetes_validate, tmp
 )
 def test_kubernetes_validate_refuses_a_broken_job(kubernetes_validate, tmp_path, path, value):
     (job,) = docs("job.yaml")
-    node = job
-    *parents, last = [int(p) if p.isdigit() else p for p in path.split(".")]
-    for part in parents:
-        node = node[part]
-    if value is None:
-        del node[last]
-    else:
-        node[last] = value
+    job = set_path(job, path, value)
     proc = kubernetes_validate_strict(kubernetes_validate, [job], tmp_path / "broken.yaml", "1.37.0")
     assert proc.returncode != 0 and " passed for resource " not in proc.stdout, proc.stdout + proc.stderr
 
