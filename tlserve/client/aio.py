@@ -5,44 +5,27 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Sequence
-from typing import Any
 
 import grpc
-from grpc_health.v1 import health_pb2, health_pb2_grpc
+from grpc_health.v1 import health_pb2
 
+from tlserve.client.base import UNSET, ClientBase
 from tlserve.client.channel import ChannelSecurity, RetryPolicy, open_aio_channel
 from tlserve.client.health import POLL_SECONDS, SERVING, health_service
 from tlserve.client.images import ImageLike
-from tlserve.client.requests import DEFAULT_TIMEOUT, Target, classify_request, embed_request, info_request
+from tlserve.client.requests import classify_request, embed_request, info_request
 from tlserve.client.results import Classified, Embedded
 from tlserve.server.pb.tlserve.v1 import tlserve_pb2 as pb
-from tlserve.server.pb.tlserve.v1 import tlserve_pb2_grpc
-
-_UNSET: Any = object()
 
 
-class AsyncClient:
+class AsyncClient(ClientBase):
     """Classify and embed images on a tlserve server from asyncio; arguments as :class:`tlserve.client.Client`."""
 
-    def __init__(
-        self,
-        target: str,
-        security: ChannelSecurity = ChannelSecurity(),
-        retry: RetryPolicy = RetryPolicy(),
-        timeout: float | None = DEFAULT_TIMEOUT,
-        model: str = "",
-        version: str = "",
-        wait_for_ready: bool = False,
-        options: Sequence[tuple[str, Any]] = (),
-    ) -> None:
-        self.target = target
-        self.timeout = timeout
-        self.wait_for_ready = wait_for_ready
-        self._defaults = Target(model, version)
-        self._metadata = security.metadata
-        self.channel = open_aio_channel(target, security, retry, options)
-        self._stub = tlserve_pb2_grpc.InferenceStub(self.channel)
-        self._health = health_pb2_grpc.HealthStub(self.channel)
+    def _open(self, target: str, security: ChannelSecurity, retry: RetryPolicy, options: Sequence) -> grpc.aio.Channel:
+        return open_aio_channel(target, security, retry, options)
+
+    def _call_metadata(self, security: ChannelSecurity) -> tuple[tuple[str, str], ...]:
+        return security.metadata  # an aio channel cannot add it: every call sends it
 
     async def close(self) -> None:
         await self.channel.close()
@@ -53,13 +36,6 @@ class AsyncClient:
     async def __aexit__(self, *exc: object) -> None:
         await self.close()
 
-    def _call(self, timeout: float | None, wait_for_ready: bool | None) -> dict[str, Any]:
-        return {
-            "timeout": self.timeout if timeout is _UNSET else timeout,
-            "wait_for_ready": self.wait_for_ready if wait_for_ready is None else wait_for_ready,
-            "metadata": self._metadata,
-        }
-
     async def classify(
         self,
         images: ImageLike | Sequence[ImageLike],
@@ -67,7 +43,7 @@ class AsyncClient:
         *,
         model: str | None = None,
         version: str | None = None,
-        timeout: float | None = _UNSET,
+        timeout: float | None = UNSET,
         wait_for_ready: bool | None = None,
     ) -> Classified:
         request = await asyncio.to_thread(classify_request, self._defaults, images, top_k, model, version)
@@ -79,22 +55,22 @@ class AsyncClient:
         *,
         model: str | None = None,
         version: str | None = None,
-        timeout: float | None = _UNSET,
+        timeout: float | None = UNSET,
         wait_for_ready: bool | None = None,
     ) -> Embedded:
         request = await asyncio.to_thread(embed_request, self._defaults, images, model, version)
         return Embedded.from_pb(await self._stub.Embed(request, **self._call(timeout, wait_for_ready)))
 
     async def model_info(
-        self, model: str | None = None, version: str | None = None, *, timeout: float | None = _UNSET
+        self, model: str | None = None, version: str | None = None, *, timeout: float | None = UNSET
     ) -> pb.ModelInfo:
         request = info_request(self._defaults, model, version)
         return await self._stub.GetModelInfo(request, **self._call(timeout, None))
 
-    async def list_models(self, *, timeout: float | None = _UNSET) -> list[pb.ModelInfo]:
+    async def list_models(self, *, timeout: float | None = UNSET) -> list[pb.ModelInfo]:
         return list((await self._stub.ListModels(pb.ListModelsRequest(), **self._call(timeout, None))).models)
 
-    async def reload_repository(self, *, timeout: float | None = _UNSET) -> pb.ReloadRepositoryResponse:
+    async def reload_repository(self, *, timeout: float | None = UNSET) -> pb.ReloadRepositoryResponse:
         return await self._stub.ReloadRepository(pb.ReloadRepositoryRequest(), **self._call(timeout, None))
 
     async def wait_ready(self, timeout: float, model: str | None = None) -> None:

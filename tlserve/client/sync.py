@@ -4,20 +4,19 @@ from __future__ import annotations
 
 from collections import deque
 from collections.abc import Iterable, Iterator, Sequence
-from typing import Any
 
+import grpc
+
+from tlserve.client.base import UNSET, ClientBase
 from tlserve.client.channel import ChannelSecurity, RetryPolicy, open_channel
 from tlserve.client.health import wait_ready
 from tlserve.client.images import ImageLike
-from tlserve.client.requests import DEFAULT_TIMEOUT, Target, classify_request, embed_request, info_request
+from tlserve.client.requests import classify_request, embed_request, info_request
 from tlserve.client.results import Classification, Classified, Embedded
 from tlserve.server.pb.tlserve.v1 import tlserve_pb2 as pb
-from tlserve.server.pb.tlserve.v1 import tlserve_pb2_grpc
-
-_UNSET: Any = object()
 
 
-class Client:
+class Client(ClientBase):
     """Classify and embed images on a tlserve server (``host:port``).
 
     ``security`` gives TLS, mTLS and the bearer token; ``retry`` is gRPC's retry policy for UNAVAILABLE and
@@ -28,23 +27,8 @@ class Client:
     :meth:`close`.
     """
 
-    def __init__(
-        self,
-        target: str,
-        security: ChannelSecurity = ChannelSecurity(),
-        retry: RetryPolicy = RetryPolicy(),
-        timeout: float | None = DEFAULT_TIMEOUT,
-        model: str = "",
-        version: str = "",
-        wait_for_ready: bool = False,
-        options: Sequence[tuple[str, Any]] = (),
-    ) -> None:
-        self.target = target
-        self.timeout = timeout
-        self.wait_for_ready = wait_for_ready
-        self._defaults = Target(model, version)
-        self.channel = open_channel(target, security, retry, options)
-        self._stub = tlserve_pb2_grpc.InferenceStub(self.channel)
+    def _open(self, target: str, security: ChannelSecurity, retry: RetryPolicy, options: Sequence) -> grpc.Channel:
+        return open_channel(target, security, retry, options)  # the token rides on the channel
 
     # --- lifetime ------------------------------------------------------------------------------
     def close(self) -> None:
@@ -56,12 +40,6 @@ class Client:
     def __exit__(self, *exc: object) -> None:
         self.close()
 
-    def _call(self, timeout: float | None, wait_for_ready: bool | None) -> dict[str, Any]:
-        return {
-            "timeout": self.timeout if timeout is _UNSET else timeout,
-            "wait_for_ready": self.wait_for_ready if wait_for_ready is None else wait_for_ready,
-        }
-
     # --- the task API --------------------------------------------------------------------------
     def classify(
         self,
@@ -70,7 +48,7 @@ class Client:
         *,
         model: str | None = None,
         version: str | None = None,
-        timeout: float | None = _UNSET,
+        timeout: float | None = UNSET,
         wait_for_ready: bool | None = None,
     ) -> Classified:
         """The ``top_k`` most likely labels of each image (one image or a list; see tlserve.client.images)."""
@@ -83,7 +61,7 @@ class Client:
         *,
         model: str | None = None,
         version: str | None = None,
-        timeout: float | None = _UNSET,
+        timeout: float | None = UNSET,
         wait_for_ready: bool | None = None,
     ) -> Embedded:
         """The embedding of each image, float32 [N, D]; FAILED_PRECONDITION for a model without one."""
@@ -99,7 +77,7 @@ class Client:
         *,
         model: str | None = None,
         version: str | None = None,
-        timeout: float | None = _UNSET,
+        timeout: float | None = UNSET,
     ) -> Iterator[Classification]:
         """Classify a long sequence in requests of ``batch_size`` images, ``window`` requests in flight at
         once on the one channel; results in input order."""
@@ -123,14 +101,14 @@ class Client:
             yield from Classified.from_pb(pending.popleft().result()).results
 
     def model_info(
-        self, model: str | None = None, version: str | None = None, *, timeout: float | None = _UNSET
+        self, model: str | None = None, version: str | None = None, *, timeout: float | None = UNSET
     ) -> pb.ModelInfo:
         return self._stub.GetModelInfo(info_request(self._defaults, model, version), **self._call(timeout, None))
 
-    def list_models(self, *, timeout: float | None = _UNSET) -> list[pb.ModelInfo]:
+    def list_models(self, *, timeout: float | None = UNSET) -> list[pb.ModelInfo]:
         return list(self._stub.ListModels(pb.ListModelsRequest(), **self._call(timeout, None)).models)
 
-    def reload_repository(self, *, timeout: float | None = _UNSET) -> pb.ReloadRepositoryResponse:
+    def reload_repository(self, *, timeout: float | None = UNSET) -> pb.ReloadRepositoryResponse:
         """Rescan the server's model repository now (needs a token with the ``admin`` scope)."""
         return self._stub.ReloadRepository(pb.ReloadRepositoryRequest(), **self._call(timeout, None))
 
