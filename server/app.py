@@ -78,7 +78,7 @@ class ServerHandle:
         observer = RpcObserver(self.metrics, spans, RequestLog(settings.log_requests))
         self.health = HealthReporter()
         self.lifecycle = Lifecycle()
-        self.gate = DrainGate(self.lifecycle, self.metrics)
+        self.gate = DrainGate(self.lifecycle, observer)
         threads = settings.decode_threads or available_cpus()  # the cgroup quota, not the node's cores
         self._decode_pool = ThreadPoolExecutor(threads, thread_name_prefix="decode", initializer=lower_priority)
         self._header_pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="headers")
@@ -105,7 +105,7 @@ class ServerHandle:
                 *traced,
                 *self.security.interceptors(self.metrics),
                 self.gate,
-                WireGuard(settings.max_request_fields, self.metrics),
+                WireGuard(settings.max_request_fields, observer),
             ],
             options=grpc_options(settings) + GRPC_OPTIONS,
             maximum_concurrent_rpcs=settings.max_concurrent_rpcs or None,

@@ -22,8 +22,7 @@ from typing import Any
 import grpc
 
 from tlserve.server.lifecycle import Lifecycle
-from tlserve.server.metrics import Metrics
-from tlserve.server.rpc import RpcCall, record_rpc
+from tlserve.server.rpc import RpcObserver
 
 SHUTTING_DOWN = "shutting down; retry another replica"
 UNGATED = ("/grpc.health.v1.Health/", "/grpc.reflection.")
@@ -32,9 +31,9 @@ UNGATED = ("/grpc.health.v1.Health/", "/grpc.reflection.")
 class DrainGate(grpc.aio.ServerInterceptor):
     """Counts gated calls while they run; refuses new ones once ``lifecycle.draining`` is set."""
 
-    def __init__(self, lifecycle: Lifecycle, metrics: Metrics) -> None:
+    def __init__(self, lifecycle: Lifecycle, observer: RpcObserver) -> None:
         self._lifecycle = lifecycle
-        self._metrics = metrics
+        self._observer = observer
         self._active = 0
         self._idle = asyncio.Event()
         self._idle.set()
@@ -93,12 +92,11 @@ class DrainGate(grpc.aio.ServerInterceptor):
                 self._idle.set()
 
     async def _refuse(self, context: grpc.aio.ServicerContext, rpc: str) -> None:
-        call = RpcCall()
         if self._holding:
             self._held_calls += 1
             self._last_arrival = asyncio.get_running_loop().time()
             await self._released.wait()
-        record_rpc(self._metrics, rpc, call, grpc.StatusCode.UNAVAILABLE)
+        self._observer.refused(context, rpc, grpc.StatusCode.UNAVAILABLE, SHUTTING_DOWN)
         await context.abort(grpc.StatusCode.UNAVAILABLE, SHUTTING_DOWN)
 
     def _gated(self, handler: grpc.RpcMethodHandler, rpc: str) -> grpc.RpcMethodHandler:

@@ -130,6 +130,13 @@ class RpcObserver:
             async with self.observe(context, rpc, in_band=True) as call:
                 yield call
 
+    def refused(self, context: grpc.aio.ServicerContext, rpc: str, code: grpc.StatusCode, details: str) -> None:
+        """Record a call refused before any handler ran (the drain gate, the wire guard) as every other call
+        is recorded: metrics, span, request log. Sending the status is the caller's."""
+        call = RpcCall()
+        call.code, call.error = code, details
+        self._ended(context, rpc, call)
+
     def _ended(self, context: grpc.aio.ServicerContext, rpc: str, call: RpcCall) -> None:
         record_rpc(self.metrics, rpc, call, call.code)
         if self._traced:

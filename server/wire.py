@@ -25,8 +25,7 @@ import numpy as np
 from google.protobuf.descriptor import Descriptor, FieldDescriptor
 from google.protobuf.message import DecodeError
 
-from tlserve.server.metrics import Metrics
-from tlserve.server.rpc import RpcCall, record_rpc
+from tlserve.server.rpc import RpcObserver
 
 VARINT, FIXED64, LENGTH, FIXED32 = 0, 1, 2, 5
 # bytes each value of a packed varint field takes once parsed
@@ -156,9 +155,9 @@ def _continuation_bytes(data: bytes, pos: int, length: int) -> int:
 class WireGuard(grpc.aio.ServerInterceptor):
     """Wraps every method's request parser with the count, and its handler with the refusal."""
 
-    def __init__(self, limit: int, metrics: Metrics) -> None:
+    def __init__(self, limit: int, observer: RpcObserver) -> None:
         self._counter = FieldCounter(limit)
-        self._metrics = metrics
+        self._observer = observer
 
     async def intercept_service(
         self, continuation: Callable[[grpc.HandlerCallDetails], Any], handler_call_details: grpc.HandlerCallDetails
@@ -214,7 +213,7 @@ class WireGuard(grpc.aio.ServerInterceptor):
         return guarded
 
     def _refuse(self, context: grpc.aio.ServicerContext, rpc: str, rejected: Rejected) -> None:
-        record_rpc(self._metrics, rpc, RpcCall(), grpc.StatusCode.INVALID_ARGUMENT)
+        self._observer.refused(context, rpc, grpc.StatusCode.INVALID_ARGUMENT, rejected.details)
         context.set_code(grpc.StatusCode.INVALID_ARGUMENT)
         context.set_details(rejected.details)
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import logging
+
 import grpc
 import numpy as np
 import pytest
@@ -143,10 +145,14 @@ def test_a_typed_request_within_the_limits_is_served(live):
     assert answer.outputs
 
 
-def test_malformed_bytes_are_invalid_argument_not_unknown(live):
+def test_malformed_bytes_are_invalid_argument_not_unknown(live, caplog):
+    caplog.set_level(logging.INFO, logger="tlserve.server.requests")
     assert_invalid(live, INFER, b"\x0a\xff", "not a valid inference.v2.ModelInferRequest message")  # small: parsed
     assert_invalid(live, INFER, b"\x0b" * 10_000, "groups are not proto3")  # large: walked
     assert_invalid(live, CLASSIFY, b"\x12\x05\x00", "not a valid tlserve.v1.ClassifyRequest message")
+    logged = [r.json_fields for r in caplog.records if r.name == "tlserve.server.requests"]
+    assert {"rpc": "Classify", "code": "INVALID_ARGUMENT"}.items() <= logged[-1].items()  # logged like any call
+    assert "not a valid tlserve.v1.ClassifyRequest message" in logged[-1]["error"]
     still_serving(live)
 
 
