@@ -4,6 +4,7 @@ Protocol with raw uint8 tensors, measured in one run at several concurrencies.
     python benchmarks/bench_serving.py                       # export stock MobileNetV2 at 224 px, bench it
     python benchmarks/bench_serving.py --repository models   # bench the first model of a repository
     python benchmarks/bench_serving.py --trivial             # a trivial graph: measures the front end only
+    python benchmarks/bench_serving.py --peer kserve         # KServe 0.21 beside tlserve, in the same sitting
 
 Every request carries one image. ``raw`` is one in-process ONNX Runtime session fed batches of
 ``c`` images back to back: what perfect dynamic batching of ``c`` outstanding requests would
@@ -16,6 +17,9 @@ so that load from elsewhere on the machine hits them alike, and a cell pools its
 histogram (raw: ``c``); ``server CPU ms`` the server process's CPU per call (from /proc, warm-up
 included). ``--trivial`` serves a graph of microseconds per image with the real signature, so the
 front end is what is measured; ``--py-spy FILE`` profiles the server meanwhile and prints a summary.
+``--peer kserve`` adds KServe (its own venv at ``.bench/kserve-venv``, a minimal ``kserve.Model`` with
+ONNX Runtime: benchmarks/peers/) answering the same OIP bytes, and runs the whole sitting inside a
+private network namespace, since KServe binds 0.0.0.0 (root and `ip` needed).
 Prints the table (markdown) and, with ``--json``, writes the numbers.
 """
 
@@ -33,12 +37,15 @@ import sys
 import tempfile
 import time
 import urllib.request
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
+from functools import partial
 from pathlib import Path
 
 import grpc
 import numpy as np
 import onnxruntime as ort
+from peers import kserve_peer, netns
 from PIL import Image
 from prometheus_client.parser import text_string_to_metric_families
 from served import start_server
@@ -229,23 +236,30 @@ def batcher_totals(metrics_url: str, model: str) -> tuple[float, float]:
     return totals["tlserve_batch_size_count"], totals["tlserve_batch_size_sum"]
 
 
+@dataclass(frozen=True)
+class Served:
+    """A served path: its mode, the call it resends, and its server's CPU seconds and batcher totals so far
+    (``batches`` None: a server with no batcher, one image per execution)."""
+
+    mode: str
+    address: str
+    method: str
+    payload: bytes
+    cpu: Callable[[], float]
+    batches: Callable[[], tuple[float, float]] | None
+
+
 def measure_served(
-    address: str,
-    metrics_url: str,
-    model: str,
-    method: str,
-    payload: bytes,
-    concurrency: int,
-    seconds: float,
-    warmup: float,
-    pid: int,
+    path: Served, concurrency: int, seconds: float, warmup: float
 ) -> tuple[int, float, list[float], tuple[float, float], tuple[float, int]]:
     """``drive`` plus how the server batched and the CPU it spent meanwhile (warm-up included)."""
-    before, cpu_before = batcher_totals(metrics_url, model), process_cpu(pid)
-    count, elapsed, latencies, answered = asyncio.run(drive(address, method, payload, concurrency, seconds, warmup))
-    cpu = process_cpu(pid) - cpu_before
-    after = batcher_totals(metrics_url, model)
-    return count, elapsed, latencies, (after[0] - before[0], after[1] - before[1]), (cpu, answered)
+    before, cpu_before = path.batches() if path.batches else (0.0, 0.0), path.cpu()
+    count, elapsed, latencies, answered = asyncio.run(
+        drive(path.address, path.method, path.payload, concurrency, seconds, warmup)
+    )
+    spent = path.cpu() - cpu_before
+    after = path.batches() if path.batches else (float(answered), float(answered))
+    return count, elapsed, latencies, (after[0] - before[0], after[1] - before[1]), (spent, answered)
 
 
 def process_cpu(pid: int) -> float:
@@ -350,6 +364,20 @@ def table(cells: list[Cell]) -> str:
     return "\n".join(lines)
 
 
+def peer_table(cells: list[Cell], peer: str, ours: str = MODES[1]) -> str:
+    """Per concurrency: ``ours`` ÷ ``peer`` in img/s, and in server CPU per call (below 1: we spend less)."""
+    by = {(c.mode, c.concurrency): c for c in cells}
+    lines = [
+        f"| concurrency | tlserve {ours} ÷ {peer} img/s | server CPU per call, tlserve ÷ {peer.split()[0]} |",
+        "|---:|---:|---:|",
+    ]
+    for c in sorted({c.concurrency for c in cells}):
+        a, b = by[ours, c], by[peer, c]
+        cpu = f"{a.server_cpu_ms / b.server_cpu_ms:.2f}" if a.server_cpu_ms and b.server_cpu_ms else ""
+        lines.append(f"| {c} | {a.images_per_s / b.images_per_s:.2f} | {cpu} |")
+    return "\n".join(lines)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument(
@@ -372,6 +400,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--warmup", type=float, default=1.5, help="unmeasured time before each cell")
     parser.add_argument("--rounds", type=int, default=2, help="passes over every cell; a cell pools its rounds")
     parser.add_argument("--server-arg", action="append", default=[], help="extra `tlserve serve` flag (repeatable)")
+    parser.add_argument(
+        "--peer",
+        choices=["kserve"],
+        help="also serve the model with this peer (own venv, private network namespace; needs root and `ip`)",
+    )
+    parser.add_argument(
+        "--kserve-arg", action="append", default=[], help="extra KServe ModelServer flag, e.g. --workers=2 (repeatable)"
+    )
     parser.add_argument("--json", type=Path, help="also write the cells here")
     parser.add_argument(
         "--py-spy",
@@ -383,6 +419,11 @@ def main(argv: list[str] | None = None) -> int:
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # so that `finally` stops the server process
     logging.basicConfig(level=logging.WARNING, format="%(message)s", stream=sys.stderr)
     log.setLevel(logging.INFO)
+    if args.peer and not netns.inside():
+        netns.require_ip()
+        kserve_peer.ensure_venv()  # pip needs the network: before entering the namespace
+        return netns.run_inside([str(Path(__file__).resolve()), *(sys.argv[1:] if argv is None else argv)])
+    modes = (*MODES, kserve_peer.MODE) if args.peer else MODES
 
     with tempfile.TemporaryDirectory() as tmp:
         if args.trivial:
@@ -408,44 +449,56 @@ def main(argv: list[str] | None = None) -> int:
 
         load_before = os.getloadavg()
         process, address, metrics_url = start_server(repository, args.server_arg)
-        profiler = None
+        peer, peer_version, profiler = None, "", None
         try:
             agreed = check_agreement(address, oip_payload, task_payload, raw_top)
+            cpu, batches = partial(process_cpu, process.pid), partial(batcher_totals, metrics_url, name)
+            served = [
+                Served(MODES[1], address, OIP_INFER, oip_payload, cpu, batches),
+                Served(MODES[2], address, TASK_CLASSIFY, task_payload, cpu, batches),
+            ]
+            if args.peer:
+                peer, peer_address, peer_version = kserve_peer.start_checked(
+                    model_file, name, Path(tmp) / "kserve.log", args.kserve_arg, oip_payload, raw_top
+                )
+                cpu = partial(kserve_peer.tree_cpu, peer.pid)
+                served.append(Served(kserve_peer.MODE, peer_address, OIP_INFER, oip_payload, cpu, None))
             if args.py_spy:
                 profiler = start_profiler(process.pid, args.py_spy)
-            samples = {(mode, c): Sample() for c in args.concurrency for mode in MODES}
+            samples = {(mode, c): Sample() for c in args.concurrency for mode in modes}
             for round_ in range(args.rounds):
                 for c in args.concurrency:
                     samples[MODES[0], c].add(
                         *measure_raw(session, manifest.input_name, image, c, args.seconds, args.warmup)
                     )
-                    for mode, method, payload in (
-                        (MODES[1], OIP_INFER, oip_payload),
-                        (MODES[2], TASK_CLASSIFY, task_payload),
-                    ):
-                        samples[mode, c].add(
-                            *measure_served(
-                                address, metrics_url, name, method, payload, c, args.seconds, args.warmup, process.pid
-                            )
-                        )
+                    for path in served:
+                        samples[path.mode, c].add(*measure_served(path, c, args.seconds, args.warmup))
                     log.info(
                         "round %d, concurrency %d: %s",
                         round_ + 1,
                         c,
-                        ", ".join(f"{m} {samples[m, c].images / samples[m, c].elapsed:.1f} img/s" for m in MODES),
+                        ", ".join(f"{m} {samples[m, c].images / samples[m, c].elapsed:.1f} img/s" for m in modes),
                     )
-            cells = [samples[mode, c].cell(mode, c) for c in args.concurrency for mode in MODES]
+            cells = [samples[mode, c].cell(mode, c) for c in args.concurrency for mode in modes]
         finally:
             if profiler:
                 stop_profiler(profiler)
+            if peer:
+                kserve_peer.stop_kserve(peer)
             process.terminate()
             process.wait(30)
         load_after = os.getloadavg()
 
     print(
         f"model: {name} ({manifest.architecture}, {manifest.preprocessing.input_size} px, {manifest.precision}), "
-        f"ONNX Runtime {ort.__version__} CPU, {os.cpu_count()} CPUs; top class on all three paths: {agreed}"
+        f"ONNX Runtime {ort.__version__} CPU, {os.cpu_count()} CPUs; top class on all {len(modes)} paths: {agreed}"
     )
+    if args.peer:
+        print(
+            f"peer: {peer_version} over OIP gRPC (benchmarks/peers/kserve_onnx.py, the same ONNX Runtime, "
+            f"in .bench/kserve-venv), KServe flags: {args.kserve_arg or 'defaults'}; "
+            f"all paths in the private network namespace {os.environ[netns.ENV]}"
+        )
     print(
         f"load average before/after: {load_before[0]:.2f} / {load_after[0]:.2f}; "
         f"{args.rounds} x {args.seconds:g} s per cell, each after {args.warmup:g} s warm-up; "
@@ -453,6 +506,9 @@ def main(argv: list[str] | None = None) -> int:
     )
     print()
     print(table(cells))
+    if args.peer:
+        print()
+        print(peer_table(cells, kserve_peer.MODE))
     if args.json:
         args.json.write_text(json.dumps([asdict(c) for c in cells], indent=2))
     if args.py_spy:
