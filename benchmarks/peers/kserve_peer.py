@@ -15,6 +15,7 @@ from pathlib import Path
 
 import grpc
 import numpy as np
+from served import free_port
 
 from tlserve.server.pb.inference import messages_pb2 as oip
 
@@ -24,14 +25,6 @@ MODE = "KServe OIP uint8"
 PEER_MODEL = Path(__file__).with_name("kserve_onnx.py")
 VENV = Path(__file__).resolve().parents[2] / ".bench" / "kserve-venv"
 SERVICE = "/inference.GRPCInferenceService/"
-
-
-def free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def ensure_venv() -> Path:
