@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 import yaml
-from deploy_helpers import helm_template
+from deploy_helpers import CHART, helm_template
 
 pytestmark = pytest.mark.tools
 
@@ -27,7 +27,7 @@ JOB = "tlserve"
 ALERT = "TlserveConfidenceDrift"
 SHARE_ALERT = "TlserveClassShareDrift"
 WINDOW = "10s"
-SHARE_DISTANCE = 0.3  # the chart's default classShareDriftDistance
+SHARE_DISTANCE = yaml.safe_load((CHART / "values.yaml").read_text())["prometheusRule"]["classShareDriftDistance"]
 MIN_PREDICTIONS = 20  # a few calls' worth within WINDOW
 # real photos the Fashion model is unsure about
 OUT_OF_DISTRIBUTION = (
