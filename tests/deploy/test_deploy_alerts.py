@@ -13,9 +13,10 @@ pytestmark = pytest.mark.tools
 
 RULE_TESTS = REPO / "deploy" / "prometheus" / "alerts_test.yaml"
 # what the alerts must cover: error ratio, p99 latency, queue saturation, model not ready, CUDA fallback,
-# confidence drift
+# confidence drift, class-share drift
 REQUIRED = {
     "TlserveConfidenceDrift",
+    "TlserveClassShareDrift",
     "TlserveHighErrorRatio",
     "TlserveHighP99Latency",
     "TlserveQueueSaturated",
@@ -78,6 +79,23 @@ def test_confidence_drift_quantile_and_duration_come_from_values(promtool, helm,
     proc = run([promtool, "test", "rules", RULE_TESTS.name], cwd=tmp_path, check=False)
     assert proc.returncode != 0
     assert "alertname: TlserveConfidenceDrift" in proc.stdout + proc.stderr
+
+
+@pytest.mark.parametrize(
+    "value",
+    [
+        "prometheusRule.classShareDriftDistance=0.6",  # the drifted mix is 0.5 from its baseline
+        "prometheusRule.classShareDriftMinPredictions=1500",  # the two pods made 1200 predictions in 30 minutes
+        "prometheusRule.classShareDriftWindow=20m",  # 800 predictions in the window: below the minimum
+        "prometheusRule.classShareDriftFor=1h",  # not yet firing at the unit test's 70 minutes
+    ],
+)
+def test_class_share_drift_distance_count_window_and_duration_come_from_values(promtool, helm, tmp_path, value):
+    (tmp_path / "alerts.rules.yaml").write_text(yaml.safe_dump(render_rules(helm, "--set", value)))
+    shutil.copy(RULE_TESTS, tmp_path / RULE_TESTS.name)
+    proc = run([promtool, "test", "rules", RULE_TESTS.name], cwd=tmp_path, check=False)
+    assert proc.returncode != 0
+    assert "alertname: TlserveClassShareDrift" in proc.stdout + proc.stderr
 
 
 def test_every_alert_is_required_or_known_and_unit_tested(helm):

@@ -260,6 +260,9 @@ def test_services_hpa_pdb_and_monitoring(helm):
         ("model.source=s3", "model.source"),
         ("server.device=tpu", "server.device"),
         ("prometheusRule.errorRatio=1.5", "prometheusRule.errorRatio"),
+        ("prometheusRule.classShareDriftDistance=1.5", "prometheusRule.classShareDriftDistance"),
+        ("prometheusRule.classShareDriftMinPredictions=0", "prometheusRule.classShareDriftMinPredictions"),
+        ("prometheusRule.classShareDriftWindow=30", "prometheusRule.classShareDriftWindow"),
     ],
 )
 def test_values_schema_rejects_bad_values(helm, bad, message):

@@ -54,6 +54,18 @@ def test_dashboard_uses_only_contract_metrics_and_its_variables():
             assert panel["datasource"]["uid"] == "${datasource}" and panel["targets"], panel["title"]
 
 
+def test_class_share_distance_panel_draws_the_alert_threshold():
+    """The distance panel computes TlserveClassShareDrift's statistic and draws the chart's default threshold."""
+    (panel,) = [p for p in dashboard()["panels"] if p["title"].startswith("Class-share distance")]
+    (target,) = panel["targets"]
+    assert metrics_in(target["expr"]) == {"tlserve_predictions_total", "tlserve_prediction_share_baseline"}
+    rule = yaml.safe_load((CHART / "values.yaml").read_text())["prometheusRule"]
+    assert f"[{rule['classShareDriftWindow']}]" in target["expr"]
+    steps = panel["fieldConfig"]["defaults"]["thresholds"]["steps"]
+    assert [s["value"] for s in steps] == [None, rule["classShareDriftDistance"]]
+    assert panel["fieldConfig"]["defaults"]["custom"]["thresholdsStyle"]["mode"] == "line"
+
+
 @pytest.mark.tools
 def test_configmap_carries_the_dashboard_for_the_grafana_sidecar(helm):
     configmap = manifests(helm_template(helm))["ConfigMap/tlserve-dashboard"]
