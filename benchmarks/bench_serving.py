@@ -45,10 +45,10 @@ from pathlib import Path
 import grpc
 import numpy as np
 import onnxruntime as ort
-from peers import kserve_peer, netns
+from peers import grpc_floor, kserve_peer, netns
 from PIL import Image
 from prometheus_client.parser import text_string_to_metric_families
-from served import start_server
+from served import free_port, start_server
 from trivial_model import write_trivial
 
 from tlserve.manifest import Manifest
@@ -269,16 +269,17 @@ def process_cpu(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
-def check_agreement(address: str, oip_payload: bytes, task_payload: bytes, raw_top: int) -> str:
-    """The top class of one photo through each path (they must agree)."""
+def check_agreement(address: str, oip_payload: bytes, task_payload: bytes, raw_top: int) -> tuple[str, bytes]:
+    """The top class of one photo through each path (they must agree), and tlserve's OIP answer's bytes."""
     with grpc.insecure_channel(address) as channel:
-        response = oip.ModelInferResponse.FromString(channel.unary_unary(OIP_INFER)(oip_payload))
+        answer = channel.unary_unary(OIP_INFER)(oip_payload)
+        response = oip.ModelInferResponse.FromString(answer)
         classified = task.ClassifyResponse.FromString(channel.unary_unary(TASK_CLASSIFY)(task_payload))
     scores = np.frombuffer(response.raw_output_contents[0], dtype=np.float32)
     tops = {"raw": raw_top, "oip": int(np.argmax(scores)), "task": classified.results[0].predictions[0].index}
     if len(set(tops.values())) != 1:
         raise SystemExit(f"the three paths disagree on the top class: {tops}")
-    return f"{classified.results[0].predictions[0].label} ({classified.results[0].predictions[0].score:.2f})"
+    return f"{classified.results[0].predictions[0].label} ({classified.results[0].predictions[0].score:.2f})", answer
 
 
 # --- profile ------------------------------------------------------------------------------------
@@ -406,6 +407,12 @@ def main(argv: list[str] | None = None) -> int:
         help="also serve the model with this peer (own venv, private network namespace; needs root and `ip`)",
     )
     parser.add_argument(
+        "--floor",
+        action="store_true",
+        help="also measure a bare grpc.aio ModelInfer handler with no model (peers/grpc_floor.py): the ceiling of "
+        "any Python gRPC front end on this machine",
+    )
+    parser.add_argument(
         "--kserve-arg", action="append", default=[], help="extra KServe ModelServer flag, e.g. --workers=2 (repeatable)"
     )
     parser.add_argument("--json", type=Path, help="also write the cells here")
@@ -423,7 +430,7 @@ def main(argv: list[str] | None = None) -> int:
         netns.require_ip()
         kserve_peer.ensure_venv()  # pip needs the network: before entering the namespace
         return netns.run_inside([str(Path(__file__).resolve()), *(sys.argv[1:] if argv is None else argv)])
-    modes = (*MODES, kserve_peer.MODE) if args.peer else MODES
+    modes = (*MODES, *((kserve_peer.MODE,) if args.peer else ()), *((grpc_floor.MODE,) if args.floor else ()))
 
     with tempfile.TemporaryDirectory() as tmp:
         if args.trivial:
@@ -449,9 +456,9 @@ def main(argv: list[str] | None = None) -> int:
 
         load_before = os.getloadavg()
         process, address, metrics_url = start_server(repository, args.server_arg)
-        peer, peer_version, profiler = None, "", None
+        peer, peer_version, profiler, floor = None, "", None, None
         try:
-            agreed = check_agreement(address, oip_payload, task_payload, raw_top)
+            agreed, answer = check_agreement(address, oip_payload, task_payload, raw_top)
             cpu, batches = partial(process_cpu, process.pid), partial(batcher_totals, metrics_url, name)
             served = [
                 Served(MODES[1], address, OIP_INFER, oip_payload, cpu, batches),
@@ -463,6 +470,20 @@ def main(argv: list[str] | None = None) -> int:
                 )
                 cpu = partial(kserve_peer.tree_cpu, peer.pid)
                 served.append(Served(kserve_peer.MODE, peer_address, OIP_INFER, oip_payload, cpu, None))
+            if args.floor:
+                (Path(tmp) / "answer.bin").write_bytes(answer)
+                port = free_port()
+                floor = grpc_floor.start(port, Path(tmp) / "answer.bin", oip_payload)
+                served.append(
+                    Served(
+                        grpc_floor.MODE,
+                        f"127.0.0.1:{port}",
+                        OIP_INFER,
+                        oip_payload,
+                        partial(process_cpu, floor.pid),
+                        None,
+                    )
+                )
             if args.py_spy:
                 profiler = start_profiler(process.pid, args.py_spy)
             samples = {(mode, c): Sample() for c in args.concurrency for mode in modes}
@@ -485,6 +506,9 @@ def main(argv: list[str] | None = None) -> int:
                 stop_profiler(profiler)
             if peer:
                 kserve_peer.stop_kserve(peer)
+            if floor:
+                floor.terminate()
+                floor.wait(30)
             process.terminate()
             process.wait(30)
         load_after = os.getloadavg()
@@ -509,6 +533,9 @@ def main(argv: list[str] | None = None) -> int:
     if args.peer:
         print()
         print(peer_table(cells, kserve_peer.MODE))
+    if args.floor:
+        print()
+        print(peer_table(cells, grpc_floor.MODE))
     if args.json:
         args.json.write_text(json.dumps([asdict(c) for c in cells], indent=2))
     if args.py_spy:
