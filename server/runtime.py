@@ -46,10 +46,13 @@ class RuntimeOptions:
 
     @classmethod
     def from_settings(cls, settings: Settings) -> RuntimeOptions:
+        """Each session's options; with N separate instance sessions, 0 intra-op threads means the
+        available CPUs split N ways (at least one each)."""
+        sessions = settings.model_instances if settings.instance_sessions == "separate" else 1
         return cls(
             device=settings.device,
             require_gpu=settings.require_gpu,
-            intra_op_threads=settings.intra_op_threads or available_cpus(),
+            intra_op_threads=settings.intra_op_threads or max(1, available_cpus() // sessions),
             inter_op_threads=settings.inter_op_threads,
         )
 
