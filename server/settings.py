@@ -165,6 +165,12 @@ class Settings:
         "`--intra-op-threads`, or the available CPUs / N when 0), `shared` calls one session from N threads",
         choices=("separate", "shared"),
     )
+    ort_spinning: str = setting(
+        "on",
+        "ONNX Runtime's worker threads spin while waiting for work (`on`, ORT's default) or sleep (`off`: less CPU "
+        "taken from the gRPC front end and decoding on shared cores)",
+        choices=("on", "off"),
+    )
     version_policy: VersionPolicy = setting(VersionPolicy(), "`latest:N`, `all`, or `specific:V1,V2`")
     poll_interval: float = setting(0.0, "seconds between repository scans for new versions (0 = off; SIGHUP rescans)")
     max_message_bytes: int = setting(4 * MIB, "gRPC max message size, received and sent")
@@ -285,7 +291,7 @@ class Settings:
                 f"--model-name must be 1-253 letters, digits, '.', '_' or '-', starting with a letter or digit; "
                 f"got {self.model_name[:100]!r}"
             )
-        for name in ("log_format", "log_requests", "instance_sessions"):
+        for name in ("log_format", "log_requests", "instance_sessions", "ort_spinning"):
             choices = self.__dataclass_fields__[name].metadata[SETTING].choices
             if getattr(self, name) not in choices:
                 raise ValueError(
