@@ -42,7 +42,7 @@ class RuntimeOptions:
     require_gpu: bool
     intra_op_threads: int
     inter_op_threads: int
-    spinning: bool = True  # ORT's thread pools spin while waiting for work (ORT's default)
+    spinning: bool = False  # ORT's thread pools spin while waiting for work (ORT's own default: they do)
     io_binding: bool | None = None  # None: on CUDA only (not a setting)
 
     @classmethod
