@@ -9,8 +9,9 @@ says callers overlap, the batcher waits for company; a lone caller pays no batch
 A failed batch fails only its own requests. ``stop()`` refuses new work, drains what is queued and waits
 for every running batch. Up to ``instances`` batches run at once (``--model-instances``): one worker task
 per instance, the idle ones taking turns to gather, so the next batch is taken as soon as an instance is
-free, and while every instance computes, requests queue, which is where the next batch gathers. A ``monitor`` hears how each batch went; a run that outlasts its ``inference_timeout``
-is *stuck*: its requests and the queued ones get UNAVAILABLE, and new work is refused until it returns.
+free, and while every instance computes, requests queue, which is where the next batch gathers.
+A ``monitor`` hears how each batch went; a run that outlasts its ``inference_timeout`` is *stuck*: its
+requests and the queued ones get UNAVAILABLE, and new work is refused until it returns.
 """
 
 from __future__ import annotations
