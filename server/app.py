@@ -59,6 +59,14 @@ log = logging.getLogger(__name__)
 # HOLD_LIMIT_SECONDS), begin stop(), refuse the held calls RELEASE_DELAY_SECONDS later; stop() gives
 # them at least REFUSAL_GRACE seconds to go out
 QUIET_SECONDS, HOLD_LIMIT_SECONDS, RELEASE_DELAY_SECONDS, REFUSAL_GRACE = 0.05, 1.0, 0.2, 1.0
+# the infer pool runs every model's batches: --model-instances threads for each of this many versions
+# computing at once (more versions than that share the threads, their batches waiting their turn)
+INFER_POOL_VERSIONS = 4
+
+
+def infer_threads(settings: Settings) -> int:
+    """Threads of the pool that runs session.run: ``--model-instances`` per version, for INFER_POOL_VERSIONS."""
+    return INFER_POOL_VERSIONS * settings.model_instances
 
 
 class ServerHandle:
@@ -82,7 +90,7 @@ class ServerHandle:
         threads = settings.decode_threads or available_cpus()  # the cgroup quota, not the node's cores
         self._decode_pool = ThreadPoolExecutor(threads, thread_name_prefix="decode", initializer=lower_priority)
         self._header_pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="headers")
-        self._infer_pool = ThreadPoolExecutor(max_workers=4, thread_name_prefix="infer")
+        self._infer_pool = ThreadPoolExecutor(max_workers=infer_threads(settings), thread_name_prefix="infer")
         self.repository = ModelRepository(
             RepositoryOptions.from_settings(settings),
             executor=self._infer_pool,

@@ -6,9 +6,12 @@ requests were already outstanding (queued or computing), and while the running m
 says callers overlap, the batcher waits for company; a lone caller pays no batching delay
 (under load, requests also pile up while the previous batch computes). Requests whose deadline
 (``time.monotonic()`` seconds) has passed, or whose caller went away, are dropped before compute.
-A failed batch fails only its own requests. ``stop()`` refuses new work and drains what is queued first.
+A failed batch fails only its own requests. ``stop()`` refuses new work, drains what is queued and waits
+for every running batch. Up to ``instances`` batches run at once (``--model-instances``): one worker task
+per instance, the idle ones taking turns to gather, so the next batch is taken as soon as an instance is
+free, and while every instance computes, requests queue, which is where the next batch gathers.
 A ``monitor`` hears how each batch went; a run that outlasts its ``inference_timeout`` is *stuck*: its
-requests and the queued ones get UNAVAILABLE, and new work is refused until the run returns.
+requests and the queued ones get UNAVAILABLE, and new work is refused until it returns.
 """
 
 from __future__ import annotations
@@ -45,6 +48,7 @@ class BatchingOptions:
     max_queue_delay: float  # seconds
     max_queue_size: int  # requests waiting
     max_queue_bytes: int  # bytes of their input tensors
+    instances: int = 1  # batches run at once (--model-instances)
 
     @classmethod
     def from_settings(cls, settings: Settings) -> BatchingOptions:
@@ -53,6 +57,7 @@ class BatchingOptions:
             max_queue_delay=settings.max_queue_delay,
             max_queue_size=settings.max_queue_size,
             max_queue_bytes=settings.max_queue_bytes,
+            instances=settings.model_instances,
         )
 
 
@@ -125,32 +130,40 @@ class Batcher:
         self._queued_bytes = 0
         self._wakeup = asyncio.Event()
         self._closed = False
-        self._worker: asyncio.Task | None = None
-        self._computing = 0
+        self._workers: list[asyncio.Task] = []
+        self._gathering = asyncio.Lock()  # held by the instance that gathers the next batch
+        self._computing = 0  # requests in the running batches
         self._mean_overlap = 0.0
         self._monitor = monitor
-        self._stuck = False
+        self._stuck_runs = 0  # runs past their inference_timeout that have not returned
+        self._closing = asyncio.Event()  # set by stop(): a stuck run is waited for no longer
+        self._abandoned = False  # stop() left a stuck run behind
 
     def start(self) -> None:
-        self._worker = asyncio.get_running_loop().create_task(self._loop(), name=f"batcher-{self.model}")
+        loop = asyncio.get_running_loop()
+        self._workers = [
+            loop.create_task(self._loop(), name=f"batcher-{self.model}-{i}") for i in range(self.options.instances)
+        ]
 
     @property
     def stopped(self) -> bool:
-        """Whether the worker has finished (after ``stop()``)."""
-        return self._worker is None or self._worker.done()
+        """Whether every worker has finished (after ``stop()``)."""
+        return all(worker.done() for worker in self._workers)
+
+    @property
+    def _stuck(self) -> bool:
+        return self._stuck_runs > 0
 
     async def stop(self) -> bool:
-        """Refuse new requests, finish everything already queued, then return; True when a stuck run
-        was abandoned (its thread still runs)."""
+        """Refuse new requests, finish everything already queued and every running batch, then return;
+        True when a stuck run was abandoned (its thread still runs)."""
         self._closed = True
+        self._closing.set()  # a stuck run could take forever (one that gets stuck later stops by itself)
         self._wakeup.set()
-        if self._worker is None:
-            return False
-        if self._stuck:  # waiting for it could take forever (a run that gets stuck later stops by itself)
-            self._worker.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await self._worker
-        return self._stuck
+        if self._workers:
+            with contextlib.suppress(asyncio.CancelledError):
+                await asyncio.gather(*self._workers)
+        return self._abandoned
 
     async def submit(
         self, batch: np.ndarray, deadline: float | None = None, timing: BatchTiming | None = None
@@ -185,18 +198,27 @@ class Batcher:
         )
 
     async def _loop(self) -> None:
+        """One task per instance; one of the idle ones at a time gathers the next batch (the others wait
+        their turn), so while every instance computes, requests queue and the next batch grows."""
         while True:
-            if not self._queue:
-                if self._closed:
-                    return
-                self._wakeup.clear()
-                await self._wakeup.wait()
-                continue
-            await self._gather_window()
-            batch = self._take_batch()
-            self._depth.set(len(self._queue))
+            async with self._gathering:
+                batch = await self._next_batch()
+            if batch is None:
+                return
             if batch:
                 await self._execute(batch)
+
+    async def _next_batch(self) -> list[_Request] | None:
+        """The next batch once requests are queued (empty when all were dropped); None once stopped and drained."""
+        while not self._queue:
+            if self._closed:
+                return None
+            self._wakeup.clear()
+            await self._wakeup.wait()
+        await self._gather_window()
+        batch = self._take_batch()
+        self._depth.set(len(self._queue))
+        return batch
 
     def _note_arrival(self) -> None:
         """Fold the number of requests this arrival found outstanding into the running mean."""
@@ -253,7 +275,7 @@ class Batcher:
         rows = sum(r.rows for r in batch)
         self._rows.observe(rows)
         started = time.monotonic()
-        self._computing = len(batch)
+        self._computing += len(batch)
         run = asyncio.get_running_loop().run_in_executor(self._executor, self._run_parts, [r.batch for r in batch])
         try:
             timeout = self._monitor.inference_timeout if self._monitor is not None else 0.0
@@ -274,7 +296,7 @@ class Batcher:
                 self._monitor.failed()
             return
         finally:
-            self._computing = 0
+            self._computing -= len(batch)
             finished = time.monotonic()
             self._computed.observe(finished - started)
         if self._monitor is not None:
@@ -295,8 +317,9 @@ class Batcher:
                 request.future.set_exception(error)
 
     async def _stuck_run(self, run: asyncio.Future, batch: list[_Request], timeout: float) -> None:
-        """The watchdog: answer the batch and the queue UNAVAILABLE, refuse new work, wait the run out."""
-        self._stuck = True
+        """The watchdog: answer the batch and the queue UNAVAILABLE, refuse new work, wait the run out
+        (or until ``stop()``, which then reports it abandoned)."""
+        self._stuck_runs += 1
         if self._monitor is not None:
             self._monitor.stuck(timeout)
         error = Unavailable(f"model {self.model!r}: inference did not finish within {timeout:g}s; retry later")
@@ -306,9 +329,14 @@ class Batcher:
         self._queued_bytes = 0
         self._depth.set(0)
         run.add_done_callback(lambda f: f.cancelled() or f.exception())  # its outcome no longer matters
-        if self._closed:  # stopping: leave the run behind (stop() reports it abandoned)
-            return
         waited = time.monotonic()
-        await asyncio.wait({run})
-        self._stuck = False
+        closing = asyncio.ensure_future(self._closing.wait())
+        try:
+            await asyncio.wait({run, closing}, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            closing.cancel()
+        if not run.done():  # stopping: leave the run behind (its slot and the stuck state stay)
+            self._abandoned = True
+            return
+        self._stuck_runs -= 1
         log.warning("model %r: the stuck run returned after %.1fs", self.model, timeout + time.monotonic() - waited)

@@ -3,7 +3,10 @@
     total = baseline                                   interpreter, libraries, gRPC, one idle ORT session
           + max_decode_bytes                           decoding admitted at once (headers estimate each image)
           + max_concurrent_rpcs x max_message_bytes x MESSAGE_COPIES   calls being received and converted
-          + models x (max_queue_bytes + ORT_RUN_BYTES) each version's batch queue and one batch's run
+          + models x max_queue_bytes                   each version's batch queue
+          + models x model_instances x ORT_RUN_BYTES   the batches each version runs at once
+          + models x (model_instances - 1) x SESSION_COPIES x model file size
+                                                       the extra sessions of --instance-sessions separate
 
 Each term is a limit the server enforces before the work it pays for starts (see docs/serving.md,
 "Memory budget"); the constants are measured (``benchmarks/hostile_memory.py`` prints the peak RSS
@@ -29,6 +32,12 @@ MESSAGE_COPIES = 10
 # ORT's working set for one batch of 32 rows of the demo model, measured: 17 MiB (it grows with the
 # batch and the input's pixels: about 200 MiB for a 224 px MobileNetV2).
 ORT_RUN_BYTES = 64 * MIB
+# One more session of the same file (--instance-sessions separate) holds its weights again, some of them
+# prepacked a second time: +30 MiB measured per extra session of a 13.6 MiB MobileNetV2 file (224 px,
+# warmed up with one row), hence twice the file's size.
+SESSION_COPIES = 2
+# The model file's size when the caller does not know it (MobileNetV2's file is 13.6 MiB).
+MODEL_FILE_BYTES = 16 * MIB
 
 
 @dataclass(frozen=True)
@@ -51,25 +60,32 @@ class MemoryBudget:
         return "\n".join(lines)
 
 
-def memory_budget(settings: Settings, models: int = 1) -> MemoryBudget:
-    """The process's worst case for ``settings`` with ``models`` loaded versions; ValueError when a
-    term is unbounded (``--max-concurrent-rpcs 0``)."""
+def memory_budget(settings: Settings, models: int = 1, model_bytes: int = MODEL_FILE_BYTES) -> MemoryBudget:
+    """The process's worst case for ``settings`` with ``models`` loaded versions whose largest file is
+    ``model_bytes``; ValueError when a term is unbounded (``--max-concurrent-rpcs 0``)."""
     if settings.max_concurrent_rpcs == 0:
         raise ValueError("no memory bound: --max-concurrent-rpcs 0 lets every call in; set a limit")
     messages = settings.max_concurrent_rpcs * settings.max_message_bytes * MESSAGE_COPIES
-    return MemoryBudget(
-        parts={
-            "baseline": BASELINE_BYTES,
-            "decoding": settings.max_decode_bytes,
-            "messages": messages,
-            "batch queues": models * settings.max_queue_bytes,
-            "inference": models * ORT_RUN_BYTES,
-        },
-        formulas={
-            "baseline": "interpreter, libraries, one idle session (measured)",
-            "decoding": "--max-decode-bytes",
-            "messages": f"--max-concurrent-rpcs x --max-message-bytes x {MESSAGE_COPIES}",
-            "batch queues": f"{models} model(s) x --max-queue-bytes",
-            "inference": f"{models} model(s) x {ORT_RUN_BYTES // MIB} MiB, one batch's run (measured)",
-        },
-    )
+    instances = settings.model_instances
+    parts = {
+        "baseline": BASELINE_BYTES,
+        "decoding": settings.max_decode_bytes,
+        "messages": messages,
+        "batch queues": models * settings.max_queue_bytes,
+        "inference": models * instances * ORT_RUN_BYTES,
+    }
+    formulas = {
+        "baseline": "interpreter, libraries, one idle session (measured)",
+        "decoding": "--max-decode-bytes",
+        "messages": f"--max-concurrent-rpcs x --max-message-bytes x {MESSAGE_COPIES}",
+        "batch queues": f"{models} model(s) x --max-queue-bytes",
+        "inference": f"{models} model(s) x {instances} instance(s) x {ORT_RUN_BYTES // MIB} MiB, a batch's run "
+        "(measured)",
+    }
+    if instances > 1 and settings.instance_sessions == "separate":
+        parts["extra sessions"] = models * (instances - 1) * SESSION_COPIES * model_bytes
+        formulas["extra sessions"] = (
+            f"{models} model(s) x {instances - 1} more session(s) x {SESSION_COPIES} x {model_bytes / MIB:.0f} MiB "
+            "(model file)"
+        )
+    return MemoryBudget(parts=parts, formulas=formulas)

@@ -91,7 +91,7 @@ def run_serve(args: argparse.Namespace) -> int:
 
 
 def print_memory_budget(settings: Settings) -> int:
-    from tlserve.server.budget import memory_budget
+    from tlserve.server.budget import MODEL_FILE_BYTES, memory_budget
     from tlserve.server.model_dir import ModelDirError
     from tlserve.server.repository import RepositoryOptions
 
@@ -101,9 +101,13 @@ def print_memory_budget(settings: Settings) -> int:
     except ModelDirError as exc:
         print(f"tlserve serve: {exc}", file=sys.stderr)
         return 2
-    models = max(1, sum(len(settings.version_policy.select(list(versions))) for versions in found.models.values()))
+    selected = [
+        versions[v] for versions in found.models.values() for v in settings.version_policy.select(list(versions))
+    ]
+    models = max(1, len(selected))
+    sizes = [size for version in selected for _, _, size, _ in version.signature]
     try:
-        budget = memory_budget(settings, models)
+        budget = memory_budget(settings, models, max(sizes, default=MODEL_FILE_BYTES))
     except ValueError as exc:
         print(f"tlserve serve: {exc}", file=sys.stderr)
         return 2

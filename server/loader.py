@@ -28,6 +28,7 @@ class LoadOptions:
     runtime: RuntimeOptions
     batching: BatchingOptions
     health: HealthOptions = field(default_factory=HealthOptions)
+    separate_sessions: bool = True  # --instance-sessions separate: one session per batching instance
     max_label_metrics: int = 64  # Settings' default: per-label prediction series for at most this many labels
 
 
@@ -54,11 +55,33 @@ def open_runtime(version_dir: Path, options: RuntimeOptions) -> Runtime:
     return Runtime(version_dir / MODEL_FILE, options)
 
 
+class InstanceMismatch(RuntimeError):
+    """Sessions of one version landed on different providers (one on CUDA, another on the CPU)."""
+
+
+def open_sessions(version_dir: Path, options: LoadOptions) -> list[Runtime]:
+    """Every session of this version, all opened (and fallback-checked) or none: one, or one per instance."""
+    first = open_runtime(version_dir, options.runtime)
+    runtimes = [first]
+    count = options.batching.instances if options.separate_sessions else 1
+    for _ in range(1, count):  # the same file and options as the first, fp16 variant included
+        runtime = Runtime(first.path, first.options)
+        if runtime.provider != first.provider:
+            raise InstanceMismatch(
+                f"{first.path}: session {len(runtimes) + 1} of {count} runs on {runtime.provider}, "
+                f"the first on {first.provider}"
+            )
+        runtimes.append(runtime)
+    return runtimes
+
+
 def load_version(
     name: str, version: str, version_dir: Path, options: LoadOptions, executor: Executor, metrics: Metrics
 ) -> ServedModel:
-    """Open, validate against the manifest, and warm up; raises on any problem."""
-    runtime = open_runtime(version_dir, options.runtime)
+    """Open every session, validate against the manifest, and warm up; raises on any problem (then
+    nothing of the version serves)."""
+    sessions = open_sessions(version_dir, options)
+    runtime = sessions[0]
     manifest = Manifest.from_metadata(runtime.metadata())
     manifest.check_graph(runtime.inputs, runtime.outputs)
     if (manifest.name, manifest.version) != (name, version):
@@ -80,6 +103,7 @@ def load_version(
         metrics,
         options.health,
         max_label_metrics=options.max_label_metrics,
+        sessions=sessions,
     )
     model.warm_up()
     return model

@@ -1,4 +1,4 @@
-"""A served model version: manifest + ONNX Runtime session + dynamic batcher, no transport.
+"""A served model version: manifest + ONNX Runtime session(s) + dynamic batcher, no transport.
 
 Each request holds one *lease* while it works (the data plane takes it, decoding included), so
 unloading a version first refuses new leases, then waits for the in-flight ones to finish, then
@@ -11,7 +11,7 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import Executor
 
 import numpy as np
@@ -19,6 +19,7 @@ import numpy as np
 from tlserve.manifest import Manifest
 from tlserve.server.batcher import Batcher, BatchingOptions, BatchTiming, Outputs
 from tlserve.server.errors import DeadlineExceeded, Unavailable
+from tlserve.server.instances import Instances
 from tlserve.server.metrics import Metrics
 from tlserve.server.model_health import HealthOptions, ModelHealth
 from tlserve.server.predictions import PredictionMetrics
@@ -28,7 +29,8 @@ log = logging.getLogger(__name__)
 
 
 class ServedModel:
-    """One loaded, validated version of a model."""
+    """One loaded, validated version of a model; ``runtime`` is its (first) session, ``sessions`` all of
+    them when there are several (``--instance-sessions separate``)."""
 
     def __init__(
         self,
@@ -42,11 +44,13 @@ class ServedModel:
         health: HealthOptions | None = None,
         *,
         max_label_metrics: int = 64,
+        sessions: Sequence[Runtime] = (),
     ) -> None:
         self.name = name
         self.version = version
         self.manifest = manifest
         self.runtime = runtime
+        self.instances = Instances(sessions or [runtime])
         self.batching = batching
         self._metrics = metrics
         self.health = ModelHealth(name, version, health or HealthOptions(), self._probe, metrics)
@@ -106,8 +110,9 @@ class ServedModel:
         return np.zeros((1, 3, size, size), dtype=self.input_dtype)
 
     def warm_up(self) -> None:
-        """Run the graph once (blocking) so the first request does not pay for lazy init."""
-        self._run(self._warm_input())
+        """Run the graph once on every session (blocking) so no request pays for lazy init."""
+        for runtime in self.instances.runtimes:
+            runtime.run(self.input_name, self._warm_input())
 
     async def _probe(self) -> Outputs:
         """The warm-up input through the batcher (while unhealthy: its outcome decides the health)."""
@@ -196,7 +201,7 @@ class ServedModel:
         return {name: np.concatenate([p[name] for p in outputs]) for name in outputs[0]}
 
     def _run(self, batch: np.ndarray) -> Outputs:
-        return self.runtime.run(self.input_name, batch)
+        return self.instances.run(self.input_name, batch)
 
 
 def _timing(timings: list[BatchTiming] | None) -> BatchTiming | None:

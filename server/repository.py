@@ -57,6 +57,7 @@ class RepositoryOptions:
                 batching=BatchingOptions.from_settings(settings),
                 health=HealthOptions.from_settings(settings),
                 max_label_metrics=settings.max_label_metrics,
+                separate_sessions=settings.instance_sessions == "separate",
             ),
             policy=settings.version_policy,
             drain_seconds=settings.drain_seconds,

@@ -42,15 +42,20 @@ class RuntimeOptions:
     require_gpu: bool
     intra_op_threads: int
     inter_op_threads: int
+    spinning: bool = False  # ORT's thread pools spin while waiting for work (ORT's own default: they do)
     io_binding: bool | None = None  # None: on CUDA only (not a setting)
 
     @classmethod
     def from_settings(cls, settings: Settings) -> RuntimeOptions:
+        """Each session's options; with N separate instance sessions, 0 intra-op threads means the
+        available CPUs split N ways (at least one each)."""
+        sessions = settings.model_instances if settings.instance_sessions == "separate" else 1
         return cls(
             device=settings.device,
             require_gpu=settings.require_gpu,
-            intra_op_threads=settings.intra_op_threads or available_cpus(),
+            intra_op_threads=settings.intra_op_threads or max(1, available_cpus() // sessions),
             inter_op_threads=settings.inter_op_threads,
+            spinning=settings.ort_spinning == "on",
         )
 
     def replace(self, **changes: Any) -> RuntimeOptions:
@@ -94,6 +99,9 @@ def session_options(options: RuntimeOptions) -> ort.SessionOptions:
     so.intra_op_num_threads = options.intra_op_threads
     so.inter_op_num_threads = options.inter_op_threads
     so.log_severity_level = 3
+    if not options.spinning:
+        so.add_session_config_entry("session.intra_op.allow_spinning", "0")
+        so.add_session_config_entry("session.inter_op.allow_spinning", "0")
     return so
 
 

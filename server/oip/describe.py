@@ -69,7 +69,7 @@ def model_config(model: ServedModel, max_images: int) -> config_pb.ModelConfig:
         output=[
             config_pb.ModelOutput(name=n, data_type=data_type(d), dims=s[1:]) for n, d, s in output_signatures(model)
         ],
-        instance_group=[config_pb.ModelInstanceGroup(name=model.name, count=1, kind=kind)],
+        instance_group=[config_pb.ModelInstanceGroup(name=model.name, count=batching.instances, kind=kind)],
         default_model_filename=Path(model.path).name,
         dynamic_batching=config_pb.ModelDynamicBatching(
             preferred_batch_size=[batching.max_batch_size],

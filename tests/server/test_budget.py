@@ -7,7 +7,7 @@ import sys
 
 import pytest
 
-from tlserve.server.budget import BASELINE_BYTES, MESSAGE_COPIES, MIB, ORT_RUN_BYTES, memory_budget
+from tlserve.server.budget import BASELINE_BYTES, MESSAGE_COPIES, MIB, ORT_RUN_BYTES, SESSION_COPIES, memory_budget
 from tlserve.server.errors import quote, shape_text
 from tlserve.server.settings import Settings
 
@@ -31,6 +31,17 @@ def test_each_term_follows_its_setting():
     assert "--max-decode-bytes" in budget.table() and f"{budget.total // MIB} MiB" in budget.table()
 
 
+def test_instances_multiply_the_run_and_separate_sessions_add_their_weights():
+    one = memory_budget(Settings(), models=2, model_bytes=10 * MIB)
+    shared = memory_budget(Settings(model_instances=3, instance_sessions="shared"), models=2, model_bytes=10 * MIB)
+    separate = memory_budget(Settings(model_instances=3), models=2, model_bytes=10 * MIB)
+    assert "extra sessions" not in one.parts and "extra sessions" not in shared.parts
+    assert shared.parts["inference"] == separate.parts["inference"] == 2 * 3 * ORT_RUN_BYTES
+    assert separate.parts["extra sessions"] == 2 * 2 * SESSION_COPIES * 10 * MIB
+    assert separate.total - shared.total == separate.parts["extra sessions"]
+    assert "2 more session(s)" in separate.table()
+
+
 def test_no_rpc_cap_has_no_memory_bound():
     with pytest.raises(ValueError, match="--max-concurrent-rpcs 0"):
         memory_budget(Settings(max_concurrent_rpcs=0))
@@ -49,6 +60,8 @@ def test_serve_prints_the_budget_for_its_flags_and_repository(tmp_path):
         str(expected.total // MIB),
         "MiB",
     ]
+    separate = subprocess.run([*command, "--model-instances", "2"], capture_output=True, text=True, timeout=60)
+    assert separate.returncode == 0 and "extra sessions" in separate.stdout  # the files are empty: 0 MiB each
     refused = subprocess.run([*command, "--max-concurrent-rpcs", "0"], capture_output=True, text=True, timeout=60)
     assert refused.returncode == 2 and "no memory bound" in refused.stderr
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from tlserve.server.runtime import CPU, Runtime, RuntimeOptions, requested_providers
+from tlserve.server.runtime import CPU, Runtime, RuntimeOptions, requested_providers, session_options
 from tlserve.server.settings import Settings
 
 
@@ -36,3 +36,19 @@ def test_cpu_device_asks_for_cpu_only_and_reports_no_fallback(model_file):
     runtime = Runtime(model_file, cpu_options(intra_op_threads=1, inter_op_threads=1))
     assert runtime.provider == CPU and not runtime.fallback
     assert runtime.inputs[0][2] == "uint8"
+
+
+def test_spinning_is_off_by_default_and_on_when_asked(model_file):
+    off = session_options(cpu_options())
+    assert off.get_session_config_entry("session.intra_op.allow_spinning") == "0"
+    assert off.get_session_config_entry("session.inter_op.allow_spinning") == "0"
+    on = cpu_options(ort_spinning="on")
+    assert on.spinning and not cpu_options().spinning
+    with pytest.raises(RuntimeError, match="does not have configuration"):  # unset: ORT's default (spinning)
+        session_options(on).get_session_config_entry("session.intra_op.allow_spinning")
+    size = Runtime(model_file, cpu_options()).inputs[0][1][-1]
+    batch = np.random.default_rng(2).integers(0, 256, (2, 3, size, size), dtype=np.uint8)
+    a = Runtime(model_file, cpu_options(intra_op_threads=2)).run("images", batch)
+    b = Runtime(model_file, on.replace(intra_op_threads=2)).run("images", batch)
+    for name in a:
+        np.testing.assert_allclose(a[name], b[name], rtol=1e-6, atol=1e-7)
