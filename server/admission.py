@@ -49,8 +49,8 @@ class Budget:
     def admit(self, amount: int) -> Reservation | None:
         """:meth:`take` for memory already on its way in: None (the refusal counted) when ``amount`` does
         not fit in what is free now; never refused for its size alone, since an empty budget admits any
-        amount (so one request of any size the server accepts gets through)."""
-        if self.in_use and self.in_use + amount > self.capacity:
+        amount (so one request of any size the server accepts gets through), and nothing always fits."""
+        if amount and self.in_use and self.in_use + amount > self.capacity:
             if self._rejections is not None:
                 self._rejections.inc()
             return None

@@ -26,6 +26,7 @@ import numpy as np
 from google.protobuf.descriptor import Descriptor, FieldDescriptor
 from google.protobuf.message import DecodeError
 
+from tlserve.server.drain import UNGATED
 from tlserve.server.message_memory import MessageMemory
 from tlserve.server.rpc import RpcObserver, answer
 
@@ -155,6 +156,10 @@ def _continuation_bytes(data: bytes, pos: int, length: int) -> int:
     return int(np.count_nonzero(np.frombuffer(data, np.uint8, length, pos) >= 0x80))
 
 
+def _admitted(size: int) -> None:
+    return None
+
+
 class WireGuard(grpc.aio.ServerInterceptor):
     """Wraps every method's request parser with the count and the message memory reservation, and its
     handler with the refusal and the reservation's release. Each method's wrapped handler is built once."""
@@ -186,7 +191,7 @@ class WireGuard(grpc.aio.ServerInterceptor):
         if parse is None or not isinstance(descriptor, Descriptor):
             return None
         rpc = method.rsplit("/", 1)[-1]
-        guarded = self._guarded_parser(parse, descriptor)
+        guarded = self._guarded_parser(parse, descriptor, reserve=not method.startswith(UNGATED))
         if handler.unary_unary:
             return grpc.unary_unary_rpc_method_handler(
                 self._unary(handler.unary_unary, rpc), guarded, handler.response_serializer
@@ -203,9 +208,13 @@ class WireGuard(grpc.aio.ServerInterceptor):
             self._streamed(handler.stream_stream, rpc), guarded, handler.response_serializer
         )
 
-    def _guarded_parser(self, parse: Callable[[bytes], Any], descriptor: Descriptor) -> Callable[[bytes], Any]:
+    def _guarded_parser(
+        self, parse: Callable[[bytes], Any], descriptor: Descriptor, reserve: bool
+    ) -> Callable[[bytes], Any]:
+        """``reserve``: on the message memory budget (not for health checks and reflection: a full budget
+        must not fail a probe, and their requests are a few bytes)."""
         counter = self._counter
-        admit = self._memory.admit
+        admit = self._memory.admit if reserve else _admitted
 
         def guarded(data: bytes) -> Any:
             if counter.needs_walk(len(data)):
