@@ -162,8 +162,8 @@ class Settings:
     )
     max_concurrent_streams: int = setting(100, "HTTP/2 streams (calls) open at once on one connection")
     max_message_memory: int = setting(
-        256 * MIB,
-        "memory for parsing and converting the request messages being handled, server-wide (8 bytes per message "
+        192 * MIB,
+        "memory for parsing and converting the request messages being handled, server-wide (7 bytes per message "
         "byte, reserved before parsing); more -> RESOURCE_EXHAUSTED; one message is always admitted",
     )
     keepalive_min_ping_interval_ms: int = setting(

@@ -17,7 +17,7 @@ from tlserve.server.budget import (
     memory_budget,
 )
 from tlserve.server.errors import quote, shape_text
-from tlserve.server.settings import Settings
+from tlserve.server.settings import Settings, setting_specs
 
 
 def test_defaults_fit_in_one_and_a_half_gib():
@@ -59,6 +59,8 @@ def test_message_memory_term_holds_at_least_the_one_message_it_always_admits():
     s = Settings(max_message_bytes=8 * MIB, max_message_memory=1 * MIB)
     assert memory_budget(s).parts["message memory"] == 8 * MIB * GROWTH_COPIES
     assert "--max-message-memory" in memory_budget(s).table()
+    (spec,) = [spec for spec in setting_specs() if spec.name == "max_message_memory"]
+    assert f"({GROWTH_COPIES} bytes per message byte" in spec.help  # the flag's help quotes the reservation
 
 
 def test_no_rpc_cap_has_no_memory_bound():
