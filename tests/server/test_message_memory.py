@@ -102,6 +102,17 @@ def test_a_full_message_budget_refuses_with_resource_exhausted_and_the_client_re
     assert len(holder.send(classify_request()).results) == 1  # answered; its reservation is held
     request = classify_request("chelsea.png")
     assert server.metric(IN_USE) == classify_request().ByteSize() * GROWTH_COPIES
+    retried: dict[str, object] = {}
+    policy = RetryPolicy(max_attempts=5, initial_backoff=1.0, max_backoff=2.0)
+    client = Client(f"127.0.0.1:{server.handle.port}", retry=policy, timeout=120)
+
+    def classify() -> None:
+        try:
+            retried["answer"] = client.classify(photo_bytes("chelsea.png"))
+        except Exception as exc:  # reported below
+            retried["error"] = exc
+
+    caller = threading.Thread(target=classify)
     try:
         with pytest.raises(grpc.RpcError) as refused:
             server.stub.Classify(request, timeout=60)
@@ -117,28 +128,17 @@ def test_a_full_message_budget_refuses_with_resource_exhausted_and_the_client_re
         assert (
             health.Check(health_pb2.HealthCheckRequest(), timeout=30).status == health_pb2.HealthCheckResponse.SERVING
         )
-
-        retried: dict[str, object] = {}
-        policy = RetryPolicy(max_attempts=5, initial_backoff=1.0, max_backoff=2.0)
-        client = Client(f"127.0.0.1:{server.handle.port}", retry=policy, timeout=120)
-
-        def classify() -> None:
-            try:
-                retried["answer"] = client.classify(photo_bytes("chelsea.png"))
-            except Exception as exc:  # reported below
-                retried["error"] = exc
-
-        caller = threading.Thread(target=classify)
         caller.start()
         for _ in range(1200):  # the client's first attempt has been refused
-            if server.metric(REJECTIONS) == 3:
+            if server.metric(REJECTIONS) >= 3:
                 break
             time.sleep(0.05)
-        assert server.metric(REJECTIONS) == 3
+        assert server.metric(REJECTIONS) >= 3
     finally:
         holder.close()  # the held message's reservation is given back: a retry gets through
-    caller.join(120)
-    client.close()
+        if caller.is_alive():
+            caller.join(120)
+        client.close()
     assert "error" not in retried, retried.get("error")
     assert retried["answer"].results[0].top and server.metric(REJECTIONS) >= 3
     assert settle(server, IN_USE, 0) == 0
