@@ -185,3 +185,18 @@ def test_an_empty_budget_admits_one_message_of_any_size_and_nothing_always_fits(
     assert budget.admit(0) is not None
     big.release()
     assert budget.admit(60) is not None and budget.admit(40) is not None and budget.admit(1) is None
+
+
+def test_a_call_an_outer_interceptor_refuses_gives_its_reservation_back(repo_copy, make_server):
+    """The drain gate runs before the wire guard's handler, after its parser reserved: the call's end releases it."""
+    server = make_server(repo_copy)
+
+    async def drain() -> None:
+        server.handle.lifecycle.begin_drain()
+
+    server.call(drain())
+    with pytest.raises(grpc.RpcError) as refused:
+        server.stub.Classify(classify_request(), timeout=60)
+    assert refused.value.code() == grpc.StatusCode.UNAVAILABLE
+    assert server.metric("tlserve_requests_total", rpc="Classify", model="", code="UNAVAILABLE") == 1
+    assert settle(server, IN_USE, 0) == 0
