@@ -14,7 +14,10 @@ request as fast as it is answered:
 - ``typed max``: an OIP request with typed ``uint_contents`` for ``--max-images`` rows (converted
   off the event loop);
 - ``typed huge``: an OIP request whose typed contents fill the message (refused before conversion);
-- ``raw max``: an OIP request of raw bytes for ``--max-images`` rows.
+- ``raw max``: an OIP request of raw bytes for ``--max-images`` rows;
+- ``raw full`` (``--wide``, none by default): raw bytes filling the message (more rows than
+  ``--max-images``: received, reserved and parsed, refused before conversion), from many callers at
+  once: the received-messages and message-memory terms' work.
 
 A sampler thread reads the server's RSS (psutil when installed, else /proc/PID/status) and times a
 ``grpc.health.v1`` check every ~100 ms. Prints the requests tried, the status codes seen per caller,
@@ -114,6 +117,9 @@ def requests(settings: Settings, name: str, manifest: Manifest) -> dict[str, tup
     small_int64.inputs.add(name=manifest.input_name, datatype="INT64", shape=[filling]).contents.int64_contents.extend(
         [1] * filling
     )
+    full_rows = int(settings.max_message_bytes * 0.95) // (3 * size * size)
+    raw_full = oip.ModelInferRequest(model_name=name, raw_input_contents=[bytes(full_rows * 3 * size * size)])
+    raw_full.inputs.add(name=manifest.input_name, datatype="UINT8", shape=[full_rows, 3, size, size])
     return {
         # protobuf's own expansion, refused by the wire guard before parsing: 42x and 15x unguarded
         "empty inputs": (INFER, b"\x2a\x00" * (filling // 2)),
@@ -123,6 +129,7 @@ def requests(settings: Settings, name: str, manifest: Manifest) -> dict[str, tup
         "typed max": (INFER, typed_max.SerializeToString()),
         "typed huge": (INFER, typed_huge.SerializeToString()),
         "raw max": (INFER, raw_max.SerializeToString()),
+        "raw full": (INFER, raw_full.SerializeToString()),
     }
 
 
@@ -198,6 +205,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--typed", type=int, default=2, help="callers sending typed OIP requests (max and huge)")
     parser.add_argument("--raw", type=int, default=1, help="callers sending raw OIP requests")
     parser.add_argument("--bloated", type=int, default=4, help="callers sending protobuf-bloating OIP requests")
+    parser.add_argument("--wide", type=int, default=0, help="callers sending raw OIP requests that fill a message")
     args = parser.parse_args(argv)
     if not sorted(args.repository.glob("*/*/model.onnx")):
         parser.error(f"no <name>/<version>/model.onnx under {args.repository}")
@@ -207,7 +215,7 @@ def main(argv: list[str] | None = None) -> int:
         mix = requests(settings, name, manifest)
         callers = {"big PNGs": args.big, "many PNGs": args.many, "typed max": args.typed}
         callers.update({"typed huge": args.typed, "raw max": args.raw})
-        callers.update({"empty inputs": args.bloated, "int64 1-byte": args.bloated})
+        callers.update({"empty inputs": args.bloated, "int64 1-byte": args.bloated, "raw full": args.wide})
         at_rest = rss_bytes(process.pid)
         sampler = start_sampler(process.pid, address, args.seconds)
         codes = asyncio.run(drive(address, mix, callers, args.seconds))
@@ -223,6 +231,8 @@ def main(argv: list[str] | None = None) -> int:
     print(f"hostile mix for {args.seconds:.0f} s, {sum(callers.values())} callers, server defaults + {args.server_arg}")
     print(f"requests tried: {tried}")
     for kind, counted in codes.items():
+        if not callers[kind]:
+            continue
         sizes = f"{len(mix[kind][1]) / 1e6:.1f} MB"
         shown = ", ".join(f"{code} {n}" for code, n in counted.most_common()) or "none"
         print(f"  {kind:<11} x{callers[kind]} ({sizes} each): {shown}")

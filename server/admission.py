@@ -1,7 +1,8 @@
 """A budget a request reserves before its work starts: a full budget refuses at once, it never queues.
 
-One ``Budget`` is shared by every request of the server (the decode memory budget is the one in use);
-it lives on the event loop, so reserving and releasing need no lock.
+One ``Budget`` is shared by every request of the server (the decode memory budget, and the message
+memory budget of ``tlserve.server.message_memory``); it lives on the event loop, so reserving and
+releasing need no lock.
 """
 
 from __future__ import annotations
@@ -42,6 +43,17 @@ class Budget:
                 f"server busy: the {self.what} budget is full ({self.in_use / MB:.0f} of {self.capacity / MB:.0f} "
                 f"MB in use, this request needs {amount / MB:.0f} MB); retry later"
             )
+        self._add(amount)
+        return Reservation(self, amount)
+
+    def admit(self, amount: int) -> Reservation | None:
+        """:meth:`take` for memory already on its way in: None (the refusal counted) when ``amount`` does
+        not fit in what is free now; never refused for its size alone, since an empty budget admits any
+        amount (so one request of any size the server accepts gets through), and nothing always fits."""
+        if amount and self.in_use and self.in_use + amount > self.capacity:
+            if self._rejections is not None:
+                self._rejections.inc()
+            return None
         self._add(amount)
         return Reservation(self, amount)
 

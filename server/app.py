@@ -33,6 +33,7 @@ from tlserve.server.grpc_options import grpc_options
 from tlserve.server.health import HealthReporter
 from tlserve.server.images import ImageDecoder
 from tlserve.server.lifecycle import Action, Lifecycle, State, force_exit, install_signal_handlers
+from tlserve.server.message_memory import MessageMemory
 from tlserve.server.metrics import Metrics
 from tlserve.server.metrics_http import MetricsServer
 from tlserve.server.model_dir import ModelDirError
@@ -108,12 +109,20 @@ class ServerHandle:
             headers=self._header_pool,
             draft=settings.fast_decode,
         )
+        self.message_memory = MessageMemory(
+            Budget(
+                "message memory",
+                settings.max_message_memory,
+                self.metrics.message_bytes,
+                self.metrics.message_rejections,
+            )
+        )
         self.server = grpc.aio.server(
             interceptors=[
                 *traced,
                 *self.security.interceptors(self.metrics),
                 self.gate,
-                WireGuard(settings.max_request_fields, observer),
+                WireGuard(settings.max_request_fields, observer, self.message_memory),
             ],
             options=grpc_options(settings) + GRPC_OPTIONS,
             maximum_concurrent_rpcs=settings.max_concurrent_rpcs or None,

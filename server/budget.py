@@ -2,11 +2,18 @@
 
     total = baseline                                   interpreter, libraries, gRPC, one idle ORT session
           + max_decode_bytes                           decoding admitted at once (headers estimate each image)
-          + max_concurrent_rpcs x max_message_bytes x MESSAGE_COPIES   calls being received and converted
+          + max_concurrent_rpcs x max_message_bytes x RECEIVE_COPIES   the calls' messages as received
+          + max(max_message_memory, max_message_bytes x GROWTH_COPIES)   what parsing and converting them grows
           + models x max_queue_bytes                   each version's batch queue
           + models x model_instances x ORT_RUN_BYTES   the batches each version runs at once
           + models x (model_instances - 1) x SESSION_COPIES x model file size
                                                        the extra sessions of --instance-sessions separate
+
+A message is received (gRPC's buffer and its Python bytes) before any code of ours runs, so what
+received messages take is bounded only by the number of calls and the message size. What it grows
+into beyond that (protobuf's parse, the servicer's copies) is reserved on the message memory budget
+before it is parsed (``tlserve.server.message_memory``), ``GROWTH_COPIES`` bytes per message byte,
+and that budget always admits one message: hence the ``max``.
 
 Each term is a limit the server enforces before the work it pays for starts (see docs/serving.md,
 "Memory budget"); the constants are measured (``benchmarks/hostile_memory.py`` prints the peak RSS
@@ -29,6 +36,14 @@ BASELINE_BYTES = 160 * MIB
 # Messages that would grow more (empty embedded messages, 64-bit packed values) are refused before
 # they are parsed (tlserve.server.wire).
 MESSAGE_COPIES = 10
+# Of those, what a call's message takes before our code sees it: core's receive buffers, the bytes object
+# the Cython layer copies them into (it lives until the call ends), and what glibc's arenas keep of them.
+# Measured with 32 and 64 callers each resending a 4 MB message (benchmarks/hostile_memory.py --wide):
+# peak RSS above rest 3.3-3.6x the messages in flight, whether --max-message-memory was 256 or 32 MiB.
+# 3 here, as the rest of those peaks fits in the message memory term, which such calls do not fill.
+RECEIVE_COPIES = 3
+# The rest, reserved per message byte on the message memory budget before the message is parsed.
+GROWTH_COPIES = MESSAGE_COPIES - RECEIVE_COPIES
 # ORT's working set for one batch of 32 rows of the demo model, measured: 17 MiB (it grows with the
 # batch and the input's pixels: about 200 MiB for a 224 px MobileNetV2).
 ORT_RUN_BYTES = 64 * MIB
@@ -65,19 +80,22 @@ def memory_budget(settings: Settings, models: int = 1, model_bytes: int = MODEL_
     ``model_bytes``; ValueError when a term is unbounded (``--max-concurrent-rpcs 0``)."""
     if settings.max_concurrent_rpcs == 0:
         raise ValueError("no memory bound: --max-concurrent-rpcs 0 lets every call in; set a limit")
-    messages = settings.max_concurrent_rpcs * settings.max_message_bytes * MESSAGE_COPIES
+    received = settings.max_concurrent_rpcs * settings.max_message_bytes * RECEIVE_COPIES
+    growth = max(settings.max_message_memory, settings.max_message_bytes * GROWTH_COPIES)
     instances = settings.model_instances
     parts = {
         "baseline": BASELINE_BYTES,
         "decoding": settings.max_decode_bytes,
-        "messages": messages,
+        "received messages": received,
+        "message memory": growth,
         "batch queues": models * settings.max_queue_bytes,
         "inference": models * instances * ORT_RUN_BYTES,
     }
     formulas = {
         "baseline": "interpreter, libraries, one idle session (measured)",
         "decoding": "--max-decode-bytes",
-        "messages": f"--max-concurrent-rpcs x --max-message-bytes x {MESSAGE_COPIES}",
+        "received messages": f"--max-concurrent-rpcs x --max-message-bytes x {RECEIVE_COPIES}",
+        "message memory": f"--max-message-memory (at least one message: --max-message-bytes x {GROWTH_COPIES})",
         "batch queues": f"{models} model(s) x --max-queue-bytes",
         "inference": f"{models} model(s) x {instances} instance(s) x {ORT_RUN_BYTES // MIB} MiB, a batch's run "
         "(measured)",

@@ -41,6 +41,7 @@ class DrainGate(grpc.aio.ServerInterceptor):
         self._released = asyncio.Event()
         self._held_calls = 0
         self._last_arrival = 0.0
+        self._handlers: dict[str, tuple[grpc.RpcMethodHandler, grpc.RpcMethodHandler]] = {}
 
     @property
     def active(self) -> int:
@@ -77,7 +78,10 @@ class DrainGate(grpc.aio.ServerInterceptor):
         method = handler_call_details.method
         if handler is None or method.startswith(UNGATED):
             return handler
-        return self._gated(handler, method.rsplit("/", 1)[-1])
+        cached = self._handlers.get(method)  # each method's gated handler is built once
+        if cached is None or cached[0] is not handler:
+            cached = self._handlers[method] = (handler, self._gated(handler, method.rsplit("/", 1)[-1]))
+        return cached[1]
 
     # --- counting and refusing ----------------------------------------------------------------
     @contextlib.contextmanager

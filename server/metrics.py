@@ -61,6 +61,16 @@ class Metrics:
         self.decode_rejections = Counter(
             "tlserve_decode_rejections", "Requests refused because the decode budget was full", registry=registry
         )
+        self.message_bytes = Gauge(
+            "tlserve_message_memory_bytes",
+            "Memory reserved for parsing and converting the request messages being handled",
+            registry=registry,
+        )
+        self.message_rejections = Counter(
+            "tlserve_message_memory_rejections",
+            "Requests refused because the message memory budget was full",
+            registry=registry,
+        )
         self.model_ready = Gauge(
             "tlserve_model_ready", "1 while the model version is ready", ("model", "version"), registry=registry
         )

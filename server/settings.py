@@ -179,9 +179,14 @@ class Settings:
         "most fields (inputs, outputs, parameters, images, repeated values) in one request, counted before parsing",
     )
     max_concurrent_rpcs: int = setting(
-        24, "calls in progress at once, every service counted (0 = unlimited); more -> RESOURCE_EXHAUSTED from gRPC"
+        64, "calls in progress at once, every service counted (0 = unlimited); more -> RESOURCE_EXHAUSTED from gRPC"
     )
-    max_concurrent_streams: int = setting(32, "HTTP/2 streams (calls) open at once on one connection")
+    max_concurrent_streams: int = setting(100, "HTTP/2 streams (calls) open at once on one connection")
+    max_message_memory: int = setting(
+        192 * MIB,
+        "memory for parsing and converting the request messages being handled, server-wide (7 bytes per message "
+        "byte, reserved before parsing); more -> RESOURCE_EXHAUSTED; one message is always admitted",
+    )
     keepalive_min_ping_interval_ms: int = setting(
         10_000, "shortest interval between a client's keepalive pings without data; faster ones count as strikes"
     )
@@ -274,7 +279,7 @@ class Settings:
             raise ValueError(f"--device must be auto, cpu, cuda or cuda:N; got {device!r}")
         positive = "max_batch_size max_queue_size max_queue_bytes max_message_bytes max_image_bytes max_pixels"
         positive += " max_request_pixels max_decode_bytes max_images max_concurrent_streams max_request_fields"
-        positive += " model_instances"
+        positive += " model_instances max_message_memory"
         for name in positive.split():
             if getattr(self, name) < 1:
                 raise ValueError(f"--{name.replace('_', '-')} must be >= 1; got {getattr(self, name)}")

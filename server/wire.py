@@ -9,8 +9,9 @@ bytes are never parsed; so is a message whose packed values would grow more than
 (int64 contents of values under 128 grow 8x, 15x with the arena's copies), and one that is not valid
 wire format. The walk itself stops at the limit, so it costs the event loop little either way.
 A unary call is answered with the status; a stream answers the messages before the bad one and
-then ends with it. The cost on a normal request is a length check, or a few field tags for a large
-one.
+then ends with it. A message the message memory budget has no room for is refused the same way
+with RESOURCE_EXHAUSTED, before it is parsed (``tlserve.server.message_memory``). The cost on a
+normal request is a length check and the reservation, or a few field tags for a large one.
 """
 
 from __future__ import annotations
@@ -25,7 +26,9 @@ import numpy as np
 from google.protobuf.descriptor import Descriptor, FieldDescriptor
 from google.protobuf.message import DecodeError
 
-from tlserve.server.rpc import RpcObserver
+from tlserve.server.drain import UNGATED
+from tlserve.server.message_memory import MessageMemory
+from tlserve.server.rpc import RpcObserver, answer
 
 VARINT, FIXED64, LENGTH, FIXED32 = 0, 1, 2, 5
 # bytes each value of a packed varint field takes once parsed
@@ -45,10 +48,11 @@ MAX_PACKED_GROWTH = 4
 
 
 class Rejected:
-    """What the guarded parser returns instead of a message: the reason, for the handler to answer."""
+    """What the guarded parser returns instead of a message: the status and reason, for the handler to answer."""
 
-    def __init__(self, details: str) -> None:
+    def __init__(self, details: str, code: grpc.StatusCode = grpc.StatusCode.INVALID_ARGUMENT) -> None:
         self.details = details
+        self.code = code
 
 
 class Malformed(ValueError):
@@ -152,23 +156,42 @@ def _continuation_bytes(data: bytes, pos: int, length: int) -> int:
     return int(np.count_nonzero(np.frombuffer(data, np.uint8, length, pos) >= 0x80))
 
 
-class WireGuard(grpc.aio.ServerInterceptor):
-    """Wraps every method's request parser with the count, and its handler with the refusal."""
+def _admitted(size: int) -> None:
+    return None
 
-    def __init__(self, limit: int, observer: RpcObserver) -> None:
+
+class WireGuard(grpc.aio.ServerInterceptor):
+    """Wraps every method's request parser with the count and the message memory reservation, and its
+    handler with the refusal and the reservation's release. Each method's wrapped handler is built once."""
+
+    def __init__(self, limit: int, observer: RpcObserver, memory: MessageMemory) -> None:
         self._counter = FieldCounter(limit)
         self._observer = observer
+        self._memory = memory
+        self._handlers: dict[str, tuple[grpc.RpcMethodHandler, grpc.RpcMethodHandler | None]] = {}
 
     async def intercept_service(
         self, continuation: Callable[[grpc.HandlerCallDetails], Any], handler_call_details: grpc.HandlerCallDetails
     ) -> grpc.RpcMethodHandler:
         handler = await continuation(handler_call_details)
+        if handler is None:
+            return handler
+        method = handler_call_details.method
+        cached = self._handlers.get(method)
+        if cached is None or cached[0] is not handler:
+            cached = self._handlers[method] = (handler, self._guarded(handler, method))
+        if cached[1] is None:
+            return handler
+        self._memory.open_call()
+        return cached[1]
+
+    def _guarded(self, handler: grpc.RpcMethodHandler, method: str) -> grpc.RpcMethodHandler | None:
         parse = getattr(handler, "request_deserializer", None)
         descriptor = getattr(getattr(parse, "__self__", None), "DESCRIPTOR", None)  # Message.FromString's class
-        if handler is None or parse is None or not isinstance(descriptor, Descriptor):
-            return handler
-        rpc = handler_call_details.method.rsplit("/", 1)[-1]
-        guarded = self._guarded_parser(parse, descriptor)
+        if parse is None or not isinstance(descriptor, Descriptor):
+            return None
+        rpc = method.rsplit("/", 1)[-1]
+        guarded = self._guarded_parser(parse, descriptor, reserve=not method.startswith(UNGATED))
         if handler.unary_unary:
             return grpc.unary_unary_rpc_method_handler(
                 self._unary(handler.unary_unary, rpc), guarded, handler.response_serializer
@@ -185,8 +208,13 @@ class WireGuard(grpc.aio.ServerInterceptor):
             self._streamed(handler.stream_stream, rpc), guarded, handler.response_serializer
         )
 
-    def _guarded_parser(self, parse: Callable[[bytes], Any], descriptor: Descriptor) -> Callable[[bytes], Any]:
+    def _guarded_parser(
+        self, parse: Callable[[bytes], Any], descriptor: Descriptor, reserve: bool
+    ) -> Callable[[bytes], Any]:
+        """``reserve``: on the message memory budget (not for health checks and reflection: a full budget
+        must not fail a probe, and their requests are a few bytes)."""
         counter = self._counter
+        admit = self._memory.admit if reserve else _admitted
 
         def guarded(data: bytes) -> Any:
             if counter.needs_walk(len(data)):
@@ -205,6 +233,9 @@ class WireGuard(grpc.aio.ServerInterceptor):
                     )
                 except Malformed as exc:
                     return Rejected(f"the request is not a valid {descriptor.full_name} message: {exc}")
+            busy = admit(len(data))
+            if busy is not None:
+                return Rejected(busy, grpc.StatusCode.RESOURCE_EXHAUSTED)
             try:
                 return parse(data)
             except DecodeError as exc:
@@ -212,15 +243,17 @@ class WireGuard(grpc.aio.ServerInterceptor):
 
         return guarded
 
-    def _refuse(self, context: grpc.aio.ServicerContext, rpc: str, rejected: Rejected) -> None:
-        self._observer.refused(context, rpc, grpc.StatusCode.INVALID_ARGUMENT, rejected.details)
-        context.set_code(grpc.StatusCode.INVALID_ARGUMENT)
-        context.set_details(rejected.details)
+    async def _refuse(self, context: grpc.aio.ServicerContext, rpc: str, rejected: Rejected) -> None:
+        """Counted, logged and traced; RESOURCE_EXHAUSTED goes out trailers-only, so a retry policy retries it."""
+        self._observer.refused(context, rpc, rejected.code, rejected.details)
+        await answer(context, rejected.code, rejected.details)
 
+    # A unary request's reservation is released when its call's task ends (MessageMemory.open_call): gRPC
+    # holds the request's bytes and parsed message until it has sent the response, after the handler.
     def _unary(self, behavior: Callable[..., Any], rpc: str) -> Callable[..., Any]:
         async def unary(request: Any, context: grpc.aio.ServicerContext) -> Any:
             if isinstance(request, Rejected):
-                return self._refuse(context, rpc, request)
+                return await self._refuse(context, rpc, request)
             return await behavior(request, context)
 
         return unary
@@ -231,7 +264,7 @@ class WireGuard(grpc.aio.ServerInterceptor):
 
         async def unary_stream(request: Any, context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
             if isinstance(request, Rejected):
-                self._refuse(context, rpc, request)
+                await self._refuse(context, rpc, request)
                 return
             async for response in behavior(request, context):
                 yield response
@@ -239,24 +272,33 @@ class WireGuard(grpc.aio.ServerInterceptor):
         return unary_stream
 
     def _streamed(self, behavior: Callable[..., Any], rpc: str) -> Callable[..., Any]:
-        """A request stream ends at its first rejected message, which sets the status the call ends with."""
+        """A request stream ends at its first rejected message, which sets the status the call ends with.
+        Each message's reservation is given back when the next one is parsed, the last one's when the
+        handler ends."""
+        end = self._memory.end
 
         async def checked(requests: AsyncIterator[Any], context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
             async for request in requests:
                 if isinstance(request, Rejected):
-                    self._refuse(context, rpc, request)
+                    await self._refuse(context, rpc, request)
                     return
                 yield request
 
         if inspect.isasyncgenfunction(behavior):
 
             async def stream(requests: AsyncIterator[Any], context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
-                async for response in behavior(checked(requests, context), context):
-                    yield response
+                try:
+                    async for response in behavior(checked(requests, context), context):
+                        yield response
+                finally:
+                    end()
 
             return stream
 
         async def unary(requests: AsyncIterator[Any], context: grpc.aio.ServicerContext) -> Any:
-            return await behavior(checked(requests, context), context)
+            try:
+                return await behavior(checked(requests, context), context)
+            finally:
+                end()
 
         return unary

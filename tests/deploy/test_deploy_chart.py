@@ -150,7 +150,8 @@ def test_args_are_accepted_by_the_real_serve_parser(helm):
     assert settings.device == "cuda" and settings.require_gpu is True
     assert settings.max_batch_size == 64 and settings.max_queue_size == 256
     assert settings.max_message_bytes == 4194304 and settings.drain_seconds == 10
-    assert settings.max_concurrent_rpcs == 24 and settings.max_decode_bytes == 268435456
+    assert settings.max_concurrent_rpcs == 64 and settings.max_decode_bytes == 268435456
+    assert settings.max_concurrent_streams == 100 and settings.max_message_memory == 201326592
 
 
 QUANTITY = {"Ki": 1 << 10, "Mi": 1 << 20, "Gi": 1 << 30, "Ti": 1 << 40, "k": 10**3, "M": 10**6, "G": 10**9}

@@ -136,7 +136,7 @@ def test_scaledobject_scales_the_deployment_on_the_scraped_in_flight_requests(he
     )
     # per-pod target: 2/3 of the per-pod cap on concurrent calls
     server = docs["Deployment/tlserve"]["spec"]["template"]["spec"]["containers"][0]
-    assert "--max-concurrent-rpcs=24" in server["args"] and prometheus["metadata"]["threshold"] == "16"
+    assert "--max-concurrent-rpcs=64" in server["args"] and prometheus["metadata"]["threshold"] == "42"
     raised = manifests(helm_template(helm, *KEDA, "--set", "server.maxConcurrentRpcs=48"))
     assert raised["ScaledObject/tlserve"]["spec"]["triggers"][0]["metadata"]["threshold"] == "32"
     rules = tmp_path / "query.yaml"

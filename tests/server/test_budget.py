@@ -7,9 +7,18 @@ import sys
 
 import pytest
 
-from tlserve.server.budget import BASELINE_BYTES, MESSAGE_COPIES, MIB, ORT_RUN_BYTES, SESSION_COPIES, memory_budget
+from tlserve.server.budget import (
+    BASELINE_BYTES,
+    GROWTH_COPIES,
+    MESSAGE_COPIES,
+    MIB,
+    ORT_RUN_BYTES,
+    RECEIVE_COPIES,
+    SESSION_COPIES,
+    memory_budget,
+)
 from tlserve.server.errors import quote, shape_text
-from tlserve.server.settings import Settings
+from tlserve.server.settings import Settings, setting_specs
 
 
 def test_defaults_fit_in_one_and_a_half_gib():
@@ -17,18 +26,42 @@ def test_defaults_fit_in_one_and_a_half_gib():
     assert budget.total <= 1536 * MIB, budget.table()
 
 
+def test_defaults_admit_64_calls_for_less_than_24_cost_with_every_copy_charged_per_call():
+    s = Settings()
+    budget = memory_budget(s)
+    before = 24 * s.max_message_bytes * MESSAGE_COPIES  # the old default: 24 calls, each charged 10 copies
+    assert s.max_concurrent_rpcs >= 64 and s.max_concurrent_streams >= 100
+    assert budget.parts["received messages"] + budget.parts["message memory"] <= before
+
+
 def test_each_term_follows_its_setting():
-    s = Settings(max_decode_bytes=100 * MIB, max_concurrent_rpcs=3, max_message_bytes=2 * MIB, max_queue_bytes=7 * MIB)
+    s = Settings(
+        max_decode_bytes=100 * MIB,
+        max_concurrent_rpcs=3,
+        max_message_bytes=2 * MIB,
+        max_queue_bytes=7 * MIB,
+        max_message_memory=50 * MIB,
+    )
     budget = memory_budget(s, models=2)
     assert budget.parts == {
         "baseline": BASELINE_BYTES,
         "decoding": 100 * MIB,
-        "messages": 3 * 2 * MIB * MESSAGE_COPIES,
+        "received messages": 3 * 2 * MIB * RECEIVE_COPIES,
+        "message memory": 50 * MIB,
         "batch queues": 2 * 7 * MIB,
         "inference": 2 * ORT_RUN_BYTES,
     }
     assert budget.total == sum(budget.parts.values())
     assert "--max-decode-bytes" in budget.table() and f"{budget.total // MIB} MiB" in budget.table()
+    assert RECEIVE_COPIES + GROWTH_COPIES == MESSAGE_COPIES
+
+
+def test_message_memory_term_holds_at_least_the_one_message_it_always_admits():
+    s = Settings(max_message_bytes=8 * MIB, max_message_memory=1 * MIB)
+    assert memory_budget(s).parts["message memory"] == 8 * MIB * GROWTH_COPIES
+    assert "--max-message-memory" in memory_budget(s).table()
+    (spec,) = [spec for spec in setting_specs() if spec.name == "max_message_memory"]
+    assert f"({GROWTH_COPIES} bytes per message byte" in spec.help  # the flag's help quotes the reservation
 
 
 def test_instances_multiply_the_run_and_separate_sessions_add_their_weights():
