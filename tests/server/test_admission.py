@@ -19,10 +19,10 @@ import grpc
 import numpy as np
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
+from PIL import Image
 from prometheus_client import CollectorRegistry
 from serving_helpers import MODEL, photo_bytes, photo_path, png_bytes
 from test_batcher import Recorder, batching, rows
-from PIL import Image
 from test_preprocess import pixel_bomb_png
 
 from tlserve.manifest import Preprocessing
