@@ -87,9 +87,10 @@ def test_draft_top1_agrees_with_full_decode_on_demo_images_and_photos(model_repo
     """The demo's validation images (upscaled to 1024x768: 1/4 scale drafts, 256x192 for a 97x73
     resize, the hardest case for this 64 px model, where the draft's box prefilter is largest against
     the resize) keep their full-decode top-1 class at least 98% of the time (measured 99.2%, and
-    97.7% when the draft kept only 1x the target: docs/serving.md). The real photos, native and upscaled, are out of this model's domain and often
-    near-ties for it (the model is trained anew in each run): one may flip, but none whose full-decode
-    top-1 led the class the draft chose by more than 0.3."""
+    97.7% when the draft kept only 1x the target: docs/serving.md). The real photos, native and
+    upscaled, are out of this model's domain and often near-ties for it (the model is trained anew in
+    each run): one may flip, but none whose full-decode top-1 led the class the draft chose by more
+    than 0.3."""
     ort = pytest.importorskip("onnxruntime")
     from tlserve.manifest import Manifest
     from tlserve.trainer.demo_data import load_arrays
