@@ -116,13 +116,21 @@ class Sample:
 
 
 # --- inputs -----------------------------------------------------------------------------------
-def photo_jpeg(quality: int = 90) -> bytes:
-    """scikit-image's chelsea.png (a cat, 451x300) as JPEG bytes: what a caller of the task API sends."""
+def photo_jpeg(size: int = 224, quality: int = 90) -> tuple[bytes, str]:
+    """scikit-image's chelsea.png (a cat, 451x300) as JPEG bytes, what a caller of the task API sends,
+    and a description: resized (shorter side) and centre-cropped to ``size`` x ``size``, or as it
+    is when ``size`` is 0."""
     import skimage.data
 
+    img = Image.open(Path(skimage.data.data_dir) / "chelsea.png").convert("RGB")
+    if size:
+        scale = size / min(img.size)
+        img = img.resize((max(size, round(img.width * scale)), max(size, round(img.height * scale))), Image.BICUBIC)
+        left, top = (img.width - size) // 2, (img.height - size) // 2
+        img = img.crop((left, top, left + size, top + size))
     buf = io.BytesIO()
-    Image.open(Path(skimage.data.data_dir) / "chelsea.png").convert("RGB").save(buf, format="JPEG", quality=quality)
-    return buf.getvalue()
+    img.save(buf, format="JPEG", quality=quality)
+    return buf.getvalue(), f"chelsea {img.width}x{img.height} JPEG q{quality}, {len(buf.getvalue())} bytes"
 
 
 def model_of(repository: Path) -> tuple[str, Path]:
@@ -415,6 +423,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--kserve-arg", action="append", default=[], help="extra KServe ModelServer flag, e.g. --workers=2 (repeatable)"
     )
+    parser.add_argument(
+        "--jpeg-size",
+        type=int,
+        default=224,
+        metavar="N",
+        help="the task path's JPEG: the photo resized and cropped to N x N at quality 90 (0: as it is, 451x300)",
+    )
     parser.add_argument("--json", type=Path, help="also write the cells here")
     parser.add_argument(
         "--py-spy",
@@ -440,7 +455,7 @@ def main(argv: list[str] | None = None) -> int:
         name, model_file = model_of(repository)
         session = ort.InferenceSession(str(model_file), providers=["CPUExecutionProvider"])
         manifest = Manifest.from_metadata(session.get_modelmeta().custom_metadata_map)
-        jpeg = photo_jpeg()
+        jpeg, jpeg_text = photo_jpeg(args.jpeg_size)
         image = decode(jpeg, manifest.preprocessing, ImageLimits.from_settings(Settings()))
         request = oip.ModelInferRequest(
             model_name=name,
@@ -528,6 +543,7 @@ def main(argv: list[str] | None = None) -> int:
         f"{args.rounds} x {args.seconds:g} s per cell, each after {args.warmup:g} s warm-up; "
         f"server flags: {args.server_arg or 'defaults'}"
     )
+    print(f"task JPEG: {jpeg_text}")
     print()
     print(table(cells))
     if args.peer:

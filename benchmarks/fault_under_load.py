@@ -361,7 +361,7 @@ class Context:
         self.repository = repository
         self.workdir = workdir
         self.name = model_of(repository)[0]
-        self.image = photo_jpeg()
+        self.image = photo_jpeg(0)[0]  # the 451x300 photo as it is
 
     def server(self, repository: Path | None = None, *extra: str) -> Server:
         server = Server(repository or self.repository, self.workdir, *extra)

@@ -1,13 +1,14 @@
 """A budget a request reserves before its work starts: a full budget refuses at once, it never queues.
 
 One ``Budget`` is shared by every request of the server (the decode memory budget, and the message
-memory budget of ``tlserve.server.message_memory``); it lives on the event loop, so reserving and
-releasing need no lock.
+memory budget of ``tlserve.server.message_memory``); it is reserved and released on the event loop and
+on decoding threads (a lone small image is admitted where it is decoded), under a lock.
 """
 
 from __future__ import annotations
 
 import contextlib
+import threading
 from collections.abc import Iterator
 
 from prometheus_client import Counter, Gauge
@@ -26,6 +27,7 @@ class Budget:
         self.in_use = 0
         self._gauge = in_use
         self._rejections = rejections
+        self._lock = threading.Lock()
 
     def take(self, amount: int) -> Reservation:
         """Reserve ``amount`` bytes until the returned reservation is released. More than the whole
@@ -36,26 +38,29 @@ class Budget:
                 f"the request needs {amount / MB:.0f} MB for {self.what} at once, more than the server's "
                 f"budget of {self.capacity / MB:.0f} MB; send fewer or smaller images per request"
             )
-        if self.in_use + amount > self.capacity:
-            if self._rejections is not None:
-                self._rejections.inc()
-            raise ResourceExhausted(
-                f"server busy: the {self.what} budget is full ({self.in_use / MB:.0f} of {self.capacity / MB:.0f} "
-                f"MB in use, this request needs {amount / MB:.0f} MB); retry later"
-            )
-        self._add(amount)
-        return Reservation(self, amount)
+        with self._lock:
+            in_use = self.in_use
+            if in_use + amount <= self.capacity:
+                self._add(amount)
+                return Reservation(self, amount)
+        if self._rejections is not None:
+            self._rejections.inc()
+        raise ResourceExhausted(
+            f"server busy: the {self.what} budget is full ({in_use / MB:.0f} of {self.capacity / MB:.0f} "
+            f"MB in use, this request needs {amount / MB:.0f} MB); retry later"
+        )
 
     def admit(self, amount: int) -> Reservation | None:
         """:meth:`take` for memory already on its way in: None (the refusal counted) when ``amount`` does
         not fit in what is free now; never refused for its size alone, since an empty budget admits any
         amount (so one request of any size the server accepts gets through), and nothing always fits."""
-        if amount and self.in_use and self.in_use + amount > self.capacity:
-            if self._rejections is not None:
-                self._rejections.inc()
-            return None
-        self._add(amount)
-        return Reservation(self, amount)
+        with self._lock:
+            if not (amount and self.in_use and self.in_use + amount > self.capacity):
+                self._add(amount)
+                return Reservation(self, amount)
+        if self._rejections is not None:
+            self._rejections.inc()
+        return None
 
     @contextlib.contextmanager
     def reserve(self, amount: int) -> Iterator[None]:
@@ -67,9 +72,14 @@ class Budget:
             reservation.release()
 
     def _add(self, amount: int) -> None:
+        """Called with the lock held (take) or taking it (a reservation's release)."""
         self.in_use += amount
         if self._gauge is not None:
             self._gauge.set(self.in_use)
+
+    def _give_back(self, amount: int) -> None:
+        with self._lock:
+            self._add(-amount)
 
 
 class Reservation:
@@ -81,5 +91,5 @@ class Reservation:
 
     def release(self) -> None:
         if self.amount:
-            self._budget._add(-self.amount)
+            self._budget._give_back(self.amount)
             self.amount = 0

@@ -5,9 +5,10 @@ any pixel is decoded), decode, convert to RGB, resize the shorter side to ``resi
 the manifest's interpolation, centre-crop ``input_size``, lay out as uint8 CHW. The arithmetic
 mirrors torchvision's ``Resize(int)`` + ``CenterCrop`` on PIL images, so the pixels are equal.
 
-With ``draft``, a JPEG at least twice the resize target in both sides is decoded at 1/2, 1/4 or
+With ``draft``, a JPEG at least four times the resize target in both sides is decoded at 1/2, 1/4 or
 1/8 scale in the DCT domain (Pillow's ``Image.draft``, libjpeg-turbo's scaled IDCT), still no
-smaller than the target, and then resized exactly as above: about 5x faster on a 12 MP photo; the
+smaller than twice the target (``DRAFT_KEEP``), and then resized exactly as above: about 3-5x faster
+on a 12 MP photo; the
 pixels are no longer equal to the trainer's (the draft is an 8x8 box filter before the resize), the
 top-1 class almost always is (benchmarks/bench_decode.py, docs/benchmarks.md).
 The header checks run on the full size before the draft is set.
@@ -44,6 +45,7 @@ RESAMPLE = {
 
 PNG_TEXT_BYTES = 1 << 20  # text chunks a PNG header may carry (Pillow parses them on open; its default is 64 MB)
 PNG_HEADER_BYTES = 2 * PNG_TEXT_BYTES  # what opening a PNG may inflate: its text chunks and a 1 MB ICC profile
+DRAFT_KEEP = 2  # a draft keeps at least twice the resize target per side (docs/serving.md: the parity measured)
 FORMATS = ("PNG", "JPEG")  # what the API promises; Pillow would otherwise try every format it knows
 
 
@@ -170,14 +172,17 @@ def _resized(img: Image.Image, pre: Preprocessing, limits: ImageLimits, index: i
     return width, height
 
 
-def set_draft(img: Image.Image, target: tuple[int, int]) -> tuple[float, float, float, float] | None:
-    """Ask a JPEG's decoder for the smallest 1/2, 1/4 or 1/8 scale still at least ``target`` in both
-    sides (Pillow picks it; none when the image is under twice the target); returns the region of
+def set_draft(
+    img: Image.Image, target: tuple[int, int], keep: int = DRAFT_KEEP
+) -> tuple[float, float, float, float] | None:
+    """Ask a JPEG's decoder for the smallest 1/2, 1/4 or 1/8 scale still at least ``keep`` x ``target``
+    in both sides (Pillow picks it; none when the image is under twice that); returns the region of
     the scaled image that the full image covers, None when nothing changed. Call it after every
     header check and before ``load``: it shrinks ``img.size``."""
-    if not isinstance(img, JpegImageFile) or img.width < 2 * target[0] or img.height < 2 * target[1]:
+    want = (keep * target[0], keep * target[1])
+    if not isinstance(img, JpegImageFile) or img.width < 2 * want[0] or img.height < 2 * want[1]:
         return None
-    drafted = img.draft(None, target)
+    drafted = img.draft(None, want)
     return drafted[1] if drafted else None
 
 
@@ -189,13 +194,22 @@ def read_header(data: bytes, pre: Preprocessing, limits: ImageLimits, index: int
         return Header(img.width, img.height, decode_bytes_per_pixel(img), width * height, extra)
 
 
-def decode(data: bytes, pre: Preprocessing, limits: ImageLimits, index: int = 0, *, draft: bool = False) -> np.ndarray:
+def decode(
+    data: bytes,
+    pre: Preprocessing,
+    limits: ImageLimits,
+    index: int = 0,
+    *,
+    draft: bool = False,
+    draft_keep: int = DRAFT_KEEP,
+) -> np.ndarray:
     """Encoded PNG/JPEG bytes to uint8 CHW; every failure is InvalidArgument naming the image.
-    ``draft``: a large JPEG is decoded at a reduced scale first (see the module docstring)."""
+    ``draft``: a large JPEG is decoded at a reduced scale first, no smaller than ``draft_keep`` x the
+    resize target (see the module docstring)."""
     with contextlib.closing(open_checked(data, limits, index)) as img:  # close() frees the pixels at once
         target = _resized(img, pre, limits, index)
         try:
-            box = set_draft(img, target) if draft else None
+            box = set_draft(img, target, draft_keep) if draft else None
             img.load()
             return transform(img, pre, target, box) if box else transform(img, pre)
         except Exception as exc:  # truncated or corrupt pixel data surfaces only on load

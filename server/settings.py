@@ -219,9 +219,9 @@ class Settings:
     decode_threads: int = setting(0, "image decoding threads (0 = one per available CPU)")
     fast_decode: bool = setting(
         False,
-        "decode a JPEG at least twice the resize target at 1/2, 1/4 or 1/8 scale in the DCT domain, then resize "
-        "(~7x faster at 12 MP; pixels then differ from the trainer's eval transform by ~half a grey level, top-1 "
-        "parity in docs/benchmarks.md); off: every JPEG at full size, bit-exact",
+        "decode a JPEG at least 4x the resize target at 1/2, 1/4 or 1/8 scale in the DCT domain (no smaller than "
+        "2x the target), then resize (3-5x faster at 12 MP; pixels then differ from the trainer's eval transform, "
+        "top-1 parity in docs/serving.md); off: every JPEG at full size, bit-exact",
     )
     tls_cert: str = setting(
         "",

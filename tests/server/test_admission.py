@@ -19,8 +19,9 @@ import grpc
 import numpy as np
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
+from PIL import Image
 from prometheus_client import CollectorRegistry
-from serving_helpers import MODEL, photo_bytes
+from serving_helpers import MODEL, photo_bytes, photo_path, png_bytes
 from test_batcher import Recorder, batching, rows
 from test_preprocess import pixel_bomb_png
 
@@ -28,7 +29,7 @@ from tlserve.manifest import Preprocessing
 from tlserve.server.admission import Budget
 from tlserve.server.batcher import Batcher
 from tlserve.server.errors import DeadlineExceeded, InvalidArgument, ResourceExhausted
-from tlserve.server.images import ImageDecoder
+from tlserve.server.images import INLINE_PIXELS, ImageDecoder
 from tlserve.server.metrics import Metrics
 from tlserve.server.pb.inference import grpc_service_pb2_grpc
 from tlserve.server.pb.inference import messages_pb2 as oip
@@ -66,6 +67,13 @@ def test_request_pixel_budget_refused_from_the_headers(repo_copy, make_server):
 
 
 # --- the decode budget: reserved before decoding, refused at once when full ----------------------
+def large_photo() -> bytes:
+    """A real photo over INLINE_PIXELS, so that a request of it alone is decoded on the pool."""
+    data = png_bytes(Image.open(photo_path("coffee.png")).convert("RGB").resize((800, 600)))
+    assert read_header(data, PRE, LIMITS).pixels > INLINE_PIXELS
+    return data
+
+
 def run_decoder(body, budget: Budget, workers: int = 1):
     """``body(decoder, gate)`` on a decoder whose pool's workers are all blocked until ``gate`` opens."""
     gate = threading.Event()
@@ -86,7 +94,7 @@ def run_decoder(body, budget: Budget, workers: int = 1):
 def test_full_decode_budget_is_resource_exhausted_at_once_and_counted():
     registry = CollectorRegistry()
     metrics = Metrics(registry)
-    image = photo_bytes("coffee.png")
+    image = large_photo()
     cost = ImageDecoder(LIMITS, 8, ThreadPoolExecutor(1)).reservation([read_header(image, PRE, LIMITS)], 1, PRE)
     budget = Budget("decoding", int(cost * 1.5), metrics.decode_bytes, metrics.decode_rejections)
 
@@ -137,20 +145,22 @@ def test_budget_is_released_only_when_a_cancelled_request_has_stopped_decoding()
 
 
 # --- the caller's deadline, before decoding ---------------------------------------------------------
-def test_expired_deadline_is_answered_before_any_decoding():
+@pytest.mark.parametrize("side", [500, 600])  # a lone image admitted and decoded in one call, and in two
+def test_expired_deadline_is_answered_before_any_decoding(side):
     async def body(decoder, gate):
         gate.set()
         with pytest.raises(DeadlineExceeded, match="before decoding"):
-            await decoder.batch([pixel_bomb_png(500, 500)], PRE, deadline=time.monotonic() - 1)
+            await decoder.batch([pixel_bomb_png(side, side)], PRE, deadline=time.monotonic() - 1)
         with pytest.raises(InvalidArgument, match="corrupt image data"):  # the same image, decoded
-            await decoder.batch([pixel_bomb_png(500, 500)], PRE, deadline=time.monotonic() + 60)
+            await decoder.batch([pixel_bomb_png(side, side)], PRE, deadline=time.monotonic() + 60)
 
     run_decoder(body, Budget("decoding", 1 << 30))
 
 
 def test_deadline_passed_while_waiting_for_a_thread_skips_the_decode():
     async def body(decoder, gate):
-        waiting = asyncio.ensure_future(decoder.batch([pixel_bomb_png(500, 500)], PRE, time.monotonic() + 0.2))
+        two = [pixel_bomb_png(600, 600)] * 2  # two images: headers on their thread, then the (blocked) pool
+        waiting = asyncio.ensure_future(decoder.batch(two, PRE, time.monotonic() + 0.2))
         await asyncio.sleep(0.3)
         gate.set()
         with pytest.raises(DeadlineExceeded, match="waited for a decoding thread"):

@@ -14,7 +14,7 @@ from serving_helpers import photo_path
 
 from tlserve.manifest import Preprocessing
 from tlserve.server.errors import InvalidArgument
-from tlserve.server.preprocess import ImageLimits, decode
+from tlserve.server.preprocess import ImageLimits, decode, set_draft
 
 LIMITS = ImageLimits(max_image_bytes=4_000_000, max_pixels=4_000_000)
 PRE = Preprocessing(input_size=64, resize_size=73)
@@ -61,8 +61,19 @@ def test_large_jpeg_drafted_close_to_the_full_decode(mode):
     assert difference.mean() < 3 and not np.array_equal(full, drafted)  # the draft really ran
 
 
-def test_jpeg_under_twice_the_target_and_png_are_decoded_exactly():
-    small = jpeg(upscaled("chelsea.png", (200, 140)))  # 140 < 2 x 73: no draft
+def test_draft_keeps_twice_the_resize_target():
+    """A 1600x1200 JPEG for a 97x73 resize: the 1/8 scale (200x150) is the largest at least 2 x 97 x 73."""
+    with Image.open(io.BytesIO(jpeg(upscaled("chelsea.png", (1600, 1200))))) as img:
+        box = set_draft(img, (97, 73))
+        assert box is not None and img.size == (200, 150)
+    with Image.open(io.BytesIO(jpeg(upscaled("chelsea.png", (1000, 750))))) as img:
+        assert set_draft(img, (97, 73)) is not None and img.size == (250, 188)  # 1/4; 1/8 would be under 146
+    with Image.open(io.BytesIO(jpeg(upscaled("chelsea.png", (380, 285))))) as img:
+        assert set_draft(img, (97, 73)) is None and img.size == (380, 285)  # under 4 x the target: full decode
+
+
+def test_jpeg_under_four_times_the_target_and_png_are_decoded_exactly():
+    small = jpeg(upscaled("chelsea.png", (380, 285)))  # 285 < 2 x 2 x 73: no draft (1/2 would be 143 px)
     np.testing.assert_array_equal(decode(small, PRE, LIMITS, draft=True), decode(small, PRE, LIMITS))
     buf = io.BytesIO()
     upscaled("chelsea.png", (1600, 1200)).save(buf, format="PNG")
@@ -73,12 +84,13 @@ def test_jpeg_under_twice_the_target_and_png_are_decoded_exactly():
 @pytest.mark.torch
 @pytest.mark.slow
 def test_draft_top1_agrees_with_full_decode_on_demo_images_and_photos(model_repository):
-    """The demo's validation images (upscaled to 1024x768: 1/8 scale drafts, the hardest case for
-    this 64 px model, where the draft's 8x8 box prefilter is largest against the resize) keep their
-    full-decode top-1 class at least 97% of the time (measured: 98.4-98.6%; 99.1% at 4032x3024, see
-    docs/benchmarks.md). The real photos, native and upscaled, are out of this model's domain and often
-    near-ties for it (the model is trained anew in each run): one may flip, but none whose full-decode
-    top-1 led the class the draft chose by more than 0.3."""
+    """The demo's validation images (upscaled to 1024x768: 1/4 scale drafts, 256x192 for a 97x73
+    resize, the hardest case for this 64 px model, where the draft's box prefilter is largest against
+    the resize) keep their full-decode top-1 class at least 98% of the time (measured 99.2%, and
+    97.7% when the draft kept only 1x the target: docs/serving.md). The real photos, native and
+    upscaled, are out of this model's domain and often near-ties for it (the model is trained anew in
+    each run): one may flip, but none whose full-decode top-1 led the class the draft chose by more
+    than 0.3."""
     ort = pytest.importorskip("onnxruntime")
     from tlserve.manifest import Manifest
     from tlserve.trainer.demo_data import load_arrays
@@ -108,5 +120,5 @@ def test_draft_top1_agrees_with_full_decode_on_demo_images_and_photos(model_repo
     rows = np.arange(len(files))
     lead = full[rows, full.argmax(1)] - full[rows, drafted.argmax(1)]  # 0 where they agree
     assert (lead[demo:] <= 0.3).all(), f"photos that changed a clear class: {np.flatnonzero(lead[demo:] > 0.3)}"
-    assert agree[:demo].mean() >= 0.97, f"top-1 agreement {agree[:demo].mean():.4f} on the demo images"
-    assert np.abs(full - drafted).max() < 0.25
+    assert agree[:demo].mean() >= 0.98, f"top-1 agreement {agree[:demo].mean():.4f} on the demo images"
+    assert np.abs(full - drafted).max() < 0.2  # measured 0.10 (0.26 keeping 1x the target)
