@@ -42,7 +42,7 @@ class RuntimeOptions:
     require_gpu: bool
     intra_op_threads: int
     inter_op_threads: int
-    spinning: bool = False  # ORT's thread pools spin while waiting for work (ORT's own default: they do)
+    spinning: str = "run"  # ORT's pools spin: "on" always (ORT's default), "run" only while a Run is active, "off"
     io_binding: bool | None = None  # None: on CUDA only (not a setting)
 
     @classmethod
@@ -55,7 +55,7 @@ class RuntimeOptions:
             require_gpu=settings.require_gpu,
             intra_op_threads=settings.intra_op_threads or max(1, available_cpus() // sessions),
             inter_op_threads=settings.inter_op_threads,
-            spinning=settings.ort_spinning == "on",
+            spinning=settings.ort_spinning,
         )
 
     def replace(self, **changes: Any) -> RuntimeOptions:
@@ -99,9 +99,11 @@ def session_options(options: RuntimeOptions) -> ort.SessionOptions:
     so.intra_op_num_threads = options.intra_op_threads
     so.inter_op_num_threads = options.inter_op_threads
     so.log_severity_level = 3
-    if not options.spinning:
+    if options.spinning == "off":
         so.add_session_config_entry("session.intra_op.allow_spinning", "0")
         so.add_session_config_entry("session.inter_op.allow_spinning", "0")
+    elif options.spinning == "run":  # spin between a run's operators, stop the moment the last run returns
+        so.add_session_config_entry("session.force_spinning_stop", "1")
     return so
 
 

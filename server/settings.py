@@ -166,10 +166,11 @@ class Settings:
         choices=("separate", "shared"),
     )
     ort_spinning: str = setting(
-        "off",
-        "ONNX Runtime's worker threads spin while waiting for work (`on`, ORT's own default) or sleep (`off`: "
-        "measured on 2 shared cores, half the server CPU per call and a lower p50 at concurrency 1)",
-        choices=("on", "off"),
+        "run",
+        "ONNX Runtime's worker threads spin while waiting for work: `on` always (ORT's own default), `run` only "
+        "while a run is active (they stop the moment it returns, so idle spinning takes no CPU from the front "
+        "end), or `off` (they sleep, even between a run's operators)",
+        choices=("on", "run", "off"),
     )
     version_policy: VersionPolicy = setting(VersionPolicy(), "`latest:N`, `all`, or `specific:V1,V2`")
     poll_interval: float = setting(0.0, "seconds between repository scans for new versions (0 = off; SIGHUP rescans)")

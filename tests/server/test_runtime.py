@@ -38,17 +38,23 @@ def test_cpu_device_asks_for_cpu_only_and_reports_no_fallback(model_file):
     assert runtime.inputs[0][2] == "uint8"
 
 
-def test_spinning_is_off_by_default_and_on_when_asked(model_file):
-    off = session_options(cpu_options())
-    assert off.get_session_config_entry("session.intra_op.allow_spinning") == "0"
-    assert off.get_session_config_entry("session.inter_op.allow_spinning") == "0"
+def test_spinning_stops_after_each_run_by_default_and_is_on_or_off_when_asked(model_file):
+    default = session_options(cpu_options())
+    assert default.get_session_config_entry("session.force_spinning_stop") == "1"
+    off = cpu_options(ort_spinning="off")
+    assert session_options(off).get_session_config_entry("session.intra_op.allow_spinning") == "0"
+    assert session_options(off).get_session_config_entry("session.inter_op.allow_spinning") == "0"
     on = cpu_options(ort_spinning="on")
-    assert on.spinning and not cpu_options().spinning
-    with pytest.raises(RuntimeError, match="does not have configuration"):  # unset: ORT's default (spinning)
-        session_options(on).get_session_config_entry("session.intra_op.allow_spinning")
+    assert on.spinning == "on" and cpu_options().spinning == "run"
+    for options in (on, cpu_options()):
+        with pytest.raises(RuntimeError, match="does not have configuration"):  # unset: ORT's default (spinning)
+            session_options(options).get_session_config_entry("session.intra_op.allow_spinning")
+    with pytest.raises(RuntimeError, match="does not have configuration"):
+        session_options(on).get_session_config_entry("session.force_spinning_stop")
     size = Runtime(model_file, cpu_options()).inputs[0][1][-1]
     batch = np.random.default_rng(2).integers(0, 256, (2, 3, size, size), dtype=np.uint8)
     a = Runtime(model_file, cpu_options(intra_op_threads=2)).run("images", batch)
-    b = Runtime(model_file, on.replace(intra_op_threads=2)).run("images", batch)
-    for name in a:
-        np.testing.assert_allclose(a[name], b[name], rtol=1e-6, atol=1e-7)
+    for other in (on, off):
+        b = Runtime(model_file, other.replace(intra_op_threads=2)).run("images", batch)
+        for name in a:
+            np.testing.assert_allclose(a[name], b[name], rtol=1e-6, atol=1e-7)
