@@ -168,6 +168,27 @@ def watched(repository, helm, prometheus, tmp_path_factory):
         server.stop()
 
 
+def fired(prom, server, photos, alert_name: str, what: str) -> tuple[dict, set[str]]:
+    """Classify ``photos`` until ``alert_name`` fires: its one alert (labels checked), the labels served meanwhile."""
+    seen: set[str] = set()
+
+    def firing():
+        seen.update(classify(server, photos))
+        rule = drift_rule(prom, alert_name)
+        return rule if rule["state"] == "firing" else None
+
+    rule = prom.wait_for(firing, f"{alert_name} firing on {what}", timeout=240)
+    (alert,) = rule["alerts"]
+    assert {k: alert["labels"][k] for k in ("namespace", "job", "model", "version", "severity")} == {
+        "namespace": NAMESPACE,
+        "job": JOB,
+        "model": MODEL,
+        "version": "1",
+        "severity": "warning",
+    }
+    return alert, seen
+
+
 def test_confidently_wrong_photos_skew_the_label_mix_and_the_class_share_alert_fires(
     watched, fashion_images, object_photos
 ):
@@ -192,22 +213,7 @@ def test_confidently_wrong_photos_skew_the_label_mix_and_the_class_share_alert_f
     assert rule["health"] == "ok" and rule["state"] == "inactive", rule
 
     # confidently wrong: the predictions pile onto a few labels, the median confidence stays above the baseline's p10
-    seen: set[str] = set()
-
-    def firing():
-        seen.update(classify(server, object_photos))
-        rule = drift_rule(prom, SHARE_ALERT)
-        return rule if rule["state"] == "firing" else None
-
-    rule = prom.wait_for(firing, f"{SHARE_ALERT} firing on confidently misclassified photos", timeout=240)
-    (alert,) = rule["alerts"]
-    assert {k: alert["labels"][k] for k in ("namespace", "job", "model", "version", "severity")} == {
-        "namespace": NAMESPACE,
-        "job": JOB,
-        "model": MODEL,
-        "version": "1",
-        "severity": "warning",
-    }
+    alert, seen = fired(prom, server, object_photos, SHARE_ALERT, "confidently misclassified photos")
     assert float(alert["value"]) > SHARE_DISTANCE  # the distance when it fired
     moved = re.search(r"\((\S+) [0-9.]+% live vs [0-9.]+% baseline\)$", alert["annotations"]["summary"])
     assert moved and moved.group(1) in seen, (alert["annotations"]["summary"], seen)
@@ -237,22 +243,7 @@ def test_odd_photos_pull_the_live_median_below_the_baseline_and_the_alert_fires(
 
     # out of distribution: the median falls below p10, the counters see the odd labels, and the rule fires
     before = number(prom, f"sum(tlserve_predictions_total{{{SELECTOR}}})") or 0
-    seen: set[str] = set()
-
-    def firing():
-        seen.update(classify(server, odd_photos))
-        rule = drift_rule(prom)
-        return rule if rule["state"] == "firing" else None
-
-    rule = prom.wait_for(firing, f"{ALERT} firing on out-of-distribution photos", timeout=240)
-    (alert,) = rule["alerts"]
-    assert {k: alert["labels"][k] for k in ("namespace", "job", "model", "version", "severity")} == {
-        "namespace": NAMESPACE,
-        "job": JOB,
-        "model": MODEL,
-        "version": "1",
-        "severity": "warning",
-    }
+    alert, seen = fired(prom, server, odd_photos, ALERT, "out-of-distribution photos")
     assert float(alert["value"]) < p10  # the live median when it fired
     assert number(prom, f"sum(tlserve_predictions_total{{{SELECTOR}}})") > before
     for label in seen:
