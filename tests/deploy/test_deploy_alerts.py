@@ -45,6 +45,15 @@ def alerts(rules: dict) -> list[dict]:
     return [rule for group in rules["groups"] for rule in group["rules"] if "alert" in rule]
 
 
+def assert_rule_tests_fail(promtool, helm, folder, value: str, alert: str) -> None:
+    """The chart's rules rendered with ``--set value`` fail the promtool unit tests on ``alert``: the value is used."""
+    (folder / "alerts.rules.yaml").write_text(yaml.safe_dump(render_rules(helm, "--set", value)))
+    shutil.copy(RULE_TESTS, folder / RULE_TESTS.name)
+    proc = run([promtool, "test", "rules", RULE_TESTS.name], cwd=folder, check=False)
+    assert proc.returncode != 0
+    assert f"alertname: {alert}" in proc.stdout + proc.stderr
+
+
 def test_promtool_check_rules(promtool, rules_dir):
     out = run([promtool, "check", "rules", str(rules_dir / "alerts.rules.yaml")]).stdout
     assert "SUCCESS" in out
@@ -57,13 +66,7 @@ def test_promtool_test_rules(promtool, rules_dir):
 
 def test_thresholds_come_from_values(promtool, helm, tmp_path):
     """A stricter error-ratio threshold than the unit tests assume makes them fail: the tests do bite."""
-    (tmp_path / "alerts.rules.yaml").write_text(
-        yaml.safe_dump(render_rules(helm, "--set", "prometheusRule.errorRatio=0.2"))
-    )
-    shutil.copy(RULE_TESTS, tmp_path / RULE_TESTS.name)
-    proc = run([promtool, "test", "rules", RULE_TESTS.name], cwd=tmp_path, check=False)
-    assert proc.returncode != 0
-    assert "alertname: TlserveHighErrorRatio" in proc.stdout + proc.stderr
+    assert_rule_tests_fail(promtool, helm, tmp_path, "prometheusRule.errorRatio=0.2", "TlserveHighErrorRatio")
 
 
 @pytest.mark.parametrize(
@@ -74,11 +77,7 @@ def test_thresholds_come_from_values(promtool, helm, tmp_path):
     ],
 )
 def test_confidence_drift_quantile_and_duration_come_from_values(promtool, helm, tmp_path, value):
-    (tmp_path / "alerts.rules.yaml").write_text(yaml.safe_dump(render_rules(helm, "--set", value)))
-    shutil.copy(RULE_TESTS, tmp_path / RULE_TESTS.name)
-    proc = run([promtool, "test", "rules", RULE_TESTS.name], cwd=tmp_path, check=False)
-    assert proc.returncode != 0
-    assert "alertname: TlserveConfidenceDrift" in proc.stdout + proc.stderr
+    assert_rule_tests_fail(promtool, helm, tmp_path, value, "TlserveConfidenceDrift")
 
 
 @pytest.mark.parametrize(
@@ -91,11 +90,7 @@ def test_confidence_drift_quantile_and_duration_come_from_values(promtool, helm,
     ],
 )
 def test_class_share_drift_distance_count_window_and_duration_come_from_values(promtool, helm, tmp_path, value):
-    (tmp_path / "alerts.rules.yaml").write_text(yaml.safe_dump(render_rules(helm, "--set", value)))
-    shutil.copy(RULE_TESTS, tmp_path / RULE_TESTS.name)
-    proc = run([promtool, "test", "rules", RULE_TESTS.name], cwd=tmp_path, check=False)
-    assert proc.returncode != 0
-    assert "alertname: TlserveClassShareDrift" in proc.stdout + proc.stderr
+    assert_rule_tests_fail(promtool, helm, tmp_path, value, "TlserveClassShareDrift")
 
 
 def test_every_alert_is_required_or_known_and_unit_tested(helm):
