@@ -54,6 +54,24 @@ def helm_template(helm: str, *args: str, namespace: str = "serving", release: st
     return run([helm, "template", release, str(CHART), "--namespace", namespace, *args]).stdout
 
 
+def write_rules(helm: str, folder: Path, *args: str, namespace: str = "serving", release: str = "tlserve") -> Path:
+    """The chart's PrometheusRule rendered (``args``: more ``--set``s) as a Prometheus rules file,
+    ``folder/alerts.rules.yaml``."""
+    rendered = helm_template(
+        helm,
+        "--set",
+        "prometheusRule.enabled=true",
+        *args,
+        "--show-only",
+        "templates/prometheusrule.yaml",
+        namespace=namespace,
+        release=release,
+    )
+    path = folder / "alerts.rules.yaml"
+    path.write_text(yaml.safe_dump(yaml.safe_load(rendered)["spec"], sort_keys=False))
+    return path
+
+
 def manifests(rendered: str) -> dict[str, dict]:
     """Rendered documents keyed by "Kind/name"."""
     docs = [d for d in yaml.safe_load_all(rendered) if d]

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 import yaml
-from deploy_helpers import REPO, contract_metrics, helm_template, metrics_in, run
+from deploy_helpers import REPO, contract_metrics, helm_template, metrics_in, run, write_rules
 
 pytestmark = pytest.mark.tools
 
@@ -36,7 +36,7 @@ def render_rules(helm: str, *args: str) -> dict:
 def rules_dir(helm, tmp_path_factory) -> Path:
     """alerts.rules.yaml (rendered with the default values, namespace "serving") beside the unit tests."""
     folder = tmp_path_factory.mktemp("rules")
-    (folder / "alerts.rules.yaml").write_text(yaml.safe_dump(render_rules(helm), sort_keys=False))
+    write_rules(helm, folder)
     shutil.copy(RULE_TESTS, folder / RULE_TESTS.name)
     return folder
 
@@ -47,7 +47,7 @@ def alerts(rules: dict) -> list[dict]:
 
 def assert_rule_tests_fail(promtool, helm, folder, value: str, alert: str) -> None:
     """The chart's rules rendered with ``--set value`` fail the promtool unit tests on ``alert``: the value is used."""
-    (folder / "alerts.rules.yaml").write_text(yaml.safe_dump(render_rules(helm, "--set", value)))
+    write_rules(helm, folder, "--set", value)
     shutil.copy(RULE_TESTS, folder / RULE_TESTS.name)
     proc = run([promtool, "test", "rules", RULE_TESTS.name], cwd=folder, check=False)
     assert proc.returncode != 0

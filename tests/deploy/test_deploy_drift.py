@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 import yaml
-from deploy_helpers import CHART, helm_template
+from deploy_helpers import CHART, write_rules
 
 pytestmark = pytest.mark.tools
 
@@ -94,28 +94,24 @@ def object_photos() -> list[bytes]:
 
 def drift_rules(helm: str, folder: Path) -> str:
     """The chart's rule file with a short rate window and `for`, so the rule can fire within a test."""
-    rendered = helm_template(
-        helm,
-        "--set",
-        "prometheusRule.enabled=true",
-        "--set",
-        f"prometheusRule.confidenceDriftWindow={WINDOW}",
-        "--set",
-        "prometheusRule.confidenceDriftFor=3s",
-        "--set",
-        f"prometheusRule.classShareDriftWindow={WINDOW}",
-        "--set",
-        "prometheusRule.classShareDriftFor=3s",
-        "--set",
-        f"prometheusRule.classShareDriftMinPredictions={MIN_PREDICTIONS}",
-        "--show-only",
-        "templates/prometheusrule.yaml",
-        namespace=NAMESPACE,
-        release=JOB,
+    return str(
+        write_rules(
+            helm,
+            folder,
+            "--set",
+            f"prometheusRule.confidenceDriftWindow={WINDOW}",
+            "--set",
+            "prometheusRule.confidenceDriftFor=3s",
+            "--set",
+            f"prometheusRule.classShareDriftWindow={WINDOW}",
+            "--set",
+            "prometheusRule.classShareDriftFor=3s",
+            "--set",
+            f"prometheusRule.classShareDriftMinPredictions={MIN_PREDICTIONS}",
+            namespace=NAMESPACE,
+            release=JOB,
+        )
     )
-    path = folder / "alerts.rules.yaml"
-    path.write_text(yaml.safe_dump(yaml.safe_load(rendered)["spec"]))
-    return str(path)
 
 
 def classify(server, images: list[bytes]) -> list[str]:

@@ -13,8 +13,7 @@ import re
 from pathlib import Path
 
 import pytest
-import yaml
-from deploy_helpers import contract_metrics, find_tool, helm_template, run
+from deploy_helpers import contract_metrics, find_tool, run, write_rules
 
 pytestmark = pytest.mark.tools
 
@@ -76,18 +75,7 @@ def alert_rules(tmp: Path) -> list[str]:
         helm = find_tool("helm")
     except pytest.skip.Exception:
         return []
-    rendered = helm_template(
-        helm,
-        "--set",
-        "prometheusRule.enabled=true",
-        "--show-only",
-        "templates/prometheusrule.yaml",
-        namespace=NAMESPACE,
-        release=JOB,
-    )
-    path = tmp / "alerts.rules.yaml"
-    path.write_text(yaml.safe_dump(yaml.safe_load(rendered)["spec"]))
-    return [str(path)]
+    return [str(write_rules(helm, tmp, namespace=NAMESPACE, release=JOB))]
 
 
 @pytest.fixture(scope="module")
