@@ -152,11 +152,14 @@ def converts_inline(request: pb.ModelInferRequest, headers: Mapping[str, TensorH
     return described <= INLINE_RAW_BYTES
 
 
-def decode_inputs(request: pb.ModelInferRequest) -> dict[str, np.ndarray]:
+def decode_inputs(
+    request: pb.ModelInferRequest, headers: Mapping[str, TensorHeader] | None = None
+) -> dict[str, np.ndarray]:
     """Every input of a request by name, from raw or typed contents (never both). Proportional to
-    the request's size: call it off the event loop, after :func:`input_headers` was checked. Each
-    raw input is taken from the message once (one copy), its length checked, then viewed in place."""
-    headers = input_headers(request)
+    the request's size: call it off the event loop, with the :func:`input_headers` already checked
+    (read again when not given). Each raw input is taken from the message once (one copy), its
+    length checked, then viewed in place."""
+    headers = input_headers(request) if headers is None else headers
     raws = request.raw_input_contents
     arrays: dict[str, np.ndarray] = {}
     for i, tensor in enumerate(request.inputs):

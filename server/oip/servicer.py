@@ -85,7 +85,7 @@ class OipServicer(grpc_service_pb2_grpc.GRPCInferenceServiceServicer):
             self._plane.check_inputs(model, {h.name: (h.datatype, h.shape) for h in headers.values()})
             requested = codec.requested_outputs(request)
             inline = codec.converts_inline(request, headers)
-            inputs = await self._plane.convert(codec.decode_inputs, request, inline=inline)
+            inputs = await self._plane.convert(codec.decode_inputs, request, headers, inline=inline)
             outputs = await self._plane.infer(model, inputs, requested, deadline_of(context))
             with self._rpc.spans.span("encode"):
                 return codec.infer_response(model.name, model.version, request.id, outputs)
