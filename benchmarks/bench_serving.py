@@ -15,8 +15,12 @@ pre-serialised requests, so the client spends as little CPU as it can. Each cell
 so that load from elsewhere on the machine hits them alike, and a cell pools its rounds.
 ``mean batch`` is the images per batcher execution, from the server's ``tlserve_batch_size``
 histogram (raw: ``c``); ``server CPU ms`` the server process's CPU per call (from /proc, warm-up
-included). ``--trivial`` serves a graph of microseconds per image with the real signature, so the
-front end is what is measured; ``--py-spy FILE`` profiles the server meanwhile and prints a summary.
+included); ``client CPU ms`` this process's CPU per measured call, the client's share of the cores
+(raw: ONNX Runtime's CPU per image, measured apart with its spinning off). ``--floor`` adds the
+ceiling of any Python gRPC server here (benchmarks/ceiling.py: the floor's round trip at one caller,
+and its CPU per call beside raw's).
+``--trivial`` serves a graph of microseconds per image with the real signature, so the front end
+is what is measured; ``--py-spy FILE`` profiles the server meanwhile and prints a summary.
 ``--peer kserve`` adds KServe (its own venv at ``.bench/kserve-venv``, a minimal ``kserve.Model`` with
 ONNX Runtime: benchmarks/peers/) answering the same OIP bytes, and runs the whole sitting inside a
 private network namespace, since KServe binds 0.0.0.0 (root and `ip` needed).
@@ -45,6 +49,7 @@ from pathlib import Path
 import grpc
 import numpy as np
 import onnxruntime as ort
+from ceiling import ceiling_table
 from peers import grpc_floor, kserve_peer, netns
 from PIL import Image
 from prometheus_client.parser import text_string_to_metric_families
@@ -52,6 +57,7 @@ from served import free_port, start_server
 from trivial_model import write_trivial
 
 from tlserve.manifest import Manifest
+from tlserve.server.cpus import available_cpus
 from tlserve.server.pb.inference import messages_pb2 as oip
 from tlserve.server.pb.tlserve.v1 import tlserve_pb2 as task
 from tlserve.server.preprocess import ImageLimits, decode
@@ -74,6 +80,7 @@ class Cell:
     requests: int
     mean_batch: float
     server_cpu_ms: float  # server process CPU per call (user + system), warm-up included; 0 for raw
+    bench_cpu_ms: float = 0.0  # this process's CPU per call: the client's when served, ORT's per image for raw
 
 
 @dataclass
@@ -85,6 +92,7 @@ class Sample:
     latencies: list[float] = field(default_factory=list)
     batches: tuple[float, float] = (0.0, 0.0)  # (executions, images) the server's batcher ran
     server_cpu: tuple[float, int] = (0.0, 0)  # (CPU seconds of the server process, calls answered meanwhile)
+    bench_cpu: float = 0.0  # CPU seconds of this process meanwhile (client, or raw's ORT), warm-up excluded
 
     def add(
         self,
@@ -93,12 +101,14 @@ class Sample:
         latencies: list[float],
         batches: tuple[float, float] = (0.0, 0.0),
         server_cpu: tuple[float, int] = (0.0, 0),
+        bench_cpu: float = 0.0,
     ) -> None:
         self.images += images
         self.elapsed += elapsed
         self.latencies += latencies
         self.batches = (self.batches[0] + batches[0], self.batches[1] + batches[1])
         self.server_cpu = (self.server_cpu[0] + server_cpu[0], self.server_cpu[1] + server_cpu[1])
+        self.bench_cpu += bench_cpu
 
     def cell(self, mode: str, concurrency: int) -> Cell:
         ms = np.asarray(self.latencies) * 1e3
@@ -112,6 +122,7 @@ class Sample:
             len(self.latencies),
             mean_batch,
             1e3 * self.server_cpu[0] / self.server_cpu[1] if self.server_cpu[1] else 0.0,
+            1e3 * self.bench_cpu / self.images if self.images else 0.0,
         )
 
 
@@ -188,32 +199,62 @@ def export_stock(arch: str, size: int, weights_name: str, root: Path) -> Path:
 
 # --- raw ONNX Runtime ---------------------------------------------------------------------------
 def measure_raw(
-    session: ort.InferenceSession, input_name: str, image: np.ndarray, concurrency: int, seconds: float, warmup: float
-) -> tuple[int, float, list[float]]:
+    session: ort.InferenceSession,
+    input_name: str,
+    image: np.ndarray,
+    concurrency: int,
+    seconds: float,
+    warmup: float,
+    quiet: ort.InferenceSession | None = None,
+) -> tuple[int, float, list[float], tuple[float, float], tuple[float, int], float]:
+    """Images, seconds and latencies of batches of ``concurrency`` back to back; then, with ``quiet``
+    (the same graph with ORT's spinning off), the CPU seconds that it spends on as many images: what
+    the compute itself costs, without the CPU that spinning threads burn while they wait."""
     batch = np.repeat(image[None], concurrency, axis=0)
     end_warmup = time.perf_counter() + warmup
     while time.perf_counter() < end_warmup:
         session.run(None, {input_name: batch})
     latencies: list[float] = []
-    started = time.perf_counter()
+    started, cpu = time.perf_counter(), time.process_time()
     while time.perf_counter() - started < seconds:
         t0 = time.perf_counter()
         session.run(None, {input_name: batch})
         latencies.append(time.perf_counter() - t0)
-    return concurrency * len(latencies), time.perf_counter() - started, latencies
+    elapsed, spent = time.perf_counter() - started, time.process_time() - cpu
+    if quiet is not None:  # a quarter of the time, scaled to the images measured
+        runs, cpu, until = 0, time.process_time(), time.perf_counter() + max(0.5, seconds / 4)
+        while time.perf_counter() < until or not runs:
+            quiet.run(None, {input_name: batch})
+            runs += 1
+        spent = (time.process_time() - cpu) * len(latencies) / runs
+    return concurrency * len(latencies), elapsed, latencies, (0.0, 0.0), (0.0, 0), spent
+
+
+def not_spinning() -> ort.SessionOptions:
+    """ORT's defaults with its thread pools' spinning off."""
+    options = ort.SessionOptions()
+    options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    return options
 
 
 # --- served -------------------------------------------------------------------------------------
 async def drive(
     address: str, method: str, payload: bytes, concurrency: int, seconds: float, warmup: float
-) -> tuple[int, float, list[float], int]:
+) -> tuple[int, float, list[float], int, float]:
     """``concurrency`` callers resending ``payload`` for ``seconds`` after ``warmup``; the measured
-    calls, seconds and latencies, and every call answered (warm-up included)."""
+    calls, seconds and latencies, every call answered (warm-up included), and this process's CPU
+    seconds over the measured calls (the client's cost)."""
     async with grpc.aio.insecure_channel(address, options=[("grpc.max_receive_message_length", 64 << 20)]) as ch:
         call = ch.unary_unary(method)  # bytes in, bytes out: no client-side (de)serialisation
         latencies: list[float] = []
         window: dict[str, float] = {}
         answered = [0]
+
+        cpu = [0.0]
+
+        async def mark() -> None:  # this process's CPU when the measured window opens
+            await asyncio.sleep(max(0.0, window["start"] - time.perf_counter()))
+            cpu[0] = time.process_time()
 
         async def caller() -> None:
             while True:
@@ -227,9 +268,9 @@ async def drive(
 
         now = time.perf_counter()
         window.update(start=now + warmup, end=now + warmup + seconds)
-        await asyncio.gather(*(caller() for _ in range(concurrency)))
+        await asyncio.gather(mark(), *(caller() for _ in range(concurrency)))
         elapsed = time.perf_counter() - window["start"]
-        return len(latencies), elapsed, latencies, answered[0]
+        return len(latencies), elapsed, latencies, answered[0], time.process_time() - cpu[0]
 
 
 def batcher_totals(metrics_url: str, model: str) -> tuple[float, float]:
@@ -259,15 +300,16 @@ class Served:
 
 def measure_served(
     path: Served, concurrency: int, seconds: float, warmup: float
-) -> tuple[int, float, list[float], tuple[float, float], tuple[float, int]]:
-    """``drive`` plus how the server batched and the CPU it spent meanwhile (warm-up included)."""
+) -> tuple[int, float, list[float], tuple[float, float], tuple[float, int], float]:
+    """``drive`` plus how the server batched and the CPU it spent meanwhile (warm-up included), and
+    the client's CPU seconds over the measured calls."""
     before, cpu_before = path.batches() if path.batches else (0.0, 0.0), path.cpu()
-    count, elapsed, latencies, answered = asyncio.run(
+    count, elapsed, latencies, answered, client_cpu = asyncio.run(
         drive(path.address, path.method, path.payload, concurrency, seconds, warmup)
     )
     spent = path.cpu() - cpu_before
     after = path.batches() if path.batches else (float(answered), float(answered))
-    return count, elapsed, latencies, (after[0] - before[0], after[1] - before[1]), (spent, answered)
+    return count, elapsed, latencies, (after[0] - before[0], after[1] - before[1]), (spent, answered), client_cpu
 
 
 def process_cpu(pid: int) -> float:
@@ -359,8 +401,9 @@ def profile_summary(collapsed: str, top: int = 25) -> str:
 def table(cells: list[Cell]) -> str:
     raw = {c.concurrency: c for c in cells if c.mode == MODES[0]}
     lines = [
-        "| path | concurrency | img/s | p50 ms | p99 ms | ÷ raw img/s | p50 added ms | mean batch | server CPU ms |",
-        "|---|---:|---:|---:|---:|---:|---:|---:|---:|",
+        "| path | concurrency | img/s | p50 ms | p99 ms | ÷ raw img/s | p50 added ms | mean batch | server CPU ms "
+        "| client CPU ms |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for c in cells:
         base = raw[c.concurrency]
@@ -368,7 +411,7 @@ def table(cells: list[Cell]) -> str:
         lines.append(
             f"| {c.mode} | {c.concurrency} | {c.images_per_s:.1f} | {c.p50_ms:.2f} | {c.p99_ms:.2f} | "
             f"{c.images_per_s / base.images_per_s:.2f} | {added} | {c.mean_batch:.1f} | "
-            f"{f'{c.server_cpu_ms:.2f}' if c.server_cpu_ms else ''} |"
+            f"{f'{c.server_cpu_ms:.2f}' if c.server_cpu_ms else ''} | {c.bench_cpu_ms:.2f} |"
         )
     return "\n".join(lines)
 
@@ -454,6 +497,7 @@ def main(argv: list[str] | None = None) -> int:
             repository = args.repository or export_stock(args.arch, args.size, args.weights, Path(tmp))
         name, model_file = model_of(repository)
         session = ort.InferenceSession(str(model_file), providers=["CPUExecutionProvider"])
+        quiet = ort.InferenceSession(str(model_file), not_spinning(), providers=["CPUExecutionProvider"])
         manifest = Manifest.from_metadata(session.get_modelmeta().custom_metadata_map)
         jpeg, jpeg_text = photo_jpeg(args.jpeg_size)
         image = decode(jpeg, manifest.preprocessing, ImageLimits.from_settings(Settings()))
@@ -505,7 +549,7 @@ def main(argv: list[str] | None = None) -> int:
             for round_ in range(args.rounds):
                 for c in args.concurrency:
                     samples[MODES[0], c].add(
-                        *measure_raw(session, manifest.input_name, image, c, args.seconds, args.warmup)
+                        *measure_raw(session, manifest.input_name, image, c, args.seconds, args.warmup, quiet)
                     )
                     for path in served:
                         samples[path.mode, c].add(*measure_served(path, c, args.seconds, args.warmup))
@@ -552,6 +596,9 @@ def main(argv: list[str] | None = None) -> int:
     if args.floor:
         print()
         print(peer_table(cells, grpc_floor.MODE))
+        print()
+        ours = [MODES[1], *((kserve_peer.MODE,) if args.peer else ())]
+        print(ceiling_table(cells, MODES[0], grpc_floor.MODE, ours, available_cpus()))
     if args.json:
         args.json.write_text(json.dumps([asdict(c) for c in cells], indent=2))
     if args.py_spy:

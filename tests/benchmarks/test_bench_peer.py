@@ -66,7 +66,7 @@ def test_kserve_rows_sit_in_the_table_against_raw_at_their_concurrency():
     kserve = {int(r[1]): r for r in rows if r[0] == kserve_peer.MODE}
     assert kserve[1][5] == "0.50"  # 100 / raw's 200
     assert kserve[8][5] == "0.60"  # 240 / raw's 400
-    assert kserve[8][7:] == ["1.0", "2.50"]  # mean batch, server CPU ms
+    assert kserve[8][7:] == ["1.0", "2.50", "0.00"]  # mean batch, server CPU ms, client CPU ms
 
 
 def test_the_peer_table_gives_tlserve_over_kserve_per_concurrency():
