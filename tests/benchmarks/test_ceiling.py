@@ -33,7 +33,15 @@ def test_many_callers_share_the_cores_between_compute_server_and_client():
     top = ceiling(raw, floor, cores=2)
     assert top.bound == "CPU"
     assert top.images_per_s == pytest.approx(2000 / 10.0)
-    assert top.floor_cpu_ms == pytest.approx(1.0)
+    assert (top.compute_ms, top.floor_cpu_ms) == pytest.approx((9.0, 1.0))
+
+
+def test_the_compute_costs_no_more_than_raw_could_have_spent_on_every_core():
+    raw = cell("raw ORT", 8, 250.0, bench_ms=11.0)  # its spinning-off CPU per image exceeds 2 cores / 250 img/s
+    floor = cell(grpc_floor.MODE, 8, 2000.0, server_ms=0.6, bench_ms=0.4)
+    top = ceiling(raw, floor, cores=2)
+    assert top.compute_ms == pytest.approx(8.0)
+    assert top.images_per_s == pytest.approx(2000 / 9.0)
 
 
 def test_a_cheap_round_trip_leaves_the_cpu_bound_at_one_caller():
@@ -44,13 +52,13 @@ def test_a_cheap_round_trip_leaves_the_cpu_bound_at_one_caller():
 
 def test_the_table_gives_each_served_path_as_a_share_of_the_ceiling():
     cells = [
-        cell("raw ORT", 8, 250.0, bench_ms=9.0),
+        cell("raw ORT", 8, 210.0, bench_ms=9.0),
         cell("OIP uint8", 8, 150.0, server_ms=10.0, bench_ms=0.5),
         cell(grpc_floor.MODE, 8, 2000.0, server_ms=0.6, bench_ms=0.4),
     ]
     lines = ceiling_table(cells, "raw ORT", grpc_floor.MODE, ["OIP uint8"], cores=2).splitlines()
     assert "OIP uint8 ÷ ceiling" in lines[0]
-    assert lines[2] == "| 8 | 9.00 | 1.00 | 200.0 | CPU | 0.80 | 0.75 |"
+    assert lines[2] == "| 8 | 9.00 | 1.00 | 200.0 | CPU | 0.95 | 0.75 |"
 
 
 def test_a_sample_reports_the_benchmark_process_cpu_per_measured_call():
