@@ -38,24 +38,29 @@ class Budget:
                 f"the request needs {amount / MB:.0f} MB for {self.what} at once, more than the server's "
                 f"budget of {self.capacity / MB:.0f} MB; send fewer or smaller images per request"
             )
-        with self._lock:
-            in_use = self.in_use
-            if in_use + amount <= self.capacity:
-                self._add(amount)
-                return Reservation(self, amount)
-        if self._rejections is not None:
-            self._rejections.inc()
-        raise ResourceExhausted(
-            f"server busy: the {self.what} budget is full ({in_use / MB:.0f} of {self.capacity / MB:.0f} "
-            f"MB in use, this request needs {amount / MB:.0f} MB); retry later"
-        )
+        reservation = self._try(amount, empty_admits_any=False)
+        if reservation is None:
+            raise ResourceExhausted(self.busy(amount))
+        return reservation
 
     def admit(self, amount: int) -> Reservation | None:
         """:meth:`take` for memory already on its way in: None (the refusal counted) when ``amount`` does
         not fit in what is free now; never refused for its size alone, since an empty budget admits any
-        amount (so one request of any size the server accepts gets through), and nothing always fits."""
+        amount (so one request of any size the server accepts gets through)."""
+        return self._try(amount, empty_admits_any=True)
+
+    def busy(self, amount: int) -> str:
+        """Why a request of ``amount`` bytes is refused now, for the caller: the budget is full, retry."""
+        return (
+            f"server busy: the {self.what} budget is full ({self.in_use / MB:.0f} of {self.capacity / MB:.0f} "
+            f"MB in use, this request needs {amount / MB:.0f} MB); retry later"
+        )
+
+    def _try(self, amount: int, *, empty_admits_any: bool) -> Reservation | None:
+        """Reserve ``amount`` if it fits in what is free (or, with ``empty_admits_any``, if nothing is in
+        use or nothing is asked); else count the refusal and return None."""
         with self._lock:
-            if not (amount and self.in_use and self.in_use + amount > self.capacity):
+            if self.in_use + amount <= self.capacity or (empty_admits_any and not (self.in_use and amount)):
                 self._add(amount)
                 return Reservation(self, amount)
         if self._rejections is not None:

@@ -20,7 +20,7 @@ from __future__ import annotations
 import asyncio
 import contextvars
 
-from tlserve.server.admission import MB, Budget, Reservation
+from tlserve.server.admission import Budget, Reservation
 from tlserve.server.budget import GROWTH_COPIES
 
 
@@ -63,13 +63,7 @@ class MessageMemory:
         slot.release()
         amount = size * GROWTH_COPIES
         slot.reservation = self.budget.admit(amount)
-        if slot.reservation is not None:
-            return None
-        budget = self.budget
-        return (
-            f"server busy: the message memory budget is full ({budget.in_use / MB:.0f} of {budget.capacity / MB:.0f} "
-            f"MB in use, this request needs {amount / MB:.0f} MB); retry later"
-        )
+        return None if slot.reservation is not None else self.budget.busy(amount)
 
     def end(self) -> None:
         """The stream's handler is done with its messages: release the last one's reservation now."""
