@@ -21,6 +21,7 @@ from typing import Any
 
 import grpc
 
+from tlserve.server.handlers import WrappedHandlers
 from tlserve.server.lifecycle import Lifecycle
 from tlserve.server.rpc import RpcObserver
 
@@ -41,7 +42,7 @@ class DrainGate(grpc.aio.ServerInterceptor):
         self._released = asyncio.Event()
         self._held_calls = 0
         self._last_arrival = 0.0
-        self._handlers: dict[str, tuple[grpc.RpcMethodHandler, grpc.RpcMethodHandler]] = {}
+        self._handlers = WrappedHandlers(lambda handler, method: self._gated(handler, method.rsplit("/", 1)[-1]))
 
     @property
     def active(self) -> int:
@@ -78,10 +79,7 @@ class DrainGate(grpc.aio.ServerInterceptor):
         method = handler_call_details.method
         if handler is None or method.startswith(UNGATED):
             return handler
-        cached = self._handlers.get(method)  # each method's gated handler is built once
-        if cached is None or cached[0] is not handler:
-            cached = self._handlers[method] = (handler, self._gated(handler, method.rsplit("/", 1)[-1]))
-        return cached[1]
+        return self._handlers.get(handler, method)
 
     # --- counting and refusing ----------------------------------------------------------------
     @contextlib.contextmanager

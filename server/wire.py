@@ -27,6 +27,7 @@ from google.protobuf.descriptor import Descriptor, FieldDescriptor
 from google.protobuf.message import DecodeError
 
 from tlserve.server.drain import UNGATED
+from tlserve.server.handlers import WrappedHandlers
 from tlserve.server.message_memory import MessageMemory
 from tlserve.server.rpc import RpcObserver, answer
 
@@ -168,7 +169,7 @@ class WireGuard(grpc.aio.ServerInterceptor):
         self._counter = FieldCounter(limit)
         self._observer = observer
         self._memory = memory
-        self._handlers: dict[str, tuple[grpc.RpcMethodHandler, grpc.RpcMethodHandler | None]] = {}
+        self._handlers = WrappedHandlers(self._guarded)
 
     async def intercept_service(
         self, continuation: Callable[[grpc.HandlerCallDetails], Any], handler_call_details: grpc.HandlerCallDetails
@@ -177,13 +178,12 @@ class WireGuard(grpc.aio.ServerInterceptor):
         if handler is None:
             return handler
         method = handler_call_details.method
-        cached = self._handlers.get(method)
-        if cached is None or cached[0] is not handler:
-            cached = self._handlers[method] = (handler, self._guarded(handler, method))
-        if cached[1] is None:
+        guarded = self._handlers.get(handler, method)
+        if guarded is None:
             return handler
-        self._memory.open_call()
-        return cached[1]
+        if not method.startswith(UNGATED):  # health checks and reflection are never charged
+            self._memory.open_call()
+        return guarded
 
     def _guarded(self, handler: grpc.RpcMethodHandler, method: str) -> grpc.RpcMethodHandler | None:
         parse = getattr(handler, "request_deserializer", None)
