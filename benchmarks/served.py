@@ -7,6 +7,7 @@ import socket
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import grpc
@@ -36,17 +37,28 @@ def start_server(
     argv = serve_argv(repository, port, metrics_port, extra)
     process = subprocess.Popen([sys.executable, "-m", "tlserve", "--log-level", log_level, *argv])
     address = f"127.0.0.1:{port}"
-    deadline = time.monotonic() + timeout
     with grpc.insecure_channel(address) as channel:
         ready = channel.unary_unary(READY)
-        while time.monotonic() < deadline:
-            if process.poll() is not None:
-                raise SystemExit(f"server exited with {process.returncode}")
-            try:
-                if oip.ServerReadyResponse.FromString(ready(b"", timeout=2)).ready:
-                    return process, address, f"http://127.0.0.1:{metrics_port}/metrics"
-            except grpc.RpcError:
-                pass
-            time.sleep(0.5)
-    process.terminate()
-    raise SystemExit(f"server did not become ready in {timeout:g} s")
+        try:
+            wait_ready(process, lambda: oip.ServerReadyResponse.FromString(ready(b"", timeout=2)).ready, timeout)
+        except (RuntimeError, TimeoutError) as exc:
+            process.terminate()
+            raise SystemExit(f"server {exc}") from None
+    return process, address, f"http://127.0.0.1:{metrics_port}/metrics"
+
+
+def wait_ready(process: subprocess.Popen, check: Callable[[], bool], timeout: float, pause: float = 0.5) -> None:
+    """Until ``check()`` is true (a failed RPC counts as not yet): RuntimeError when ``process`` exits
+    first, TimeoutError after ``timeout`` seconds."""
+    deadline = time.monotonic() + timeout
+    while True:
+        if process.poll() is not None:
+            raise RuntimeError(f"exited with {process.returncode}")
+        try:
+            if check():
+                return
+        except grpc.RpcError:
+            pass
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"not ready in {timeout:g} s")
+        time.sleep(pause)

@@ -11,7 +11,6 @@ import asyncio
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 MODE = "grpc.aio floor"
@@ -41,20 +40,17 @@ async def serve(port: int, response: bytes) -> None:
 def start(port: int, response_file: Path, payload: bytes, timeout: float = 60) -> subprocess.Popen:
     """The floor server as a subprocess of this interpreter, once it answers ``payload`` on ModelInfer."""
     import grpc
+    from served import wait_ready  # the benchmark's side only: this file also runs as the server's script
 
     process = subprocess.Popen([sys.executable, str(Path(__file__).resolve()), str(port), str(response_file)])
-    deadline = time.monotonic() + timeout
     with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
         infer = channel.unary_unary("/inference.GRPCInferenceService/ModelInfer")
-        while True:
-            try:
-                infer(payload, timeout=2)
-                return process
-            except grpc.RpcError:
-                if process.poll() is not None or time.monotonic() > deadline:
-                    process.kill()
-                    raise SystemExit(f"the grpc.aio floor server did not answer within {timeout:g} s") from None
-                time.sleep(0.2)
+        try:
+            wait_ready(process, lambda: infer(payload, timeout=2) is not None, timeout, pause=0.2)
+        except (RuntimeError, TimeoutError) as exc:
+            process.kill()
+            raise SystemExit(f"the grpc.aio floor server {exc}") from None
+    return process
 
 
 if __name__ == "__main__":

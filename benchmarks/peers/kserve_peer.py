@@ -10,12 +10,11 @@ import logging
 import os
 import signal
 import subprocess
-import time
 from pathlib import Path
 
 import grpc
 import numpy as np
-from served import free_port
+from served import free_port, wait_ready
 
 from tlserve.server.pb.inference import messages_pb2 as oip
 
@@ -72,7 +71,8 @@ def start_kserve(
         )
     address = f"127.0.0.1:{grpc_port}"
     try:
-        wait_ready(process, address, name, timeout)
+        with grpc.insecure_channel(address) as channel:
+            wait_ready(process, lambda: both_ready(channel, name), timeout)
     except (RuntimeError, TimeoutError) as exc:
         stop_kserve(process)
         raise SystemExit(f"KServe {exc}; the end of {log_file}:\n{tail(log_file)}") from None
@@ -82,26 +82,12 @@ def start_kserve(
     return process, address
 
 
-def wait_ready(process: subprocess.Popen, address: str, name: str, timeout: float) -> None:
-    deadline = time.monotonic() + timeout
+def both_ready(channel: grpc.Channel, name: str) -> bool:
+    """ServerReady and ModelReady(name), each over OIP."""
+    server = oip.ServerReadyResponse.FromString(channel.unary_unary(SERVICE + "ServerReady")(b"", timeout=2))
     model_ready = oip.ModelReadyRequest(name=name).SerializeToString()
-    with grpc.insecure_channel(address) as channel:
-        while time.monotonic() < deadline:
-            if process.poll() is not None:
-                raise RuntimeError(f"KServe exited with {process.returncode}")
-            try:
-                server = oip.ServerReadyResponse.FromString(
-                    channel.unary_unary(SERVICE + "ServerReady")(b"", timeout=2)
-                )
-                model = oip.ModelReadyResponse.FromString(
-                    channel.unary_unary(SERVICE + "ModelReady")(model_ready, timeout=2)
-                )
-                if server.ready and model.ready:
-                    return
-            except grpc.RpcError:
-                pass
-            time.sleep(0.5)
-    raise TimeoutError(f"not ready in {timeout:g} s")
+    model = oip.ModelReadyResponse.FromString(channel.unary_unary(SERVICE + "ModelReady")(model_ready, timeout=2))
+    return server.ready and model.ready
 
 
 def server_version(address: str) -> str:
