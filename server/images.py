@@ -23,7 +23,7 @@ from typing import Union
 import numpy as np
 
 from tlserve.manifest import Preprocessing
-from tlserve.server.admission import Budget
+from tlserve.server.admission import Budget, Reservation
 from tlserve.server.errors import DeadlineExceeded, InvalidArgument
 from tlserve.server.preprocess import (
     Header,
@@ -94,9 +94,7 @@ class ImageDecoder:
                 return done
         else:
             headers = await loop.run_in_executor(self._headers, self._read_headers, images, pre)
-        if expired(deadline):
-            raise DeadlineExceeded("deadline passed before decoding")
-        reservation = self.budget.take(self.reservation(headers, len(images), pre))
+        reservation = self._admit(headers, pre, deadline)
         abandoned = threading.Event()
         work = loop.create_task(self._decode_all(images, pre, deadline, abandoned))
         # the memory is given back when the work has really stopped, not when a cancelled caller leaves
@@ -136,15 +134,19 @@ class ImageDecoder:
         header = headers[0]
         if header is not None and header.pixels > INLINE_PIXELS:
             return headers, None
-        if expired(deadline):
-            raise DeadlineExceeded("deadline passed before decoding")
-        reservation = self.budget.take(self.reservation(headers, 1, pre))
+        reservation = self._admit(headers, pre, deadline)
         try:
             batch = np.empty((1, 3, pre.input_size, pre.input_size), dtype=np.uint8)
             self._decode_into(image, pre, 0, batch)
             return headers, to_model_input(batch, pre)
         finally:
             reservation.release()
+
+    def _admit(self, headers: list[Header | None], pre: Preprocessing, deadline: float | None) -> Reservation:
+        """After the headers, in this order: the caller's deadline, then the decode reservation."""
+        if expired(deadline):
+            raise DeadlineExceeded("deadline passed before decoding")
+        return self.budget.take(self.reservation(headers, len(headers), pre))
 
     def _read_headers(self, images: Sequence[ImageInput], pre: Preprocessing) -> list[Header | None]:
         """Every encoded image's header checked (None for a raw tensor), then the request's pixel sum."""
